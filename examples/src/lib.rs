@@ -1,0 +1,1 @@
+//! Runnable examples of the metainf crates: see the folders beside this one.

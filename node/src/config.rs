@@ -1,0 +1,149 @@
+//! Node configuration: a TOML file, overridden by environment variables, overridden by flags.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{NodeError, Result};
+
+/// How log lines are written (to standard error).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Logging settings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// Line format.
+    pub format: LogFormat,
+    /// Default filter (`RUST_LOG` syntax) when `RUST_LOG` is not set.
+    pub filter: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            filter: "info".into(),
+        }
+    }
+}
+
+/// Everything a node is configured with. Every field has a default, so an empty file (or no
+/// file) is a valid configuration.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Data directory: identity key and store. Defaults to the user's data directory.
+    pub data_dir: Option<PathBuf>,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// Values given on the command line or in the environment; `None` leaves the file's value.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    /// `--data-dir` / `METAINF_DATA_DIR`.
+    pub data_dir: Option<PathBuf>,
+    /// `--log-format` / `METAINF_LOG_FORMAT`.
+    pub log_format: Option<LogFormat>,
+}
+
+impl Config {
+    /// Reads a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| NodeError::io("cannot read configuration", path, e))?;
+        Self::from_toml(&text).map_err(|reason| NodeError::Config {
+            path: path.to_owned(),
+            reason,
+        })
+    }
+
+    /// Parses TOML text; unknown keys are errors, so typos do not pass silently.
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Loads `file` (if any) and applies `overrides` on top.
+    pub fn load(file: Option<&Path>, overrides: Overrides) -> Result<Self> {
+        let mut config = match file {
+            Some(path) => Self::from_file(path)?,
+            None => Self::default(),
+        };
+        if let Some(dir) = overrides.data_dir {
+            config.data_dir = Some(dir);
+        }
+        if let Some(format) = overrides.log_format {
+            config.log.format = format;
+        }
+        Ok(config)
+    }
+
+    /// The data directory: the configured one, or `metainf` under the user's data directory.
+    pub fn data_dir(&self) -> Result<PathBuf> {
+        if let Some(dir) = &self.data_dir {
+            return Ok(dir.clone());
+        }
+        directories::ProjectDirs::from("", "", "metainf")
+            .map(|d| d.data_dir().to_owned())
+            .ok_or(NodeError::NoDataDir)
+    }
+
+    /// The configuration as TOML, for `metainf-node config`.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_overrides() {
+        let c = Config::from_toml("data_dir = \"/a\"\n[log]\nformat = \"json\"\n").unwrap();
+        assert_eq!(c.data_dir.as_deref(), Some(Path::new("/a")));
+        assert_eq!(c.log.format, LogFormat::Json);
+        assert_eq!(c.log.filter, "info");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("node.toml");
+        std::fs::write(&file, c.to_toml()).unwrap();
+        let merged = Config::load(
+            Some(&file),
+            Overrides {
+                data_dir: Some("/b".into()),
+                log_format: None,
+            },
+        )
+        .unwrap();
+        assert_eq!(merged.data_dir.as_deref(), Some(Path::new("/b")));
+        assert_eq!(merged.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn the_documented_example_parses() {
+        let c = Config::from_toml(include_str!("../../examples/node.toml")).unwrap();
+        assert_eq!(c.data_dir.as_deref(), Some(Path::new("/var/lib/metainf")));
+    }
+
+    #[test]
+    fn typos_and_missing_files_are_clear_errors() {
+        let err = Config::from_toml("data_dri = \"/a\"").unwrap_err();
+        assert!(err.contains("data_dri"), "{err}");
+        let err = Config::load(
+            Some(Path::new("/nonexistent/node.toml")),
+            Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/node.toml"));
+        assert_eq!(Config::from_toml("").unwrap(), Config::default());
+    }
+}

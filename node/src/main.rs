@@ -1,0 +1,238 @@
+//! `metainf-node`: parse flags, load configuration, start logging, call the library.
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use metainf_node::config::{Config, LogFormat, Overrides};
+use metainf_node::daemon::{IDENTITY_FILE, Node, STORE_DIR, prepare_data_dir};
+use metainf_node::store::Store;
+use metainf_node::{identity, logging, tensor};
+use tokio_util::sync::CancellationToken;
+
+/// A node of the metainf network: profiles its hardware, shares signed performance records
+/// with its peers, and routes inference jobs to the fastest host within a budget.
+#[derive(Parser, Debug)]
+#[command(name = "metainf-node", version, about, long_about = None)]
+struct Cli {
+    /// TOML configuration file; flags and environment variables override its values.
+    #[arg(long, global = true, env = "METAINF_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// Data directory holding the identity key and the store
+    /// [default: the user's data directory, e.g. ~/.local/share/metainf].
+    #[arg(long, global = true, env = "METAINF_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+
+    /// Log line format (logs go to standard error; filter with RUST_LOG) [default: text].
+    #[arg(long, global = true, env = "METAINF_LOG_FORMAT", value_enum)]
+    log_format: Option<LogFormat>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the node until Ctrl-C or SIGTERM.
+    Run,
+    /// Print the node's peer id (creating the identity key if there is none).
+    Id,
+    /// Print the effective configuration as TOML.
+    Config,
+    /// Inspect, export and import the performance tensor of the data directory.
+    Tensor {
+        #[command(subcommand)]
+        command: TensorCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TensorCommand {
+    /// Write every record as one JSON line (`-` for standard output). Works while the node runs.
+    Export {
+        /// Output file.
+        file: PathBuf,
+    },
+    /// Verify and store the records of a JSONL file (`-` for standard input). Invalid lines are
+    /// reported and skipped; the exit status is 1 if there were any.
+    Import {
+        /// Input file.
+        file: PathBuf,
+    },
+    /// Count records, origins, hardware, models, workloads, methods and cells.
+    Stats {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(
+        cli.config.as_deref(),
+        Overrides {
+            data_dir: cli.data_dir.clone(),
+            log_format: cli.log_format,
+        },
+    ) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    logging::init(&config.log);
+    match dispatch(cli.command, &config) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(command: Command, config: &Config) -> Result<ExitCode> {
+    match command {
+        Command::Run => run(config),
+        Command::Id => {
+            let dir = config.data_dir()?;
+            prepare_data_dir(&dir)?;
+            let (key, _) = identity::load_or_create(&dir.join(IDENTITY_FILE))?;
+            println!("{}", key.public().to_peer_id());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Config => {
+            print!("{}", config.to_toml());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Tensor { command } => tensor_command(command, config),
+    }
+}
+
+fn run(config: &Config) -> Result<ExitCode> {
+    let node = Node::open(config)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let signal = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            signal.cancel();
+        });
+        node.run(shutdown).await
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn tensor_command(command: TensorCommand, config: &Config) -> Result<ExitCode> {
+    let store_dir = config.data_dir()?.join(STORE_DIR);
+    match command {
+        TensorCommand::Export { file } => {
+            let store = Store::open_read_only(&store_dir)?;
+            let (written, skipped) = if file.as_os_str() == "-" {
+                let stdout = std::io::stdout();
+                let mut out = BufWriter::new(stdout.lock());
+                tensor::export(&store, &mut out)?
+            } else {
+                let f = File::create(&file)
+                    .with_context(|| format!("cannot create {}", file.display()))?;
+                let mut out = BufWriter::new(f);
+                let counts = tensor::export(&store, &mut out)?;
+                out.into_inner()
+                    .map_err(|e| e.into_error())
+                    .and_then(|f| f.sync_all())
+                    .with_context(|| format!("cannot write {}", file.display()))?;
+                counts
+            };
+            eprintln!("exported {written} records");
+            if skipped > 0 {
+                eprintln!("skipped {skipped} stored values that do not decode (see the log)");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        TensorCommand::Import { file } => {
+            let store = Store::open(&store_dir)?;
+            let report = if file.as_os_str() == "-" {
+                let stdin = std::io::stdin();
+                tensor::import(&store, &mut stdin.lock())?
+            } else {
+                let f =
+                    File::open(&file).with_context(|| format!("cannot open {}", file.display()))?;
+                tensor::import(&store, &mut BufReader::new(f))?
+            };
+            for (line, reason) in &report.invalid {
+                eprintln!("{}:{line}: {reason}", file.display());
+            }
+            eprintln!(
+                "imported {} new records ({} already present, {} conflicting, {} invalid lines of {})",
+                report.stored,
+                report.duplicates,
+                report.conflicts,
+                report.invalid.len(),
+                report.lines
+            );
+            Ok(if report.invalid.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        TensorCommand::Stats { json } => {
+            let store = Store::open_read_only(&store_dir)?;
+            let stats = store.stats()?;
+            let mut out = std::io::stdout().lock();
+            if json {
+                serde_json::to_writer_pretty(&mut out, &stats)?;
+                writeln!(out)?;
+            } else {
+                let rows: [(&str, u64); 12] = [
+                    ("records", stats.records),
+                    ("origins", stats.origins),
+                    ("origins with gaps", stats.origins_with_gaps),
+                    ("hardware", stats.hardware),
+                    ("models", stats.models),
+                    ("workloads", stats.workloads),
+                    ("methods", stats.methods),
+                    ("cells", stats.cells),
+                    ("peers", stats.peers),
+                    ("jobs", stats.jobs),
+                    ("corrupt values", stats.corrupt),
+                    ("disk bytes", stats.disk_bytes),
+                ];
+                writeln!(
+                    out,
+                    "store {} (schema {})",
+                    store_dir.display(),
+                    stats.schema_version
+                )?;
+                for (name, value) in rows {
+                    writeln!(out, "  {name:<18} {value:>12}")?;
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

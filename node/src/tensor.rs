@@ -1,0 +1,233 @@
+//! `metainf-node tensor`: JSONL export and import of signed records, and statistics.
+//!
+//! The JSONL format is one [`SignedRecord`] per line, as `serde_json` writes it (peer ids in
+//! base58, keys and signatures in hex). Import verifies every record exactly as records from
+//! the network are verified, so a file can carry the tensor between nodes without trust.
+
+use std::io::{BufRead, Write};
+
+use metainf_protocol::{SignedRecord, VerifiedRecord};
+use serde::Serialize;
+
+use crate::store::{PutOutcome, Store, StoreError};
+
+/// Longest line accepted by import; a signed record is far smaller.
+pub const MAX_LINE_BYTES: usize = 1 << 20;
+const IMPORT_BATCH: usize = 1000;
+
+/// What an import did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ImportReport {
+    /// Non-empty lines read.
+    pub lines: u64,
+    /// Records newly stored.
+    pub stored: u64,
+    /// Records already present.
+    pub duplicates: u64,
+    /// Records refused because their origin already signed a different record under that seq.
+    pub conflicts: u64,
+    /// Lines refused, with their line number and reason.
+    pub invalid: Vec<(u64, String)>,
+}
+
+/// Writes every record as a JSON line. Returns how many were written and how many stored
+/// values were skipped because they do not decode.
+pub fn export(store: &Store, out: &mut dyn Write) -> Result<(u64, u64), ExportError> {
+    let mut written = 0;
+    let mut skipped = 0;
+    let mut failure: Option<std::io::Error> = None;
+    store
+        .for_each_record(|item| {
+            match item {
+                Ok(record) => {
+                    let res = serde_json::to_writer(&mut *out, &record)
+                        .map_err(std::io::Error::other)
+                        .and_then(|()| out.write_all(b"\n"));
+                    if let Err(e) = res {
+                        failure = Some(e);
+                        return Err(StoreError::Closed);
+                    }
+                    written += 1;
+                }
+                Err(_) => skipped += 1,
+            }
+            Ok(())
+        })
+        .or_else(|e| if failure.is_some() { Ok(()) } else { Err(e) })?;
+    if let Some(e) = failure {
+        return Err(ExportError::Io(e));
+    }
+    out.flush()?;
+    Ok((written, skipped))
+}
+
+/// Errors of export.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    /// Reading the store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Writing the output failed.
+    #[error("cannot write the export: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Reads JSON lines, verifies each record and stores the valid ones in batches. Invalid lines
+/// are reported with their number and skipped; a failing store write stops the import with an
+/// error (what was acknowledged before stays).
+pub fn import(store: &Store, input: &mut dyn BufRead) -> Result<ImportReport, ImportError> {
+    let mut report = ImportReport::default();
+    let mut batch: Vec<VerifiedRecord> = Vec::with_capacity(IMPORT_BATCH);
+    let mut line_no = 0u64;
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        let status = read_bounded_line(input, &mut buf)?;
+        if status == LineStatus::Eof {
+            break;
+        }
+        line_no += 1;
+        if status == LineStatus::TooLong {
+            report.lines += 1;
+            report
+                .invalid
+                .push((line_no, format!("line longer than {MAX_LINE_BYTES} bytes")));
+            continue;
+        }
+        let text = buf.trim_ascii();
+        if text.is_empty() {
+            continue;
+        }
+        report.lines += 1;
+        let parsed = serde_json::from_slice::<SignedRecord>(text)
+            .map_err(|e| format!("not a signed record: {e}"))
+            .and_then(|r| r.verify().map_err(|e| format!("rejected: {e}")));
+        match parsed {
+            Ok(v) => batch.push(v),
+            Err(reason) => report.invalid.push((line_no, reason)),
+        }
+        if batch.len() >= IMPORT_BATCH {
+            flush(store, &mut batch, &mut report)?;
+        }
+    }
+    flush(store, &mut batch, &mut report)?;
+    Ok(report)
+}
+
+fn flush(
+    store: &Store,
+    batch: &mut Vec<VerifiedRecord>,
+    report: &mut ImportReport,
+) -> Result<(), ImportError> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    for outcome in store.put(std::mem::take(batch))? {
+        match outcome {
+            PutOutcome::Stored => report.stored += 1,
+            PutOutcome::Duplicate => report.duplicates += 1,
+            PutOutcome::Conflict { .. } => report.conflicts += 1,
+        }
+    }
+    Ok(())
+}
+
+#[derive(PartialEq, Eq)]
+enum LineStatus {
+    Line,
+    TooLong,
+    Eof,
+}
+
+/// Reads one line of at most [`MAX_LINE_BYTES`]; the rest of a longer line is discarded.
+fn read_bounded_line(input: &mut dyn BufRead, buf: &mut Vec<u8>) -> std::io::Result<LineStatus> {
+    let mut too_long = false;
+    let mut any = false;
+    loop {
+        let chunk = input.fill_buf()?;
+        if chunk.is_empty() {
+            return Ok(if !any {
+                LineStatus::Eof
+            } else if too_long {
+                LineStatus::TooLong
+            } else {
+                LineStatus::Line
+            });
+        }
+        any = true;
+        let (take, done) = match chunk.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (chunk.len(), false),
+        };
+        if !too_long {
+            if buf.len() + take > MAX_LINE_BYTES + 1 {
+                too_long = true;
+                buf.clear();
+            } else {
+                buf.extend_from_slice(&chunk[..take]);
+            }
+        }
+        input.consume(take);
+        if done {
+            return Ok(if too_long {
+                LineStatus::TooLong
+            } else {
+                LineStatus::Line
+            });
+        }
+    }
+}
+
+/// Errors of import.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    /// Writing to the store failed; records acknowledged before are kept.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Reading the input failed.
+    #[error("cannot read the import file: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use metainf_protocol::{Keypair, fixtures};
+
+    #[test]
+    fn export_import_round_trip_reports_bad_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Store::open(dir.path().join("a")).unwrap();
+        let k = Keypair::generate_ed25519();
+        let records: Vec<_> = (1..=30)
+            .map(|s| fixtures::signed(&k, s, s).verify().unwrap())
+            .collect();
+        a.put(records).unwrap();
+        let mut out = Vec::new();
+        assert_eq!(export(&a, &mut out).unwrap(), (30, 0));
+        let mut text = String::from_utf8(out).unwrap();
+        // A tampered line, garbage, a blank line and an overlong line.
+        let first = text.lines().next().unwrap().to_owned();
+        let tampered = first.replace("\"engine\":\"fixture\"", "\"engine\":\"forged\"");
+        assert_ne!(tampered, first);
+        text.push_str(&tampered);
+        text.push_str("\n{not json}\n\n");
+        text.push_str(&"x".repeat(MAX_LINE_BYTES + 10));
+        text.push('\n');
+        let b = Store::open(dir.path().join("b")).unwrap();
+        let report = import(&b, &mut text.as_bytes()).unwrap();
+        assert_eq!(report.stored, 30);
+        assert_eq!(report.lines, 33);
+        let bad_lines: Vec<u64> = report.invalid.iter().map(|(l, _)| *l).collect();
+        assert_eq!(bad_lines, vec![31, 32, 34]);
+        assert!(
+            report.invalid[0].1.contains("signature"),
+            "{:?}",
+            report.invalid
+        );
+        // Importing again stores nothing new.
+        let again = import(&b, &mut text.as_bytes()).unwrap();
+        assert_eq!((again.stored, again.duplicates), (0, 30));
+        assert_eq!(b.stats().unwrap().records, 30);
+    }
+}

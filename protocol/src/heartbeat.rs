@@ -1,0 +1,49 @@
+//! Heartbeats: each node's periodic announcement of its load and offer.
+
+use libp2p_identity::PeerId;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ProtocolError, Result};
+use crate::hardware::HardwareId;
+use crate::model::ModelId;
+use crate::validate;
+
+/// A node's current state, gossiped periodically. A peer silent past a timeout counts as gone.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// The sender.
+    pub peer: PeerId,
+    /// When it was sent, Unix milliseconds.
+    pub sent_at_ms: u64,
+    /// Jobs waiting in the host's queue.
+    pub queue_depth: u32,
+    /// Jobs running now.
+    pub running_jobs: u32,
+    /// Capacity of the queue.
+    pub queue_capacity: u32,
+    /// Models the node serves.
+    pub models: Vec<ModelId>,
+    /// Price per hour of compute, in the network's price unit.
+    pub price_per_hour: f64,
+    /// Free device memory, bytes.
+    pub free_memory_bytes: u64,
+    /// The node's hardware cell.
+    pub hardware: HardwareId,
+    /// Highest sequence number of the node's own records.
+    pub records_seq: u64,
+}
+
+impl Heartbeat {
+    /// Checks sizes and ranges.
+    pub fn validate(&self) -> Result<()> {
+        validate::count("heartbeat.models", self.models.len(), validate::MAX_ENTRIES)?;
+        validate::finite_nonneg("heartbeat.price_per_hour", self.price_per_hour)?;
+        if self.queue_depth > self.queue_capacity {
+            return Err(ProtocolError::invalid(
+                "heartbeat.queue_depth",
+                "larger than the queue capacity",
+            ));
+        }
+        Ok(())
+    }
+}
