@@ -2,33 +2,75 @@
 
 use metainf_protocol::{CellIds, ContentId, PeerId, RecordId};
 
-/// Length of a primary record key: hardware ‖ model ‖ workload ‖ method ‖ record id.
-pub(crate) const RECORD_KEY_LEN: usize = 5 * ContentId::LEN;
+/// Bytes of a content id kept in keys: 128 bits. Two descriptors of one cell colliding would
+/// need a 2^128 second preimage; full record ids stay in `by_origin` values.
+pub(crate) const SHORT: usize = 16;
+/// Length of the cell part of a primary key: hardware ‖ model ‖ workload ‖ method.
+pub(crate) const CELL_LEN: usize = 4 * SHORT;
+/// Length of a primary record key: cell ‖ record id (both truncated).
+pub(crate) const RECORD_KEY_LEN: usize = CELL_LEN + SHORT;
+/// Length of a `by_origin` value: cell ‖ full record id.
+pub(crate) const ORIGIN_VALUE_LEN: usize = CELL_LEN + ContentId::LEN;
+
+/// The truncated form of an id used in keys.
+pub(crate) fn short(id: &ContentId) -> &[u8] {
+    &id.as_bytes()[..SHORT]
+}
+
+/// The cell part of a primary key, as stored (truncated ids).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct KeyCell(pub(crate) [u8; CELL_LEN]);
+
+impl KeyCell {
+    pub(crate) fn of(cell: &CellIds) -> Self {
+        let mut out = [0u8; CELL_LEN];
+        for (i, part) in [cell.hardware, cell.model, cell.workload, cell.method]
+            .iter()
+            .enumerate()
+        {
+            out[i * SHORT..(i + 1) * SHORT].copy_from_slice(short(part));
+        }
+        KeyCell(out)
+    }
+
+    /// Dimension `i` (0 hardware, 1 model, 2 workload, 3 method).
+    pub(crate) fn part(&self, i: usize) -> &[u8] {
+        &self.0[i * SHORT..(i + 1) * SHORT]
+    }
+}
 
 /// The primary key of a record in `records`.
-pub(crate) fn record_key(cell: &CellIds, id: &RecordId) -> [u8; RECORD_KEY_LEN] {
+pub(crate) fn record_key(cell: &KeyCell, id: &RecordId) -> [u8; RECORD_KEY_LEN] {
     let mut key = [0u8; RECORD_KEY_LEN];
-    for (i, part) in [cell.hardware, cell.model, cell.workload, cell.method, *id]
-        .iter()
-        .enumerate()
-    {
-        key[i * 32..(i + 1) * 32].copy_from_slice(part.as_bytes());
-    }
+    key[..CELL_LEN].copy_from_slice(&cell.0);
+    key[CELL_LEN..].copy_from_slice(short(id));
     key
 }
 
 /// The cell part of a primary key, or `None` if the key has the wrong length.
-pub(crate) fn cell_of_key(key: &[u8]) -> Option<CellIds> {
+pub(crate) fn cell_of_key(key: &[u8]) -> Option<KeyCell> {
     if key.len() != RECORD_KEY_LEN {
         return None;
     }
-    let part = |i: usize| ContentId::from_slice(&key[i * 32..(i + 1) * 32]).ok();
-    Some(CellIds {
-        hardware: part(0)?,
-        model: part(1)?,
-        workload: part(2)?,
-        method: part(3)?,
-    })
+    Some(KeyCell(key[..CELL_LEN].try_into().ok()?))
+}
+
+/// The `by_origin` value of a record: its cell and full id.
+pub(crate) fn origin_value(cell: &KeyCell, id: &RecordId) -> [u8; ORIGIN_VALUE_LEN] {
+    let mut v = [0u8; ORIGIN_VALUE_LEN];
+    v[..CELL_LEN].copy_from_slice(&cell.0);
+    v[CELL_LEN..].copy_from_slice(id.as_bytes());
+    v
+}
+
+/// Splits a `by_origin` value into the primary key and the full record id.
+pub(crate) fn parse_origin_value(v: &[u8]) -> Option<([u8; RECORD_KEY_LEN], RecordId)> {
+    if v.len() != ORIGIN_VALUE_LEN {
+        return None;
+    }
+    let id = ContentId::from_slice(&v[CELL_LEN..]).ok()?;
+    let cell = KeyCell(v[..CELL_LEN].try_into().ok()?);
+    Some((record_key(&cell, &id), id))
 }
 
 /// Prefix of `by_origin` keys of one origin: its length, then its bytes.
@@ -60,12 +102,20 @@ pub(crate) fn parse_origin_seq_key(key: &[u8]) -> Option<(PeerId, u64)> {
     Some((origin, seq))
 }
 
-/// Secondary index key: the indexed id ‖ primary key.
-pub(crate) fn index_key(id: &ContentId, primary: &[u8]) -> Vec<u8> {
-    let mut key = Vec::with_capacity(32 + primary.len());
-    key.extend_from_slice(id.as_bytes());
+/// Secondary index key: the indexed (truncated) id ‖ a cell.
+pub(crate) fn index_key(id: &[u8], primary: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(id.len() + primary.len());
+    key.extend_from_slice(id);
     key.extend_from_slice(primary);
     key
+}
+
+/// The cell of an index key (indexed id ‖ cell).
+pub(crate) fn cell_of_index_key(key: &[u8]) -> Option<KeyCell> {
+    if key.len() != SHORT + CELL_LEN {
+        return None;
+    }
+    Some(KeyCell(key[SHORT..].try_into().ok()?))
 }
 
 /// The smallest key greater than every key that starts with `prefix`, or `None` if there is
@@ -123,5 +173,23 @@ mod tests {
             decode_origin_state(&encode_origin_state(3, 9)),
             Some((3, 9))
         );
+    }
+
+    #[test]
+    fn origin_values_give_back_the_primary_key_and_full_id() {
+        let id = |b: u8| ContentId([b; 32]);
+        let cell = KeyCell::of(&CellIds {
+            hardware: id(1),
+            model: id(2),
+            workload: id(3),
+            method: id(4),
+        });
+        let record = id(9);
+        let (primary, full) = parse_origin_value(&origin_value(&cell, &record)).unwrap();
+        assert_eq!(primary, record_key(&cell, &record));
+        assert_eq!(full, record);
+        assert_eq!(cell_of_key(&primary), Some(cell));
+        assert_eq!(cell.part(2), &[3u8; SHORT][..]);
+        assert!(parse_origin_value(&[0u8; 10]).is_none());
     }
 }

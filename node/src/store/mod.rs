@@ -5,8 +5,10 @@
 //! | family | key | value |
 //! |---|---|---|
 //! | `records` | hardware ‖ model ‖ workload ‖ method ‖ record id | the encoded [`SignedRecord`] |
-//! | `by_origin` | origin ‖ seq | primary key (anti-entropy, conflict detection) |
-//! | `idx_model`, `idx_workload`, `idx_method` | id ‖ primary key | empty (queries that do not name the hardware) |
+//! | `by_origin` | origin ‖ seq | cell ‖ full record id (anti-entropy, conflict detection) |
+//!
+//! Ids inside keys are truncated to 128 bits (see `keys::SHORT`).
+//! | `idx_model`, `idx_workload`, `idx_method` | id ‖ cell | empty: the cells holding an id, for queries that do not name the hardware |
 //! | `origins` | origin | highest contiguous seq ‖ highest seq seen |
 //! | `hardware` | hardware id | the encoded [`HardwareProfile`] |
 //! | `peers` | peer id | the encoded [`PeerEntry`] |
@@ -27,8 +29,8 @@ use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
 
 use metainf_protocol::{
-    CellIds, ContentId, HardwareId, HardwareProfile, Heartbeat, JobId, JobRequest, JobResult,
-    MethodId, ModelId, PeerId, RecordId, SignedRecord, VerifiedRecord, WorkloadId, codec,
+    ContentId, HardwareId, HardwareProfile, Heartbeat, JobId, JobRequest, JobResult, MethodId,
+    ModelId, PeerId, RecordId, SignedRecord, VerifiedRecord, WorkloadId, codec,
 };
 use rocksdb::{
     ColumnFamily, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, ReadOptions,
@@ -112,11 +114,15 @@ pub struct RecordQuery {
 }
 
 impl RecordQuery {
-    fn matches(&self, cell: &CellIds) -> bool {
-        self.hardware.is_none_or(|h| h == cell.hardware)
-            && self.model.is_none_or(|m| m == cell.model)
-            && self.workload.is_none_or(|w| w == cell.workload)
-            && self.method.is_none_or(|m| m == cell.method)
+    fn dims(&self) -> [Option<ContentId>; 4] {
+        [self.hardware, self.model, self.workload, self.method]
+    }
+
+    fn matches(&self, cell: &keys::KeyCell) -> bool {
+        self.dims()
+            .iter()
+            .enumerate()
+            .all(|(i, d)| d.is_none_or(|id| keys::short(&id) == cell.part(i)))
     }
 }
 
@@ -280,6 +286,11 @@ fn db_options() -> Options {
 fn cf_options() -> Options {
     let mut opts = Options::default();
     opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    // Point lookups (dedup, conflict checks, anti-entropy) mostly miss: bloom filters make a
+    // miss cost no disk read.
+    let mut table = rocksdb::BlockBasedOptions::default();
+    table.set_bloom_filter(10.0, false);
+    opts.set_block_based_table_factory(&table);
     opts
 }
 
@@ -438,14 +449,22 @@ impl Store {
 
     /// The record `origin` numbered `seq`, if stored.
     pub fn get_by_origin(&self, origin: &PeerId, seq: u64) -> Result<Option<SignedRecord>> {
-        let Some(primary) = self
+        let Some(value) = self
             .db()
             .get_cf(self.cf(CF_BY_ORIGIN), keys::origin_seq_key(origin, seq))?
         else {
             return Ok(None);
         };
-        match self.db().get_cf(self.cf(CF_RECORDS), &primary)? {
-            Some(v) => match codec::decode::<SignedRecord>(&v) {
+        let Some((primary, _)) = keys::parse_origin_value(&value) else {
+            corrupt(
+                CF_BY_ORIGIN,
+                &keys::origin_seq_key(origin, seq),
+                "malformed value",
+            );
+            return Ok(None);
+        };
+        match self.db().get_cf(self.cf(CF_RECORDS), primary)? {
+            Some(v) => match SignedRecord::from_wire(&v) {
                 Ok(r) => Ok(Some(r)),
                 Err(e) => {
                     corrupt(CF_RECORDS, &primary, e);
@@ -471,7 +490,7 @@ impl Store {
             let mut prefix = Vec::new();
             for part in [query.hardware, query.model, query.workload, query.method] {
                 match part {
-                    Some(id) => prefix.extend_from_slice(id.as_bytes()),
+                    Some(id) => prefix.extend_from_slice(keys::short(&id)),
                     None => break,
                 }
             }
@@ -480,7 +499,7 @@ impl Store {
                 if !keys::cell_of_key(&key).is_some_and(|c| query.matches(&c)) {
                     continue;
                 }
-                match codec::decode::<SignedRecord>(&value) {
+                match SignedRecord::from_wire(&value) {
                     Ok(r) => scan.records.push(r),
                     Err(e) => scan.corrupt.push(corrupt(CF_RECORDS, &key, e)),
                 }
@@ -496,22 +515,30 @@ impl Store {
             (None, None, Some(m)) => (CF_IDX_METHOD, m),
             (None, None, None) => return Ok(scan),
         };
-        let mut batch = Vec::new();
-        for item in self.prefix_iter(family, id.as_bytes()) {
+        // The index lists the cells holding the id; each matching cell is a prefix scan.
+        let mut cells = Vec::new();
+        for item in self.prefix_iter(family, keys::short(&id)) {
             let (key, _) = item?;
-            let primary = &key[ContentId::LEN..];
-            if keys::cell_of_key(primary).is_some_and(|c| query.matches(&c)) {
-                batch.push(primary.to_vec());
-                if batch.len() >= 1024 {
-                    self.fetch_into(&mut batch, &mut scan)?;
-                    if scan.records.len() >= limit {
-                        break;
-                    }
+            match keys::cell_of_index_key(&key) {
+                Some(cell) if query.matches(&cell) => cells.push(cell),
+                Some(_) => {}
+                None => scan
+                    .corrupt
+                    .push(corrupt(family, &key, "malformed index key")),
+            }
+        }
+        'cells: for cell in cells {
+            for item in self.prefix_iter(CF_RECORDS, &cell.0) {
+                let (key, value) = item?;
+                match SignedRecord::from_wire(&value) {
+                    Ok(r) => scan.records.push(r),
+                    Err(e) => scan.corrupt.push(corrupt(CF_RECORDS, &key, e)),
+                }
+                if scan.records.len() >= limit {
+                    break 'cells;
                 }
             }
         }
-        self.fetch_into(&mut batch, &mut scan)?;
-        scan.records.truncate(limit);
         Ok(scan)
     }
 
@@ -520,7 +547,7 @@ impl Store {
         let values = self.db().batched_multi_get_cf(cf, primaries.iter(), false);
         for (key, value) in primaries.iter().zip(values) {
             match value? {
-                Some(v) => match codec::decode::<SignedRecord>(&v) {
+                Some(v) => match SignedRecord::from_wire(&v) {
                     Ok(r) => scan.records.push(r),
                     Err(e) => scan.corrupt.push(corrupt(CF_RECORDS, key, e)),
                 },
@@ -541,7 +568,7 @@ impl Store {
     ) -> Result<()> {
         for item in self.prefix_iter(CF_RECORDS, &[]) {
             let (key, value) = item?;
-            match codec::decode::<SignedRecord>(&value) {
+            match SignedRecord::from_wire(&value) {
                 Ok(r) => f(Ok(r))?,
                 Err(e) => f(Err(corrupt(CF_RECORDS, &key, e)))?,
             }
@@ -577,7 +604,12 @@ impl Store {
             if let Some((_, seq)) = keys::parse_origin_seq_key(&key) {
                 last_seq = seq;
             }
-            primaries.push(primary.to_vec());
+            match keys::parse_origin_value(&primary) {
+                Some((primary, _)) => primaries.push(primary.to_vec()),
+                None => page
+                    .corrupt
+                    .push(corrupt(CF_BY_ORIGIN, &key, "malformed value")),
+            }
         }
         let mut scan = Scan::default();
         self.fetch_into(&mut primaries, &mut scan)?;
@@ -696,13 +728,13 @@ impl Store {
         for item in self.prefix_iter(CF_RECORDS, &[]) {
             let (key, value) = item?;
             let cell = keys::cell_of_key(&key);
-            match (cell, codec::decode::<SignedRecord>(&value)) {
+            match (cell, SignedRecord::from_wire(&value)) {
                 (Some(cell), Ok(_)) => {
                     stats.records += 1;
-                    hardware.insert(cell.hardware);
-                    models.insert(cell.model);
-                    workloads.insert(cell.workload);
-                    methods.insert(cell.method);
+                    hardware.insert(cell.part(0).to_vec());
+                    models.insert(cell.part(1).to_vec());
+                    workloads.insert(cell.part(2).to_vec());
+                    methods.insert(cell.part(3).to_vec());
                     cells.insert(cell);
                 }
                 (_, Err(e)) => {
@@ -910,12 +942,41 @@ impl Writer {
             .db
             .get_cf(cf(&self.db, CF_ORIGINS), origin.to_bytes())?
         {
-            Some(v) => keys::decode_origin_state(&v)
-                .map(|(contiguous, max)| OriginState { contiguous, max })
-                .unwrap_or_default(),
+            Some(v) => match keys::decode_origin_state(&v) {
+                Some((contiguous, max)) => OriginState { contiguous, max },
+                None => {
+                    corrupt(CF_ORIGINS, &origin.to_bytes(), "undecodable; rebuilding it");
+                    self.rebuild_origin_state(origin)?
+                }
+            },
             None => OriginState::default(),
         };
         self.origins.insert(*origin, state);
+        Ok(state)
+    }
+
+    /// Recomputes an origin's state from its `by_origin` entries.
+    fn rebuild_origin_state(&self, origin: &PeerId) -> Result<OriginState> {
+        let prefix = keys::origin_prefix(origin);
+        let mut opts = ReadOptions::default();
+        if let Some(upper) = keys::prefix_upper_bound(&prefix) {
+            opts.set_iterate_upper_bound(upper);
+        }
+        let mut state = OriginState::default();
+        let iter = self.db.iterator_cf_opt(
+            cf(&self.db, CF_BY_ORIGIN),
+            opts,
+            IteratorMode::From(&prefix, Direction::Forward),
+        );
+        for item in iter {
+            let (key, _) = item?;
+            if let Some((_, seq)) = keys::parse_origin_seq_key(&key) {
+                if seq == state.contiguous + 1 {
+                    state.contiguous = seq;
+                }
+                state.max = state.max.max(seq);
+            }
+        }
         Ok(state)
     }
 
@@ -926,12 +987,15 @@ impl Writer {
         // (origin, seq) → record id written in this batch.
         let mut pending: HashMap<(PeerId, u64), RecordId> = HashMap::new();
         let mut touched: HashSet<PeerId> = HashSet::new();
+        let mut hardware_written: HashSet<HardwareId> = HashSet::new();
+        let mut cells_written: HashSet<keys::KeyCell> = HashSet::new();
         let mut outcomes = Vec::with_capacity(group.len());
         for req in group {
             let mut out = Vec::with_capacity(req.records.len());
             for rec in &req.records {
                 let (origin, seq, id, cell) = (rec.origin(), rec.seq(), rec.id(), rec.cell());
-                let primary = keys::record_key(&cell, &id);
+                let key_cell = keys::KeyCell::of(&cell);
+                let primary = keys::record_key(&key_cell, &id);
                 if let Some(existing) = pending.get(&(origin, seq)) {
                     out.push(if *existing == id {
                         PutOutcome::Duplicate
@@ -943,10 +1007,16 @@ impl Writer {
                     continue;
                 }
                 let origin_key = keys::origin_seq_key(&origin, seq);
-                if let Some(existing_key) = db.get_cf(by_origin_cf, &origin_key)? {
-                    let existing = existing_key
-                        .get(4 * ContentId::LEN..)
-                        .and_then(|b| ContentId::from_slice(b).ok());
+                let mut state = self.origin_state(&origin)?;
+                // Every stored seq of an origin is at most its `max`, so a higher seq (the
+                // common, in-order case) needs no lookup.
+                let lookup = if seq <= state.max {
+                    db.get_cf(by_origin_cf, &origin_key)?
+                } else {
+                    None
+                };
+                if let Some(existing_key) = lookup {
+                    let existing = keys::parse_origin_value(&existing_key).map(|(_, id)| id);
                     match existing {
                         Some(e) if e == id => {
                             out.push(PutOutcome::Duplicate);
@@ -962,31 +1032,33 @@ impl Writer {
                         }
                     }
                 }
-                let value = codec::encode(rec.signed())?;
+                let value = rec.signed().to_wire()?;
                 batch.put_cf(records_cf, primary, value);
-                batch.put_cf(by_origin_cf, &origin_key, primary);
                 batch.put_cf(
-                    cf(&db, CF_IDX_MODEL),
-                    keys::index_key(&cell.model, &primary),
-                    [],
+                    by_origin_cf,
+                    &origin_key,
+                    keys::origin_value(&key_cell, &id),
                 );
-                batch.put_cf(
-                    cf(&db, CF_IDX_WORKLOAD),
-                    keys::index_key(&cell.workload, &primary),
-                    [],
-                );
-                batch.put_cf(
-                    cf(&db, CF_IDX_METHOD),
-                    keys::index_key(&cell.method, &primary),
-                    [],
-                );
-                batch.put_cf(
-                    cf(&db, CF_HARDWARE),
-                    cell.hardware.as_bytes(),
-                    codec::encode(&rec.record().hardware)?,
-                );
+                // Index entries name cells, not records: written once per cell and batch.
+                if cells_written.insert(key_cell) {
+                    for (family, dim) in
+                        [(CF_IDX_MODEL, 1), (CF_IDX_WORKLOAD, 2), (CF_IDX_METHOD, 3)]
+                    {
+                        batch.put_cf(
+                            cf(&db, family),
+                            keys::index_key(key_cell.part(dim), &key_cell.0),
+                            [],
+                        );
+                    }
+                }
+                if hardware_written.insert(cell.hardware) {
+                    batch.put_cf(
+                        cf(&db, CF_HARDWARE),
+                        cell.hardware.as_bytes(),
+                        codec::encode(&rec.record().hardware)?,
+                    );
+                }
                 pending.insert((origin, seq), id);
-                let mut state = self.origin_state(&origin)?;
                 state.max = state.max.max(seq);
                 // Advance the contiguous prefix over this and any records already stored.
                 while state.contiguous < state.max {

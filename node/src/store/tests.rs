@@ -1,6 +1,6 @@
 use super::*;
 use metainf_protocol::fixtures;
-use metainf_protocol::{Keypair, MethodConfig};
+use metainf_protocol::{CellIds, Keypair, MethodConfig};
 
 fn key(seed: u8) -> Keypair {
     let mut bytes = [seed; 32];
@@ -116,7 +116,7 @@ fn queries_match_a_brute_force_filter() {
     for q in &queries {
         let mut expected: Vec<RecordId> = all
             .iter()
-            .filter(|r| q.matches(&r.cell()))
+            .filter(|r| q.matches(&keys::KeyCell::of(&r.cell())))
             .map(VerifiedRecord::id)
             .collect();
         expected.sort();
@@ -240,7 +240,7 @@ fn corrupt_values_are_reported_and_skipped() {
     let good: Vec<VerifiedRecord> = (1..=3).map(|s| verified(&k, s, s)).collect();
     store.put(good.clone()).unwrap();
     let cell = good[0].cell();
-    let bogus_key = keys::record_key(&cell, &ContentId([0xab; 32]));
+    let bogus_key = keys::record_key(&keys::KeyCell::of(&cell), &ContentId([0xab; 32]));
     store
         .raw_put(CF_RECORDS, &bogus_key, b"\x01not a record")
         .unwrap();
@@ -355,4 +355,33 @@ fn concurrent_writers_share_commits_and_lose_nothing() {
         assert_eq!(vv[&o], 100);
     }
     assert_eq!(store.stats().unwrap().records, 400);
+}
+
+#[test]
+fn a_corrupt_origin_state_is_rebuilt_and_still_catches_equivocation() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    let k = key(6);
+    let origin = k.public().to_peer_id();
+    {
+        let store = Store::open(&path).unwrap();
+        store
+            .put((1..=5).map(|s| verified(&k, s, s)).collect())
+            .unwrap();
+        store.raw_put(CF_ORIGINS, &origin.to_bytes(), b"x").unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    let original = verified(&k, 3, 3);
+    assert_eq!(
+        store.put(vec![verified(&k, 3, 40)]).unwrap(),
+        vec![PutOutcome::Conflict {
+            existing: original.id()
+        }]
+    );
+    assert_eq!(
+        store.put(vec![original]).unwrap(),
+        vec![PutOutcome::Duplicate]
+    );
+    store.put(vec![verified(&k, 6, 6)]).unwrap();
+    assert_eq!(store.version_vector().unwrap()[&origin], 6);
 }
