@@ -10,7 +10,8 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 
 need_apt=()
-if ! ldconfig -p 2>/dev/null | grep -q 'libclang[-.0-9]*\.so' && ! ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1; then
+# bindgen needs libclang itself (libclang.so or libclang-N.so), not libclang-cpp.
+if ! ls /usr/lib/llvm-*/lib/libclang.so /usr/lib/llvm-*/lib/libclang-[0-9]*.so >/dev/null 2>&1; then
   need_apt+=(libclang-dev)
 fi
 if ! command -v c++ >/dev/null 2>&1; then

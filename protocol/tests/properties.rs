@@ -197,3 +197,12 @@ fn oversized_records_are_refused_before_decoding() {
         Err(ProtocolError::TooLarge { .. })
     ));
 }
+
+#[test]
+fn a_typical_record_stays_small_on_the_wire() {
+    let k = key(5);
+    let size = fixtures::signed(&k, 123_456, 17).to_wire().unwrap().len();
+    eprintln!("a typical signed record is {size} bytes on the wire");
+    // Tensors of millions of records are replicated to every node: keep records compact.
+    assert!(size < 700, "{size} bytes");
+}
