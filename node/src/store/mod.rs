@@ -335,24 +335,22 @@ impl Store {
             .map(|name| ColumnFamilyDescriptor::new(*name, cf_options()));
         let db = DB::open_cf_descriptors(&db_options(), &path, descriptors)
             .map_err(|e| map_open_error(&path, e))?;
-        let meta = db.cf_handle(CF_META).ok_or_else(|| StoreError::NotAStore {
-            path: path.clone(),
-            reason: "missing `meta` column family".into(),
-        })?;
-        match db.get_cf(meta, META_SCHEMA)? {
-            Some(v) => check_schema(&path, &v)?,
-            None if exists && !is_empty(&db)? => {
+        if !has_schema(&db, &path)? {
+            if exists && !is_empty(&db)? {
                 return Err(StoreError::NotAStore {
                     path,
                     reason: "it holds records but no schema version".into(),
                 });
             }
             // New, or created by a process that died before writing the schema version.
-            None => {
-                let mut wo = WriteOptions::default();
-                wo.set_sync(true);
-                db.put_cf_opt(meta, META_SCHEMA, SCHEMA_VERSION.to_be_bytes(), &wo)?;
-            }
+            let mut wo = WriteOptions::default();
+            wo.set_sync(true);
+            db.put_cf_opt(
+                cf(&db, CF_META),
+                META_SCHEMA,
+                SCHEMA_VERSION.to_be_bytes(),
+                &wo,
+            )?;
         }
         let db = Arc::new(db);
         let (tx, rx) = sync_channel(WRITE_QUEUE);
@@ -389,18 +387,11 @@ impl Store {
             }
         }
         let db = DB::open_cf_for_read_only(&Options::default(), &path, ALL_CFS, false)?;
-        let meta = db.cf_handle(CF_META).ok_or_else(|| StoreError::NotAStore {
-            path: path.clone(),
-            reason: "missing `meta` column family".into(),
-        })?;
-        match db.get_cf(meta, META_SCHEMA)? {
-            Some(v) => check_schema(&path, &v)?,
-            None => {
-                return Err(StoreError::NotAStore {
-                    path,
-                    reason: "no schema version".into(),
-                });
-            }
+        if !has_schema(&db, &path)? {
+            return Err(StoreError::NotAStore {
+                path,
+                reason: "no schema version".into(),
+            });
         }
         Ok(Self {
             inner: Arc::new(Inner {
@@ -862,6 +853,14 @@ fn meta_key(name: &str) -> Vec<u8> {
     let mut key = b"user/".to_vec();
     key.extend_from_slice(name.as_bytes());
     key
+}
+
+/// Checks the stored schema version; `false` when none is stored.
+fn has_schema(db: &DB, path: &Path) -> Result<bool> {
+    match db.get_cf(cf(db, CF_META), META_SCHEMA)? {
+        Some(v) => check_schema(path, &v).map(|()| true),
+        None => Ok(false),
+    }
 }
 
 fn check_schema(path: &Path, value: &[u8]) -> Result<()> {
