@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{NodeError, Result};
+use crate::net::NetworkConfig;
 
 /// How log lines are written (to standard error).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -45,6 +46,8 @@ pub struct Config {
     pub data_dir: Option<PathBuf>,
     /// Logging.
     pub log: LogConfig,
+    /// Networking.
+    pub network: NetworkConfig,
 }
 
 /// Values given on the command line or in the environment; `None` leaves the file's value.
@@ -54,6 +57,16 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     /// `--log-format` / `METAINF_LOG_FORMAT`.
     pub log_format: Option<LogFormat>,
+    /// `--listen` (replaces the configured list when given).
+    pub listen: Vec<libp2p::Multiaddr>,
+    /// `--bootstrap` (added to the configured list).
+    pub bootstrap: Vec<libp2p::Multiaddr>,
+    /// `--no-mdns`.
+    pub no_mdns: bool,
+    /// `--no-nat`.
+    pub no_nat: bool,
+    /// `--price-per-hour`.
+    pub price_per_hour: Option<f64>,
 }
 
 impl Config {
@@ -83,6 +96,19 @@ impl Config {
         }
         if let Some(format) = overrides.log_format {
             config.log.format = format;
+        }
+        if !overrides.listen.is_empty() {
+            config.network.listen = overrides.listen;
+        }
+        config.network.bootstrap.extend(overrides.bootstrap);
+        if overrides.no_mdns {
+            config.network.mdns = false;
+        }
+        if overrides.no_nat {
+            config.network.nat = false;
+        }
+        if let Some(price) = overrides.price_per_hour {
+            config.network.price_per_hour = price;
         }
         Ok(config)
     }
@@ -120,7 +146,7 @@ mod tests {
             Some(&file),
             Overrides {
                 data_dir: Some("/b".into()),
-                log_format: None,
+                ..Overrides::default()
             },
         )
         .unwrap();

@@ -48,6 +48,9 @@ pub enum NodeError {
         /// Why.
         reason: String,
     },
+    /// The network could not start.
+    #[error("network: {0}")]
+    Network(String),
     /// No data directory was given and none could be derived.
     #[error("no data directory: pass --data-dir or set METAINF_DATA_DIR (no home directory found)")]
     NoDataDir,

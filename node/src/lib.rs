@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod error;
 pub mod identity;
 pub mod logging;
+pub mod net;
 pub mod store;
 pub mod tensor;
 

@@ -31,6 +31,43 @@ struct Cli {
     #[arg(long, global = true, env = "METAINF_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
 
+    /// Listen address (repeatable; replaces the configured ones), e.g. /ip4/0.0.0.0/tcp/4001.
+    #[arg(
+        long,
+        global = true,
+        value_name = "MULTIADDR",
+        env = "METAINF_LISTEN",
+        value_delimiter = ','
+    )]
+    listen: Vec<libp2p::Multiaddr>,
+
+    /// Peer to dial at start, with its /p2p/<peer id> (repeatable; added to the configured ones).
+    #[arg(
+        long,
+        global = true,
+        value_name = "MULTIADDR",
+        env = "METAINF_BOOTSTRAP",
+        value_delimiter = ','
+    )]
+    bootstrap: Vec<libp2p::Multiaddr>,
+
+    /// Turn off mDNS discovery on the local network.
+    #[arg(long, global = true)]
+    no_mdns: bool,
+
+    /// Turn off AutoNAT, relay client and hole punching.
+    #[arg(long, global = true)]
+    no_nat: bool,
+
+    /// Price per hour of this node's compute, announced to peers.
+    #[arg(
+        long,
+        global = true,
+        env = "METAINF_PRICE_PER_HOUR",
+        value_name = "PRICE"
+    )]
+    price_per_hour: Option<f64>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -43,6 +80,13 @@ enum Command {
     Id,
     /// Print the effective configuration as TOML.
     Config,
+    /// List the peers this node has heard from, with their last heartbeat. Works while the
+    /// node runs.
+    Peers {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Inspect, export and import the performance tensor of the data directory.
     Tensor {
         #[command(subcommand)]
@@ -78,6 +122,11 @@ fn main() -> ExitCode {
         Overrides {
             data_dir: cli.data_dir.clone(),
             log_format: cli.log_format,
+            listen: cli.listen.clone(),
+            bootstrap: cli.bootstrap.clone(),
+            no_mdns: cli.no_mdns,
+            no_nat: cli.no_nat,
+            price_per_hour: cli.price_per_hour,
         },
     ) {
         Ok(c) => c,
@@ -111,6 +160,7 @@ fn dispatch(command: Command, config: &Config) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Tensor { command } => tensor_command(command, config),
+        Command::Peers { json } => peers_command(json, config),
     }
 }
 
@@ -235,4 +285,68 @@ fn tensor_command(command: TensorCommand, config: &Config) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn peers_command(json: bool, config: &Config) -> Result<ExitCode> {
+    let store = Store::open_read_only(config.data_dir()?.join(STORE_DIR))?;
+    let timeout_ms = config.network.peer_timeout_s.saturating_mul(1000);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let mut peers = store.peers()?;
+    peers.sort_by_key(|p| std::cmp::Reverse(p.last_seen_ms));
+    let mut out = std::io::stdout().lock();
+    if json {
+        let rows: Vec<serde_json::Value> = peers
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "peer": p.peer.to_string(),
+                    "alive": now.saturating_sub(p.last_seen_ms) <= timeout_ms,
+                    "last_seen_ms": p.last_seen_ms,
+                    "heartbeat": p.heartbeat,
+                })
+            })
+            .collect();
+        serde_json::to_writer_pretty(&mut out, &rows)?;
+        writeln!(out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    writeln!(
+        out,
+        "{:<54} {:>6} {:>10} {:>8} {:>7} {:>9}",
+        "peer", "alive", "last seen", "price/h", "queue", "records"
+    )?;
+    for p in &peers {
+        let age = now.saturating_sub(p.last_seen_ms) / 1000;
+        let alive = if now.saturating_sub(p.last_seen_ms) <= timeout_ms {
+            "yes"
+        } else {
+            "no"
+        };
+        let (price, queue, seq) =
+            p.heartbeat
+                .as_ref()
+                .map_or(("-".to_owned(), "-".to_owned(), "-".to_owned()), |h| {
+                    (
+                        format!("{:.3}", h.price_per_hour),
+                        format!("{}/{}", h.queue_depth, h.queue_capacity),
+                        h.records_seq.to_string(),
+                    )
+                });
+        writeln!(
+            out,
+            "{:<54} {:>6} {:>9}s {:>8} {:>7} {:>9}",
+            p.peer.to_string(),
+            alive,
+            age,
+            price,
+            queue,
+            seq
+        )?;
+    }
+    if peers.is_empty() {
+        writeln!(out, "(no peers heard from yet)")?;
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -35,6 +35,12 @@ fn start(data_dir: &Path, extra: &[&str]) -> (Child, Vec<String>) {
     let mut child = bin()
         .args(["run", "--data-dir"])
         .arg(data_dir)
+        .args(["--no-mdns", "--no-nat"])
+        .args(if extra.contains(&"--listen") {
+            &[][..]
+        } else {
+            &["--listen", "/ip4/127.0.0.1/tcp/0"][..]
+        })
         .args(extra)
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
@@ -278,4 +284,58 @@ fn tensor_export_import_and_stats_between_data_dirs() {
         .unwrap();
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no store at"));
+}
+
+#[test]
+fn two_nodes_find_each_other_and_peers_lists_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let a_id = String::from_utf8(run_ok(bin().args(["id", "--data-dir"]).arg(&a)).stdout)
+        .unwrap()
+        .trim()
+        .to_owned();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let a_addr = format!("/ip4/127.0.0.1/tcp/{port}");
+    let (mut node_a, _) = start(&a, &["--listen", &a_addr, "--price-per-hour", "0.25"]);
+    let bootstrap = format!("{a_addr}/p2p/{a_id}");
+    let (mut node_b, _) = start(&b, &["--bootstrap", &bootstrap]);
+    let b_id = String::from_utf8(run_ok(bin().args(["id", "--data-dir"]).arg(&b)).stdout)
+        .unwrap()
+        .trim()
+        .to_owned();
+
+    // Each lists the other, alive, with its heartbeat (read from the store, beside the node).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for (data, other, price) in [(&a, &b_id, 0.0), (&b, &a_id, 0.25)] {
+        loop {
+            let out = run_ok(bin().args(["peers", "--json", "--data-dir"]).arg(data));
+            let peers: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let found = peers
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["peer"] == other.as_str());
+            if let Some(p) = found
+                && p["alive"] == true
+            {
+                assert_eq!(p["heartbeat"]["price_per_hour"], price);
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{other} not listed by {data:?}: {peers}"
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+    let table = run_ok(bin().args(["peers", "--data-dir"]).arg(&a));
+    assert!(String::from_utf8_lossy(&table.stdout).contains(&b_id));
+    for child in [&mut node_a, &mut node_b] {
+        signal(child, "-TERM");
+        assert!(wait_exit(child).success());
+    }
 }

@@ -1,0 +1,901 @@
+//! The node's libp2p swarm: replicates the performance tensor to every node.
+//!
+//! Shape (as rust-libp2p's file-sharing example): [`start`] returns a cloneable [`Client`] and
+//! an [`EventLoop`]; the client sends [`Command`]s with oneshot replies over a bounded channel;
+//! the loop is one `select!` over swarm events, commands and timers, and translates swarm events
+//! into domain actions before anything else sees them.
+//!
+//! - **Gossip** (`metainf/records/1`, `metainf/heartbeats/1`): messages are validated before they
+//!   are stored or forwarded (gossipsub's manual validation): size, decoding, signature,
+//!   signer = origin, value ranges, dedup against the store. Invalid records are rejected and
+//!   count against the sender's peer score.
+//! - **Anti-entropy** (`/metainf/sync/1`): on connecting and then periodically, peers exchange
+//!   version vectors and pull what they lack in bounded pages, one page in flight per origin, so
+//!   memory stays bounded however far behind a node is.
+//! - **Kademlia** (server mode): peer routing, bootstrap, provider records for served models.
+
+mod sync;
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, MessageAuthenticity};
+use libp2p::identity::Keypair;
+use libp2p::kad::{self, store::MemoryStore};
+use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{
+    Multiaddr, PeerId, Swarm, autonat, dcutr, identify, mdns, noise, ping, relay, tcp, yamux,
+};
+use metainf_protocol::{
+    ContentId, HardwareId, Heartbeat, MAX_RECORD_BYTES, ModelId, SignedRecord, VerifiedRecord,
+    codec,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::store::{PeerEntry, PutOutcome, Store};
+pub use sync::{MAX_PAGE, SyncRequest, SyncResponse};
+
+/// Gossip topic of performance records.
+pub const RECORDS_TOPIC: &str = "metainf/records/1";
+/// Gossip topic of heartbeats.
+pub const HEARTBEATS_TOPIC: &str = "metainf/heartbeats/1";
+/// Largest heartbeat message.
+pub const MAX_HEARTBEAT_BYTES: usize = 8 * 1024;
+
+/// Network settings (the `[network]` section of the configuration).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// Whether `run` starts the swarm at all.
+    pub enabled: bool,
+    /// Addresses to listen on (TCP and QUIC).
+    pub listen: Vec<Multiaddr>,
+    /// Peers to dial at start (with `/p2p/<peer id>`), also Kademlia's bootstrap nodes.
+    pub bootstrap: Vec<Multiaddr>,
+    /// mDNS discovery on the local network.
+    pub mdns: bool,
+    /// AutoNAT, relay client and DCUtR hole punching for nodes behind NAT.
+    pub nat: bool,
+    /// Seconds between heartbeats.
+    pub heartbeat_interval_s: u64,
+    /// A peer silent for this many seconds counts as gone.
+    pub peer_timeout_s: u64,
+    /// Seconds between anti-entropy rounds.
+    pub anti_entropy_interval_s: u64,
+    /// Records per anti-entropy page.
+    pub page_size: u32,
+    /// Price per hour of this node's compute, announced in heartbeats.
+    pub price_per_hour: f64,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: vec![
+                "/ip4/0.0.0.0/tcp/4001"
+                    .parse()
+                    .unwrap_or_else(|_| Multiaddr::empty()),
+                "/ip4/0.0.0.0/udp/4001/quic-v1"
+                    .parse()
+                    .unwrap_or_else(|_| Multiaddr::empty()),
+            ],
+            bootstrap: Vec::new(),
+            mdns: true,
+            nat: true,
+            heartbeat_interval_s: 5,
+            peer_timeout_s: 30,
+            anti_entropy_interval_s: 30,
+            page_size: 1000,
+            price_per_hour: 0.0,
+        }
+    }
+}
+
+/// Errors of the network layer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NetError {
+    /// The swarm could not be built or could not listen.
+    #[error("network setup failed: {0}")]
+    Setup(String),
+    /// The event loop has stopped.
+    #[error("the network has shut down")]
+    Closed,
+    /// A record could not be published.
+    #[error("cannot publish: {0}")]
+    Publish(String),
+    /// Storing failed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// What the node knows of a peer right now.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PeerStatus {
+    /// The peer.
+    pub peer: PeerId,
+    /// Whether a connection is open.
+    pub connected: bool,
+    /// Whether it was heard from within the timeout.
+    pub alive: bool,
+    /// Last time it was heard from, Unix milliseconds.
+    pub last_seen_ms: u64,
+    /// Its latest heartbeat.
+    #[serde(skip)]
+    pub heartbeat: Option<Heartbeat>,
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    kad: kad::Behaviour<MemoryStore>,
+    gossipsub: gossipsub::Behaviour,
+    sync: request_response::Behaviour<sync::SyncCodec>,
+    mdns: Toggle<mdns::tokio::Behaviour>,
+    autonat: Toggle<autonat::Behaviour>,
+    relay: Toggle<relay::client::Behaviour>,
+    dcutr: Toggle<dcutr::Behaviour>,
+}
+
+/// Commands from [`Client`] to the event loop.
+#[derive(Debug)]
+enum Command {
+    Publish {
+        record: Box<VerifiedRecord>,
+        reply: oneshot::Sender<Result<(), NetError>>,
+    },
+    PublishBytes {
+        bytes: Vec<u8>,
+        reply: oneshot::Sender<Result<(), NetError>>,
+    },
+    Peers {
+        reply: oneshot::Sender<Vec<PeerStatus>>,
+    },
+    ListenAddrs {
+        reply: oneshot::Sender<Vec<Multiaddr>>,
+    },
+    Dial {
+        addr: Multiaddr,
+        reply: oneshot::Sender<Result<(), NetError>>,
+    },
+    Provide {
+        model: ModelId,
+        reply: oneshot::Sender<Result<(), NetError>>,
+    },
+    FindProviders {
+        model: ModelId,
+        reply: oneshot::Sender<HashSet<PeerId>>,
+    },
+    SyncNow,
+    PageStored {
+        peer: PeerId,
+        origin: PeerId,
+        next_after: Option<u64>,
+    },
+}
+
+/// A cloneable handle to the network.
+#[derive(Clone, Debug)]
+pub struct Client {
+    tx: mpsc::Sender<Command>,
+    peer_id: PeerId,
+}
+
+impl Client {
+    /// This node's peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, NetError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| NetError::Closed)?;
+        rx.await.map_err(|_| NetError::Closed)
+    }
+
+    /// Stores a record made by this node and gossips it to the network.
+    pub async fn publish(&self, record: VerifiedRecord) -> Result<(), NetError> {
+        self.ask(|reply| Command::Publish {
+            record: Box::new(record),
+            reply,
+        })
+        .await?
+    }
+
+    /// Gossips raw bytes on the records topic without any local check: peers validate what
+    /// they receive. For tests of that validation and for tools that relay records.
+    #[doc(hidden)]
+    pub async fn publish_bytes(&self, bytes: Vec<u8>) -> Result<(), NetError> {
+        self.ask(|reply| Command::PublishBytes { bytes, reply })
+            .await?
+    }
+
+    /// Every peer known, with liveness.
+    pub async fn peers(&self) -> Result<Vec<PeerStatus>, NetError> {
+        self.ask(|reply| Command::Peers { reply }).await
+    }
+
+    /// Addresses the node listens on.
+    pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, NetError> {
+        self.ask(|reply| Command::ListenAddrs { reply }).await
+    }
+
+    /// Dials an address.
+    pub async fn dial(&self, addr: Multiaddr) -> Result<(), NetError> {
+        self.ask(|reply| Command::Dial { addr, reply }).await?
+    }
+
+    /// Announces in the DHT that this node serves `model`.
+    pub async fn provide_model(&self, model: ModelId) -> Result<(), NetError> {
+        self.ask(|reply| Command::Provide { model, reply }).await?
+    }
+
+    /// Peers that announced serving `model`.
+    pub async fn find_providers(&self, model: ModelId) -> Result<HashSet<PeerId>, NetError> {
+        self.ask(|reply| Command::FindProviders { model, reply })
+            .await
+    }
+
+    /// Starts an anti-entropy round with every connected peer now.
+    pub async fn sync_now(&self) -> Result<(), NetError> {
+        self.tx
+            .send(Command::SyncNow)
+            .await
+            .map_err(|_| NetError::Closed)
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn build_swarm(key: Keypair, config: &NetworkConfig) -> Result<Swarm<Behaviour>, NetError> {
+    let setup = |e: &dyn std::fmt::Display| NetError::Setup(e.to_string());
+    let gossip_config = gossipsub::ConfigBuilder::default()
+        .validation_mode(gossipsub::ValidationMode::Strict)
+        .validate_messages()
+        .max_transmit_size(MAX_RECORD_BYTES + 1024)
+        .heartbeat_interval(Duration::from_millis(700))
+        // Content-addressed ids: the same record relayed by two peers is one message.
+        .message_id_fn(|m: &gossipsub::Message| {
+            gossipsub::MessageId::from(ContentId::of_bytes("metainf gossip", &m.data).0.to_vec())
+        })
+        .build()
+        .map_err(|e| setup(&e))?;
+    let nat = config.nat;
+    let mdns_on = config.mdns;
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .map_err(|e| setup(&e))?
+        .with_quic()
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| setup(&e))?
+        .with_behaviour(|key, relay_client| {
+            let peer_id = key.public().to_peer_id();
+            let mut gossipsub =
+                gossipsub::Behaviour::new(MessageAuthenticity::Signed(key.clone()), gossip_config)?;
+            let (params, thresholds) = peer_score();
+            gossipsub.with_peer_score(params, thresholds)?;
+            let mut kad_config = kad::Config::new(kad::PROTOCOL_NAME);
+            // Bootstrap is run by the node when it has peers (at start and on identify),
+            // not on a timer that warns while the node is alone.
+            kad_config.set_periodic_bootstrap_interval(None);
+            let mut kad =
+                kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), kad_config);
+            kad.set_mode(Some(kad::Mode::Server));
+            let mdns = if mdns_on {
+                Some(mdns::tokio::Behaviour::new(
+                    mdns::Config::default(),
+                    peer_id,
+                )?)
+            } else {
+                None
+            };
+            Ok(Behaviour {
+                identify: identify::Behaviour::new(identify::Config::new(
+                    "/metainf/1.0.0".into(),
+                    key.public(),
+                )),
+                ping: ping::Behaviour::default(),
+                kad,
+                gossipsub,
+                sync: request_response::Behaviour::new(
+                    [(sync::PROTOCOL, ProtocolSupport::Full)],
+                    request_response::Config::default()
+                        .with_request_timeout(Duration::from_secs(60)),
+                ),
+                mdns: Toggle::from(mdns),
+                autonat: Toggle::from(
+                    nat.then(|| autonat::Behaviour::new(peer_id, Default::default())),
+                ),
+                relay: Toggle::from(nat.then_some(relay_client)),
+                dcutr: Toggle::from(nat.then(|| dcutr::Behaviour::new(peer_id))),
+            })
+        })
+        .map_err(|e| setup(&e))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
+        .build();
+    Ok(swarm)
+}
+
+/// Peer scoring: a rejected record costs its sender heavily; persistent offenders are graylisted.
+fn peer_score() -> (gossipsub::PeerScoreParams, gossipsub::PeerScoreThresholds) {
+    let mut params = gossipsub::PeerScoreParams::default();
+    let topic = gossipsub::TopicScoreParams {
+        invalid_message_deliveries_weight: -100.0,
+        invalid_message_deliveries_decay: 0.9,
+        ..Default::default()
+    };
+    for name in [RECORDS_TOPIC, HEARTBEATS_TOPIC] {
+        params
+            .topics
+            .insert(IdentTopic::new(name).hash(), topic.clone());
+    }
+    (params, gossipsub::PeerScoreThresholds::default())
+}
+
+/// Starts the swarm: listens, dials the bootstrap peers, subscribes to the topics.
+pub fn start(
+    key: Keypair,
+    store: Store,
+    hardware: HardwareId,
+    config: NetworkConfig,
+) -> Result<(Client, EventLoop), NetError> {
+    let peer_id = key.public().to_peer_id();
+    let mut swarm = build_swarm(key, &config)?;
+    for addr in &config.listen {
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|e| NetError::Setup(format!("cannot listen on {addr}: {e}")))?;
+    }
+    let records = IdentTopic::new(RECORDS_TOPIC);
+    let heartbeats = IdentTopic::new(HEARTBEATS_TOPIC);
+    for topic in [&records, &heartbeats] {
+        swarm
+            .behaviour_mut()
+            .gossipsub
+            .subscribe(topic)
+            .map_err(|e| NetError::Setup(e.to_string()))?;
+    }
+    for addr in &config.bootstrap {
+        if let Some(libp2p::multiaddr::Protocol::P2p(peer)) = addr.iter().last() {
+            swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+        }
+        if let Err(e) = swarm.dial(addr.clone()) {
+            warn!(%addr, error = %e, "cannot dial bootstrap peer");
+        }
+    }
+    if !config.bootstrap.is_empty() {
+        let _ = swarm.behaviour_mut().kad.bootstrap();
+    }
+    let (tx, rx) = mpsc::channel(256);
+    let client = Client {
+        tx: tx.clone(),
+        peer_id,
+    };
+    let event_loop = EventLoop {
+        swarm,
+        store,
+        config,
+        hardware,
+        commands: rx,
+        self_tx: tx,
+        records,
+        heartbeats,
+        peers: HashMap::new(),
+        pending_providers: HashMap::new(),
+        pulls: HashMap::new(),
+        pull_queue: VecDeque::new(),
+        pulling: HashSet::new(),
+    };
+    Ok((client, event_loop))
+}
+
+/// Most pull requests in flight at once (each holds at most one page).
+const MAX_PULLS_IN_FLIGHT: usize = 4;
+
+/// The network's event loop. Run it with [`EventLoop::run`].
+pub struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    store: Store,
+    config: NetworkConfig,
+    hardware: HardwareId,
+    commands: mpsc::Receiver<Command>,
+    self_tx: mpsc::Sender<Command>,
+    records: IdentTopic,
+    heartbeats: IdentTopic,
+    peers: HashMap<PeerId, PeerStatus>,
+    pending_providers: HashMap<kad::QueryId, (oneshot::Sender<HashSet<PeerId>>, HashSet<PeerId>)>,
+    /// Outstanding pull requests: request → (peer, origin).
+    pulls: HashMap<OutboundRequestId, (PeerId, PeerId)>,
+    /// Pulls waiting for a slot: (peer, origin, after).
+    pull_queue: VecDeque<(PeerId, PeerId, u64)>,
+    /// (peer, origin) pairs with a pull queued or in flight.
+    pulling: HashSet<(PeerId, PeerId)>,
+}
+
+impl EventLoop {
+    /// Runs until `shutdown` is cancelled.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut heartbeat =
+            tokio::time::interval(Duration::from_secs(self.config.heartbeat_interval_s.max(1)));
+        let mut anti_entropy = tokio::time::interval(Duration::from_secs(
+            self.config.anti_entropy_interval_s.max(1),
+        ));
+        anti_entropy.tick().await;
+        loop {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                Some(command) = self.commands.recv() => self.on_command(command),
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                _ = heartbeat.tick() => self.send_heartbeat(),
+                _ = anti_entropy.tick() => self.start_sync_round(),
+            }
+        }
+        info!("network stopped");
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Publish { record, reply } => {
+                let result = self.publish(*record);
+                let _ = reply.send(result);
+            }
+            Command::PublishBytes { bytes, reply } => {
+                let result = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .publish(self.records.clone(), bytes)
+                    .map(|_| ())
+                    .map_err(|e| NetError::Publish(e.to_string()));
+                let _ = reply.send(result);
+            }
+            Command::Peers { reply } => {
+                let timeout = self.config.peer_timeout_s.saturating_mul(1000);
+                let now = now_ms();
+                let mut peers: Vec<PeerStatus> = self
+                    .peers
+                    .values()
+                    .cloned()
+                    .map(|mut p| {
+                        p.connected = self.swarm.is_connected(&p.peer);
+                        p.alive = now.saturating_sub(p.last_seen_ms) <= timeout;
+                        p
+                    })
+                    .collect();
+                peers.sort_by_key(|p| p.peer);
+                let _ = reply.send(peers);
+            }
+            Command::ListenAddrs { reply } => {
+                let _ = reply.send(self.swarm.listeners().cloned().collect());
+            }
+            Command::Dial { addr, reply } => {
+                let result = self
+                    .swarm
+                    .dial(addr)
+                    .map_err(|e| NetError::Setup(e.to_string()));
+                let _ = reply.send(result);
+            }
+            Command::Provide { model, reply } => {
+                let key = kad::RecordKey::new(&model.as_bytes());
+                let result = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .start_providing(key)
+                    .map(|_| ())
+                    .map_err(|e| NetError::Publish(e.to_string()));
+                let _ = reply.send(result);
+            }
+            Command::FindProviders { model, reply } => {
+                let key = kad::RecordKey::new(&model.as_bytes());
+                let id = self.swarm.behaviour_mut().kad.get_providers(key);
+                self.pending_providers.insert(id, (reply, HashSet::new()));
+            }
+            Command::SyncNow => self.start_sync_round(),
+            Command::PageStored {
+                peer,
+                origin,
+                next_after,
+            } => {
+                self.pulling.remove(&(peer, origin));
+                if let Some(after) = next_after {
+                    self.queue_pull(peer, origin, after);
+                }
+                self.drive_pulls();
+            }
+        }
+    }
+
+    fn publish(&mut self, record: VerifiedRecord) -> Result<(), NetError> {
+        let bytes = record
+            .signed()
+            .to_wire()
+            .map_err(|e| NetError::Publish(e.to_string()))?;
+        // Stored first (durably, by the caller's wait below), then gossiped.
+        let outcome = self.store.put(vec![record])?;
+        if outcome.first() == Some(&PutOutcome::Stored)
+            || outcome.first() == Some(&PutOutcome::Duplicate)
+        {
+            match self
+                .swarm
+                .behaviour_mut()
+                .gossipsub
+                .publish(self.records.clone(), bytes)
+            {
+                Ok(_) => Ok(()),
+                // Alone on the network: stored, and anti-entropy will spread it later.
+                Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => Ok(()),
+                Err(e) => Err(NetError::Publish(e.to_string())),
+            }
+        } else {
+            Err(NetError::Publish(format!(
+                "store refused the record: {outcome:?}"
+            )))
+        }
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                info!(%address, "listening");
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                endpoint,
+                num_established,
+                ..
+            } => {
+                debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected");
+                self.seen(peer_id);
+                if num_established.get() == 1 {
+                    self.request_summary(peer_id);
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } => {
+                debug!(peer = %peer_id, "disconnected");
+                self.pull_queue.retain(|(p, _, _)| *p != peer_id);
+                self.pulling.retain(|(p, _)| *p != peer_id);
+            }
+            SwarmEvent::Behaviour(event) => self.on_behaviour_event(event),
+            _ => {}
+        }
+    }
+
+    fn seen(&mut self, peer: PeerId) {
+        let entry = self.peers.entry(peer).or_insert_with(|| PeerStatus {
+            peer,
+            connected: true,
+            alive: true,
+            last_seen_ms: 0,
+            heartbeat: None,
+        });
+        entry.last_seen_ms = now_ms();
+    }
+
+    fn on_behaviour_event(&mut self, event: BehaviourEvent) {
+        match event {
+            BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            }) => {
+                let acceptance = if message.topic == self.records.hash() {
+                    self.on_record_message(&message.data)
+                } else if message.topic == self.heartbeats.hash() {
+                    self.on_heartbeat_message(message.source, &message.data)
+                } else {
+                    MessageAcceptance::Ignore
+                };
+                if acceptance == MessageAcceptance::Reject {
+                    warn!(peer = %propagation_source, "rejected an invalid gossip message");
+                }
+                self.swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .report_message_validation_result(&message_id, &propagation_source, acceptance);
+            }
+            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                for addr in info.listen_addrs {
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                }
+            }
+            BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
+                for (peer, addr) in found {
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer, addr.clone());
+                    if !self.swarm.is_connected(&peer) {
+                        let _ = self.swarm.dial(addr);
+                    }
+                }
+            }
+            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                id,
+                result: kad::QueryResult::GetProviders(result),
+                step,
+                ..
+            }) => {
+                if let Some((_, found)) = self.pending_providers.get_mut(&id)
+                    && let Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) = result
+                {
+                    found.extend(providers);
+                }
+                if step.last
+                    && let Some((reply, found)) = self.pending_providers.remove(&id)
+                {
+                    let _ = reply.send(found);
+                }
+            }
+            BehaviourEvent::Sync(request_response::Event::Message { peer, message, .. }) => {
+                self.seen(peer);
+                match message {
+                    request_response::Message::Request {
+                        request, channel, ..
+                    } => {
+                        let response = self.answer_sync(request);
+                        let _ = self
+                            .swarm
+                            .behaviour_mut()
+                            .sync
+                            .send_response(channel, response);
+                    }
+                    request_response::Message::Response {
+                        request_id,
+                        response,
+                    } => {
+                        self.on_sync_response(peer, request_id, response);
+                    }
+                }
+            }
+            BehaviourEvent::Sync(request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            }) => {
+                debug!(%peer, %error, "sync request failed");
+                if let Some((peer, origin)) = self.pulls.remove(&request_id) {
+                    self.pulling.remove(&(peer, origin));
+                    self.drive_pulls();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Validates a gossiped record; stores it if valid and new.
+    fn on_record_message(&mut self, data: &[u8]) -> MessageAcceptance {
+        let verified = match SignedRecord::from_wire(data).and_then(SignedRecord::verify) {
+            Ok(v) => v,
+            Err(e) => {
+                debug!(error = %e, "invalid record");
+                return MessageAcceptance::Reject;
+            }
+        };
+        match self.store.put(vec![verified]) {
+            Ok(outcome) => match outcome.first() {
+                Some(PutOutcome::Stored) => MessageAcceptance::Accept,
+                Some(PutOutcome::Duplicate) => MessageAcceptance::Ignore,
+                Some(PutOutcome::Conflict { .. }) => MessageAcceptance::Reject,
+                None => MessageAcceptance::Ignore,
+            },
+            Err(e) => {
+                warn!(error = %e, "cannot store a gossiped record; anti-entropy will retry");
+                MessageAcceptance::Ignore
+            }
+        }
+    }
+
+    fn on_heartbeat_message(&mut self, source: Option<PeerId>, data: &[u8]) -> MessageAcceptance {
+        let heartbeat = match codec::decode_with_limit::<Heartbeat>(data, MAX_HEARTBEAT_BYTES) {
+            Ok(h) if h.validate().is_ok() && Some(h.peer) == source => h,
+            _ => return MessageAcceptance::Reject,
+        };
+        let peer = heartbeat.peer;
+        self.seen(peer);
+        if let Some(status) = self.peers.get_mut(&peer) {
+            status.heartbeat = Some(heartbeat.clone());
+        }
+        let entry = PeerEntry {
+            peer,
+            addrs: Vec::new(),
+            last_seen_ms: now_ms(),
+            heartbeat: Some(heartbeat),
+        };
+        if let Err(e) = self.store.put_peer(&entry) {
+            warn!(error = %e, "cannot remember a peer");
+        }
+        MessageAcceptance::Accept
+    }
+
+    fn send_heartbeat(&mut self) {
+        let local = *self.swarm.local_peer_id();
+        let records_seq = self
+            .store
+            .origin_states()
+            .ok()
+            .and_then(|s| s.get(&local).map(|o| o.max))
+            .unwrap_or(0);
+        let heartbeat = Heartbeat {
+            peer: local,
+            sent_at_ms: now_ms(),
+            queue_depth: 0,
+            running_jobs: 0,
+            queue_capacity: 0,
+            models: Vec::new(),
+            price_per_hour: self.config.price_per_hour,
+            free_memory_bytes: 0,
+            hardware: self.hardware,
+            records_seq,
+        };
+        if let Ok(bytes) = codec::encode(&heartbeat) {
+            // No peers yet is not an error.
+            let _ = self
+                .swarm
+                .behaviour_mut()
+                .gossipsub
+                .publish(self.heartbeats.clone(), bytes);
+        }
+    }
+
+    fn start_sync_round(&mut self) {
+        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        for peer in peers {
+            self.request_summary(peer);
+        }
+    }
+
+    fn request_summary(&mut self, peer: PeerId) {
+        match self.store.version_vector() {
+            Ok(vector) => {
+                self.swarm
+                    .behaviour_mut()
+                    .sync
+                    .send_request(&peer, SyncRequest::Summary { vector });
+            }
+            Err(e) => warn!(error = %e, "cannot read the version vector"),
+        }
+    }
+
+    fn answer_sync(&mut self, request: SyncRequest) -> SyncResponse {
+        match request {
+            SyncRequest::Summary { .. } => match self.store.version_vector() {
+                Ok(vector) => SyncResponse::Summary { vector },
+                Err(e) => SyncResponse::Error(e.to_string()),
+            },
+            SyncRequest::Pull {
+                origin,
+                after,
+                limit,
+            } => {
+                let limit = limit.clamp(1, MAX_PAGE) as usize;
+                match self.store.records_after(&origin, after, limit) {
+                    Ok(page) => SyncResponse::Page {
+                        records: page.records,
+                        next_after: page.next_after,
+                    },
+                    Err(e) => SyncResponse::Error(e.to_string()),
+                }
+            }
+        }
+    }
+
+    fn on_sync_response(
+        &mut self,
+        peer: PeerId,
+        request_id: OutboundRequestId,
+        response: SyncResponse,
+    ) {
+        match response {
+            SyncResponse::Summary { vector } => {
+                let ours: BTreeMap<PeerId, u64> = self.store.version_vector().unwrap_or_default();
+                for (origin, theirs) in vector {
+                    let have = ours.get(&origin).copied().unwrap_or(0);
+                    if theirs > have {
+                        self.queue_pull(peer, origin, have);
+                    }
+                }
+                self.drive_pulls();
+            }
+            SyncResponse::Page {
+                records,
+                next_after,
+            } => {
+                let Some((peer, origin)) = self.pulls.remove(&request_id) else {
+                    return;
+                };
+                // Verify and store off the event loop; the next page is requested when done.
+                let store = self.store.clone();
+                let tx = self.self_tx.clone();
+                tokio::spawn(async move {
+                    let mut verified = Vec::with_capacity(records.len());
+                    let mut rejected = 0usize;
+                    for r in records {
+                        match r.verify() {
+                            Ok(v) if v.origin() == origin => verified.push(v),
+                            _ => rejected += 1,
+                        }
+                    }
+                    if rejected > 0 {
+                        warn!(%peer, rejected, "sync page held invalid records");
+                    }
+                    let ok = store.put_async(verified).await.is_ok();
+                    let next_after = if ok && rejected == 0 {
+                        next_after
+                    } else {
+                        None
+                    };
+                    let _ = tx
+                        .send(Command::PageStored {
+                            peer,
+                            origin,
+                            next_after,
+                        })
+                        .await;
+                });
+            }
+            SyncResponse::Error(e) => {
+                warn!(%peer, error = %e, "peer could not serve a sync request");
+                if let Some((peer, origin)) = self.pulls.remove(&request_id) {
+                    self.pulling.remove(&(peer, origin));
+                }
+            }
+        }
+    }
+
+    fn queue_pull(&mut self, peer: PeerId, origin: PeerId, after: u64) {
+        // One pull per origin at a time across all peers: no duplicate downloads.
+        if self.pulling.iter().any(|(_, o)| *o == origin) {
+            return;
+        }
+        self.pulling.insert((peer, origin));
+        self.pull_queue.push_back((peer, origin, after));
+    }
+
+    fn drive_pulls(&mut self) {
+        while self.pulls.len() < MAX_PULLS_IN_FLIGHT {
+            let Some((peer, origin, after)) = self.pull_queue.pop_front() else {
+                break;
+            };
+            let id = self.swarm.behaviour_mut().sync.send_request(
+                &peer,
+                SyncRequest::Pull {
+                    origin,
+                    after,
+                    limit: self.config.page_size.clamp(1, MAX_PAGE),
+                },
+            );
+            self.pulls.insert(id, (peer, origin));
+        }
+    }
+}

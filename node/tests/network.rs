@@ -1,0 +1,339 @@
+//! Real swarms on loopback (TCP, port 0), each with its own RocksDB store: records made on one
+//! node reach every node by gossip, forged and tampered records are stored by none, a late
+//! joiner and a restarted node catch up through anti-entropy.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use metainf_node::identity;
+use metainf_node::net::{self, Client, NetworkConfig};
+use metainf_node::store::Store;
+use metainf_protocol::{ContentId, Keypair, PeerId, fixtures};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+struct TestNode {
+    client: Client,
+    store: Store,
+    token: CancellationToken,
+    task: JoinHandle<()>,
+    addr: libp2p::Multiaddr,
+}
+
+impl TestNode {
+    fn peer_id(&self) -> PeerId {
+        self.client.peer_id()
+    }
+
+    async fn stop(self) {
+        self.token.cancel();
+        self.task.await.unwrap();
+    }
+}
+
+fn config(bootstrap: Vec<libp2p::Multiaddr>, anti_entropy_s: u64) -> NetworkConfig {
+    config_on("/ip4/127.0.0.1/tcp/0", bootstrap, anti_entropy_s)
+}
+
+fn config_on(
+    listen: &str,
+    bootstrap: Vec<libp2p::Multiaddr>,
+    anti_entropy_s: u64,
+) -> NetworkConfig {
+    NetworkConfig {
+        listen: vec![listen.parse().unwrap()],
+        bootstrap,
+        mdns: false,
+        nat: false,
+        heartbeat_interval_s: 1,
+        anti_entropy_interval_s: anti_entropy_s,
+        ..NetworkConfig::default()
+    }
+}
+
+async fn start(dir: &Path, key: Keypair, config: NetworkConfig) -> TestNode {
+    let store = Store::open(dir.join("store")).unwrap();
+    let hardware = fixtures::cpu_hardware(1).id().unwrap();
+    let (client, event_loop) = net::start(key, store.clone(), hardware, config).unwrap();
+    let token = CancellationToken::new();
+    let task = tokio::spawn(event_loop.run(token.clone()));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let addr = loop {
+        if let Some(a) = client.listen_addrs().await.unwrap().into_iter().next() {
+            break a;
+        }
+        assert!(Instant::now() < deadline, "node did not start listening");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let addr = addr.with(libp2p::multiaddr::Protocol::P2p(client.peer_id()));
+    TestNode {
+        client,
+        store,
+        token,
+        task,
+        addr,
+    }
+}
+
+async fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_connected(nodes: &[TestNode], at_least: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for n in nodes {
+        loop {
+            let peers = n.client.peers().await.unwrap();
+            if peers.iter().filter(|p| p.connected).count() >= at_least {
+                break;
+            }
+            assert!(Instant::now() < deadline, "nodes did not connect");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn has(store: &Store, origin: &PeerId, seq: u64) -> bool {
+    store.get_by_origin(origin, seq).unwrap().is_some()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_nodes_gossip_records_and_reject_forgeries() {
+    let dir = tempfile::tempdir().unwrap();
+    // Anti-entropy effectively off: only gossip can deliver in this test.
+    let first = start(
+        &dir.path().join("n0"),
+        Keypair::generate_ed25519(),
+        config(vec![], 3600),
+    )
+    .await;
+    let mut nodes = vec![first];
+    for i in 1..5 {
+        let boot = vec![nodes[0].addr.clone()];
+        let n = start(
+            &dir.path().join(format!("n{i}")),
+            Keypair::generate_ed25519(),
+            config(boot, 3600),
+        )
+        .await;
+        nodes.push(n);
+    }
+    wait_connected(&nodes, 1).await;
+    // Let subscriptions and the gossip mesh form (heartbeat 0.7 s).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // A record made on node 2 is stored on all five.
+    // (Records are made by whoever signs them; node 2 publishes one signed by `maker`.)
+    let maker = Keypair::generate_ed25519();
+    let record = fixtures::signed(&maker, 1, 0).verify().unwrap();
+    let origin = record.origin();
+    nodes[2].client.publish(record).await.unwrap();
+    for (i, n) in nodes.iter().enumerate() {
+        let store = n.store.clone();
+        wait_until(
+            &format!("node {i} to store the record"),
+            Duration::from_secs(15),
+            || has(&store, &origin, 1),
+        )
+        .await;
+    }
+
+    // Forgeries published raw by node 3: a record claiming `maker` as origin but signed by
+    // another key, and a validly signed record with a tampered field.
+    let forger = Keypair::generate_ed25519();
+    let mut forged = fixtures::signed(&forger, 2, 1);
+    forged.record.origin = origin;
+    let mut tampered = fixtures::signed(&maker, 3, 2);
+    tampered.record.metrics.wall_time_s *= 0.5;
+    tampered.record.metrics.throughput_tok_s *= 2.0;
+    let garbage = vec![1u8, 2, 3, 4, 5];
+    for bytes in [
+        forged.to_wire().unwrap(),
+        tampered.to_wire().unwrap(),
+        garbage,
+    ] {
+        nodes[3].client.publish_bytes(bytes).await.unwrap();
+    }
+    // A valid record published after the forgeries arrives everywhere, so the forgeries had
+    // their chance to arrive first.
+    let marker = fixtures::signed(&maker, 4, 3).verify().unwrap();
+    nodes[1].client.publish(marker).await.unwrap();
+    for (i, n) in nodes.iter().enumerate() {
+        let store = n.store.clone();
+        wait_until(
+            &format!("node {i} to store the marker"),
+            Duration::from_secs(15),
+            || has(&store, &origin, 4),
+        )
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (i, n) in nodes.iter().enumerate() {
+        assert!(
+            !has(&n.store, &origin, 2),
+            "node {i} stored the forged record"
+        );
+        assert!(
+            !has(&n.store, &origin, 3),
+            "node {i} stored the tampered record"
+        );
+        let stats = n.store.stats().unwrap();
+        assert_eq!(stats.records, 2, "node {i}");
+    }
+
+    // Heartbeats: every node hears from every other.
+    let ids: Vec<PeerId> = nodes.iter().map(TestNode::peer_id).collect();
+    for n in &nodes {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let peers = n.client.peers().await.unwrap();
+            let heard = ids
+                .iter()
+                .filter(|id| **id != n.peer_id())
+                .filter(|id| {
+                    peers
+                        .iter()
+                        .any(|p| p.peer == **id && p.heartbeat.is_some() && p.alive)
+                })
+                .count();
+            if heard == 4 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "heartbeats did not reach every node"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert!(
+        nodes[0].store.peers().unwrap().len() >= 4,
+        "peers are remembered in the store"
+    );
+
+    // Kademlia provider records: node 4 serves a model, node 1 finds it.
+    let model = ContentId::of_bytes("test model", b"smollm2");
+    nodes[4].client.provide_model(model).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let providers = nodes[1].client.find_providers(model).await.unwrap();
+        if providers.contains(&nodes[4].peer_id()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "provider record not found");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    for n in nodes {
+        n.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_joiner_catches_up_on_ten_thousand_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = start(
+        &dir.path().join("old"),
+        Keypair::generate_ed25519(),
+        config(vec![], 3600),
+    )
+    .await;
+    // 10 origins × 1,000 records made before the newcomer existed.
+    let mut origins = Vec::new();
+    for _ in 0..10 {
+        let k = Keypair::generate_ed25519();
+        let records = (1..=1000)
+            .map(|s| fixtures::signed(&k, s, s).verify().unwrap())
+            .collect();
+        old.store.put(records).unwrap();
+        origins.push(k.public().to_peer_id());
+    }
+    let started = Instant::now();
+    let new = start(
+        &dir.path().join("new"),
+        Keypair::generate_ed25519(),
+        config(vec![old.addr.clone()], 3600),
+    )
+    .await;
+    let store = new.store.clone();
+    wait_until("the newcomer to catch up", Duration::from_secs(120), || {
+        store.stats().map(|s| s.records).unwrap_or(0) == 10_000
+    })
+    .await;
+    eprintln!("caught up on 10,000 records in {:?}", started.elapsed());
+    let vv = new.store.version_vector().unwrap();
+    for o in &origins {
+        assert_eq!(vv[o], 1000);
+    }
+    new.stop().await;
+    old.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_keeps_identity_and_records_and_catches_up() {
+    let dir = tempfile::tempdir().unwrap();
+    // Over QUIC this time.
+    let quic = "/ip4/127.0.0.1/udp/0/quic-v1";
+    let hub = start(
+        &dir.path().join("hub"),
+        Keypair::generate_ed25519(),
+        config_on(quic, vec![], 2),
+    )
+    .await;
+    let maker = Keypair::generate_ed25519();
+    let origin = maker.public().to_peer_id();
+    hub.store
+        .put(
+            (1..=50)
+                .map(|s| fixtures::signed(&maker, s, s).verify().unwrap())
+                .collect(),
+        )
+        .unwrap();
+
+    let data = dir.path().join("leaf");
+    std::fs::create_dir_all(&data).unwrap();
+    let (key, _) = identity::load_or_create(&data.join("identity.key")).unwrap();
+    let leaf = start(&data, key, config_on(quic, vec![hub.addr.clone()], 2)).await;
+    let first_id = leaf.peer_id();
+    let store = leaf.store.clone();
+    wait_until("the leaf to sync", Duration::from_secs(60), || {
+        has(&store, &origin, 50)
+    })
+    .await;
+    drop(store);
+    leaf.stop().await;
+
+    // While it is down, the network moves on.
+    hub.store
+        .put(
+            (51..=80)
+                .map(|s| fixtures::signed(&maker, s, s).verify().unwrap())
+                .collect(),
+        )
+        .unwrap();
+
+    let (key, created) = identity::load_or_create(&data.join("identity.key")).unwrap();
+    assert!(!created);
+    let leaf = start(&data, key, config_on(quic, vec![hub.addr.clone()], 2)).await;
+    assert_eq!(leaf.peer_id(), first_id, "same identity after restart");
+    assert!(
+        has(&leaf.store, &origin, 50),
+        "records survived the restart"
+    );
+    let store = leaf.store.clone();
+    wait_until(
+        "the restarted leaf to catch up",
+        Duration::from_secs(60),
+        || has(&store, &origin, 80),
+    )
+    .await;
+    assert_eq!(leaf.store.version_vector().unwrap()[&origin], 80);
+    leaf.stop().await;
+    hub.stop().await;
+}
