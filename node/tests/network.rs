@@ -48,6 +48,7 @@ fn config_on(
         mdns: false,
         nat: false,
         heartbeat_interval_s: 1,
+        peer_timeout_s: 3,
         anti_entropy_interval_s: anti_entropy_s,
         ..NetworkConfig::default()
     }
@@ -217,6 +218,25 @@ async fn five_nodes_gossip_records_and_reject_forgeries() {
         "peers are remembered in the store"
     );
 
+    // The forger (node 3) sent invalid records to the node it is connected to (node 0, the
+    // hub): its gossipsub score there is now negative.
+    let forger_id = nodes[3].peer_id();
+    let hub_view = nodes[0].client.peers().await.unwrap();
+    let score = hub_view
+        .iter()
+        .find(|p| p.peer == forger_id)
+        .and_then(|p| p.score)
+        .expect("the hub scores the forger");
+    assert!(score < 0.0, "forger's score is {score}");
+    let honest = hub_view
+        .iter()
+        .find(|p| p.peer == nodes[1].peer_id())
+        .and_then(|p| p.score);
+    assert!(
+        honest.unwrap_or(0.0) >= 0.0,
+        "an honest peer is not penalised: {honest:?}"
+    );
+
     // Kademlia provider records: node 4 serves a model, node 1 finds it.
     let model = ContentId::of_bytes("test model", b"smollm2");
     nodes[4].client.provide_model(model).await.unwrap();
@@ -230,6 +250,22 @@ async fn five_nodes_gossip_records_and_reject_forgeries() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
+    // A node that goes silent counts as gone after the timeout (3 s here).
+    let gone = nodes.pop().unwrap();
+    let gone_id = gone.peer_id();
+    gone.stop().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let peers = nodes[0].client.peers().await.unwrap();
+        if peers.iter().any(|p| p.peer == gone_id && !p.alive) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a stopped peer still counts as alive"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     for n in nodes {
         n.stop().await;
     }

@@ -127,6 +127,8 @@ pub struct PeerStatus {
     pub alive: bool,
     /// Last time it was heard from, Unix milliseconds.
     pub last_seen_ms: u64,
+    /// Its gossipsub peer score (negative after invalid messages), when connected.
+    pub score: Option<f64>,
     /// Its latest heartbeat.
     #[serde(skip)]
     pub heartbeat: Option<Heartbeat>,
@@ -343,9 +345,22 @@ fn build_swarm(key: Keypair, config: &NetworkConfig) -> Result<Swarm<Behaviour>,
 /// Peer scoring: a rejected record costs its sender heavily; persistent offenders are graylisted.
 fn peer_score() -> (gossipsub::PeerScoreParams, gossipsub::PeerScoreThresholds) {
     let mut params = gossipsub::PeerScoreParams::default();
+    // Positive terms are small and capped (at most +36 for an hour in the mesh, +50 for first
+    // deliveries); one invalid record costs -100, squared in the count: three invalid records
+    // (-900) graylist a peer (threshold -80). Quiet honest peers are not penalised for
+    // delivering little (mesh delivery penalties off): records are rare, bursty events.
     let topic = gossipsub::TopicScoreParams {
+        topic_weight: 1.0,
+        time_in_mesh_weight: 0.01,
+        time_in_mesh_quantum: Duration::from_secs(1),
+        time_in_mesh_cap: 3600.0,
+        first_message_deliveries_weight: 0.5,
+        first_message_deliveries_decay: 0.99,
+        first_message_deliveries_cap: 100.0,
+        mesh_message_deliveries_weight: 0.0,
+        mesh_failure_penalty_weight: 0.0,
         invalid_message_deliveries_weight: -100.0,
-        invalid_message_deliveries_decay: 0.9,
+        invalid_message_deliveries_decay: 0.99,
         ..Default::default()
     };
     for name in [RECORDS_TOPIC, HEARTBEATS_TOPIC] {
@@ -483,6 +498,7 @@ impl EventLoop {
                     .cloned()
                     .map(|mut p| {
                         p.connected = self.swarm.is_connected(&p.peer);
+                        p.score = self.swarm.behaviour().gossipsub.peer_score(&p.peer);
                         p.alive = now.saturating_sub(p.last_seen_ms) <= timeout;
                         p
                     })
@@ -596,6 +612,7 @@ impl EventLoop {
             connected: true,
             alive: true,
             last_seen_ms: 0,
+            score: None,
             heartbeat: None,
         });
         entry.last_seen_ms = now_ms();
