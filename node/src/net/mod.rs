@@ -363,6 +363,14 @@ fn peer_score() -> (gossipsub::PeerScoreParams, gossipsub::PeerScoreThresholds) 
         invalid_message_deliveries_decay: 0.99,
         ..Default::default()
     };
+    // Many nodes on one loopback address are a local test network, not a Sybil attack; other
+    // addresses keep gossipsub's colocation penalty (more than 10 peers behind one IP).
+    params.ip_colocation_factor_whitelist = [
+        std::net::IpAddr::from(std::net::Ipv4Addr::LOCALHOST),
+        std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+    ]
+    .into_iter()
+    .collect();
     for name in [RECORDS_TOPIC, HEARTBEATS_TOPIC] {
         params
             .topics
