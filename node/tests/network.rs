@@ -373,3 +373,69 @@ async fn a_restarted_node_keeps_identity_and_records_and_catches_up() {
     leaf.stop().await;
     hub.stop().await;
 }
+
+fn record_ids(store: &Store) -> std::collections::BTreeSet<ContentId> {
+    let mut ids = std::collections::BTreeSet::new();
+    store
+        .for_each_record(|r| {
+            ids.insert(r.unwrap().record.id().unwrap());
+            Ok(())
+        })
+        .unwrap();
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_gappy_replicas_converge_to_the_same_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let (x, y) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
+    let slice = |k: &Keypair, seqs: std::ops::RangeInclusive<u64>| -> Vec<_> {
+        seqs.map(|s| fixtures::signed(k, s, s).verify().unwrap())
+            .collect()
+    };
+    let a = start(
+        &dir.path().join("a"),
+        Keypair::generate_ed25519(),
+        config(vec![], 1),
+    )
+    .await;
+    a.store.put(slice(&x, 1..=30)).unwrap();
+    let b = start(
+        &dir.path().join("b"),
+        Keypair::generate_ed25519(),
+        config(vec![a.addr.clone()], 1),
+    )
+    .await;
+    b.store.put(slice(&x, 20..=50)).unwrap();
+    b.store.put(slice(&y, 1..=10)).unwrap();
+    // C only knows B: a line A - B - C.
+    let c = start(
+        &dir.path().join("c"),
+        Keypair::generate_ed25519(),
+        config(vec![b.addr.clone()], 1),
+    )
+    .await;
+    c.store.put(slice(&y, 5..=20)).unwrap();
+    c.store.put(slice(&x, 40..=60)).unwrap();
+
+    let expected: std::collections::BTreeSet<ContentId> = slice(&x, 1..=60)
+        .into_iter()
+        .chain(slice(&y, 1..=20))
+        .map(|r| r.id())
+        .collect();
+    for n in [&a, &b, &c] {
+        let store = n.store.clone();
+        wait_until("replicas to converge", Duration::from_secs(60), || {
+            record_ids(&store) == expected
+        })
+        .await;
+        let vv = n.store.version_vector().unwrap();
+        assert_eq!(
+            (vv[&x.public().to_peer_id()], vv[&y.public().to_peer_id()]),
+            (60, 20)
+        );
+    }
+    for n in [a, b, c] {
+        n.stop().await;
+    }
+}
