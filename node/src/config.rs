@@ -158,6 +158,8 @@ mod tests {
     fn the_documented_example_parses() {
         let c = Config::from_toml(include_str!("../../examples/node.toml")).unwrap();
         assert_eq!(c.data_dir.as_deref(), Some(Path::new("/var/lib/metainf")));
+        // The example documents the defaults.
+        assert_eq!(c.network, crate::net::NetworkConfig::default());
     }
 
     #[test]

@@ -204,6 +204,8 @@ async fn five_nodes_gossip_records_and_reject_forgeries() {
                 })
                 .count();
             if heard == 4 {
+                let hb = peers.iter().find_map(|p| p.heartbeat.clone()).unwrap();
+                assert!(hb.free_memory_bytes > 0, "heartbeats carry free memory");
                 break;
             }
             assert!(

@@ -261,6 +261,19 @@ impl Client {
     }
 }
 
+/// `MemAvailable` from /proc/meminfo (0 where unknown). The profiler will report device memory
+/// for GPUs.
+fn available_memory_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|r| r.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb.saturating_mul(1024))
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -779,7 +792,7 @@ impl EventLoop {
             queue_capacity: 0,
             models: Vec::new(),
             price_per_hour: self.config.price_per_hour,
-            free_memory_bytes: 0,
+            free_memory_bytes: available_memory_bytes(),
             hardware: self.hardware,
             records_seq,
         };
