@@ -441,3 +441,117 @@ async fn overlapping_gappy_replicas_converge_to_the_same_set() {
         n.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_reached_only_through_a_relay_gets_records_and_a_direct_connection() {
+    // `TEST_LOG=libp2p_relay=debug,metainf_node=debug` shows what the relay does.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("TEST_LOG").unwrap_or_default())
+        .with_test_writer()
+        .try_init();
+    let dir = tempfile::tempdir().unwrap();
+    let relay = start(
+        &dir.path().join("relay"),
+        Keypair::generate_ed25519(),
+        NetworkConfig {
+            relay_server: true,
+            ..config(vec![], 3600)
+        },
+    )
+    .await;
+    // A relay serves once it knows its public address (declared by its operator).
+    let public: libp2p::Multiaddr = relay
+        .addr
+        .iter()
+        .filter(|p| !matches!(p, libp2p::multiaddr::Protocol::P2p(_)))
+        .collect();
+    relay.client.add_external_address(public).await.unwrap();
+    // A reserves a slot on the relay; it is dialled only through the circuit address.
+    let circuit = relay
+        .addr
+        .clone()
+        .with(libp2p::multiaddr::Protocol::P2pCircuit);
+    let a = start(
+        &dir.path().join("a"),
+        Keypair::generate_ed25519(),
+        NetworkConfig {
+            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap(), circuit.clone()],
+            nat: true,
+            ..config(vec![relay.addr.clone()], 3600)
+        },
+    )
+    .await;
+    let b = start(
+        &dir.path().join("b"),
+        Keypair::generate_ed25519(),
+        NetworkConfig {
+            nat: true,
+            ..config(vec![], 3600)
+        },
+    )
+    .await;
+    // Wait for A's reservation, then dial A through the relay.
+    let via_relay = circuit.with(libp2p::multiaddr::Protocol::P2p(a.peer_id()));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let listening = a.client.listen_addrs().await.unwrap();
+        if listening.iter().any(|l| {
+            l.iter()
+                .any(|p| matches!(p, libp2p::multiaddr::Protocol::P2pCircuit))
+        }) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no relay reservation: {listening:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    b.client.dial(via_relay).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let peers = b.client.peers().await.unwrap();
+        if peers.iter().any(|p| p.peer == a.peer_id() && p.connected) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "B could not reach A through the relay"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Anti-entropy over that connection delivers A's records to B.
+    let maker = Keypair::generate_ed25519();
+    let origin = maker.public().to_peer_id();
+    a.store
+        .put(
+            (1..=20)
+                .map(|s| fixtures::signed(&maker, s, s).verify().unwrap())
+                .collect(),
+        )
+        .unwrap();
+    b.client.sync_now().await.unwrap();
+    let store = b.store.clone();
+    wait_until("records through the relay", Duration::from_secs(30), || {
+        has(&store, &origin, 20)
+    })
+    .await;
+    // The relayed connection is upgraded to a direct one (DCUtR's hole punch, or a direct dial
+    // to the addresses learned over the relayed connection: on loopback both succeed; behind
+    // real NATs only the hole punch can).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let peers = b.client.peers().await.unwrap();
+        if peers.iter().any(|p| p.peer == a.peer_id() && p.direct) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no direct connection after hole punching"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for n in [a, b, relay] {
+        n.stop().await;
+    }
+}

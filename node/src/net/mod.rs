@@ -62,6 +62,11 @@ pub struct NetworkConfig {
     pub mdns: bool,
     /// AutoNAT, relay client and DCUtR hole punching for nodes behind NAT.
     pub nat: bool,
+    /// Offer relaying to nodes behind NAT (turn on for publicly reachable nodes).
+    pub relay_server: bool,
+    /// Addresses at which others can reach this node (a public IP, a port forward). A relay
+    /// server serves only once it has one; AutoNAT confirms them otherwise.
+    pub external_addresses: Vec<Multiaddr>,
     /// Seconds between heartbeats.
     pub heartbeat_interval_s: u64,
     /// A peer silent for this many seconds counts as gone.
@@ -89,6 +94,8 @@ impl Default for NetworkConfig {
             bootstrap: Vec::new(),
             mdns: true,
             nat: true,
+            relay_server: false,
+            external_addresses: Vec::new(),
             heartbeat_interval_s: 5,
             peer_timeout_s: 30,
             anti_entropy_interval_s: 30,
@@ -123,6 +130,8 @@ pub struct PeerStatus {
     pub peer: PeerId,
     /// Whether a connection is open.
     pub connected: bool,
+    /// Whether an open connection is direct (not through a relay).
+    pub direct: bool,
     /// Whether it was heard from within the timeout.
     pub alive: bool,
     /// Last time it was heard from, Unix milliseconds.
@@ -145,6 +154,7 @@ struct Behaviour {
     autonat: Toggle<autonat::Behaviour>,
     relay: Toggle<relay::client::Behaviour>,
     dcutr: Toggle<dcutr::Behaviour>,
+    relay_server: Toggle<relay::Behaviour>,
 }
 
 /// Commands from [`Client`] to the event loop.
@@ -163,6 +173,9 @@ enum Command {
     },
     ListenAddrs {
         reply: oneshot::Sender<Vec<Multiaddr>>,
+    },
+    AddExternalAddress {
+        addr: Multiaddr,
     },
     Dial {
         addr: Multiaddr,
@@ -236,6 +249,14 @@ impl Client {
         self.ask(|reply| Command::ListenAddrs { reply }).await
     }
 
+    /// Declares an address at which others can reach this node.
+    pub async fn add_external_address(&self, addr: Multiaddr) -> Result<(), NetError> {
+        self.tx
+            .send(Command::AddExternalAddress { addr })
+            .await
+            .map_err(|_| NetError::Closed)
+    }
+
     /// Dials an address.
     pub async fn dial(&self, addr: Multiaddr) -> Result<(), NetError> {
         self.ask(|reply| Command::Dial { addr, reply }).await?
@@ -295,6 +316,7 @@ fn build_swarm(key: Keypair, config: &NetworkConfig) -> Result<Swarm<Behaviour>,
         .build()
         .map_err(|e| setup(&e))?;
     let nat = config.nat;
+    let relay_server = config.relay_server;
     let mdns_on = config.mdns;
     let swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
@@ -347,6 +369,9 @@ fn build_swarm(key: Keypair, config: &NetworkConfig) -> Result<Swarm<Behaviour>,
                 ),
                 relay: Toggle::from(nat.then_some(relay_client)),
                 dcutr: Toggle::from(nat.then(|| dcutr::Behaviour::new(peer_id))),
+                relay_server: Toggle::from(
+                    relay_server.then(|| relay::Behaviour::new(peer_id, Default::default())),
+                ),
             })
         })
         .map_err(|e| setup(&e))?
@@ -401,7 +426,18 @@ pub fn start(
 ) -> Result<(Client, EventLoop), NetError> {
     let peer_id = key.public().to_peer_id();
     let mut swarm = build_swarm(key, &config)?;
+    let bootstrap_peers: HashSet<PeerId> =
+        config.bootstrap.iter().filter_map(last_peer_id).collect();
+    let mut deferred_listens = Vec::new();
     for addr in &config.listen {
+        // A circuit address through a relay that is also a bootstrap peer is listened on once
+        // that connection is up: the relay client's own dial would race the bootstrap dial.
+        if let Some(relay) = circuit_relay(addr)
+            && bootstrap_peers.contains(&relay)
+        {
+            deferred_listens.push((relay, addr.clone()));
+            continue;
+        }
         swarm
             .listen_on(addr.clone())
             .map_err(|e| NetError::Setup(format!("cannot listen on {addr}: {e}")))?;
@@ -414,6 +450,9 @@ pub fn start(
             .gossipsub
             .subscribe(topic)
             .map_err(|e| NetError::Setup(e.to_string()))?;
+    }
+    for addr in &config.external_addresses {
+        swarm.add_external_address(addr.clone());
     }
     for addr in &config.bootstrap {
         if let Some(libp2p::multiaddr::Protocol::P2p(peer)) = addr.iter().last() {
@@ -441,12 +480,35 @@ pub fn start(
         records,
         heartbeats,
         peers: HashMap::new(),
+        connections: HashMap::new(),
+        deferred_listens,
         pending_providers: HashMap::new(),
         pulls: HashMap::new(),
         pull_queue: VecDeque::new(),
         pulling: HashSet::new(),
     };
     Ok((client, event_loop))
+}
+
+/// The peer id at the end of an address (`.../p2p/<id>`).
+fn last_peer_id(addr: &Multiaddr) -> Option<PeerId> {
+    match addr.iter().last() {
+        Some(libp2p::multiaddr::Protocol::P2p(peer)) => Some(peer),
+        _ => None,
+    }
+}
+
+/// The relay of a circuit listen address (`<relay addr>/p2p/<relay>/p2p-circuit`).
+fn circuit_relay(addr: &Multiaddr) -> Option<PeerId> {
+    let mut relay = None;
+    for p in addr.iter() {
+        match p {
+            libp2p::multiaddr::Protocol::P2p(peer) => relay = Some(peer),
+            libp2p::multiaddr::Protocol::P2pCircuit => return relay,
+            _ => {}
+        }
+    }
+    None
 }
 
 /// Most pull requests in flight at once (each holds at most one page).
@@ -463,6 +525,10 @@ pub struct EventLoop {
     records: IdentTopic,
     heartbeats: IdentTopic,
     peers: HashMap<PeerId, PeerStatus>,
+    /// Circuit listen addresses waiting for their relay's connection.
+    deferred_listens: Vec<(PeerId, Multiaddr)>,
+    /// Open connections per peer, and whether each goes through a relay.
+    connections: HashMap<PeerId, HashMap<libp2p::swarm::ConnectionId, bool>>,
     pending_providers: HashMap<kad::QueryId, (oneshot::Sender<HashSet<PeerId>>, HashSet<PeerId>)>,
     /// Outstanding pull requests: request → (peer, origin).
     pulls: HashMap<OutboundRequestId, (PeerId, PeerId)>,
@@ -519,6 +585,10 @@ impl EventLoop {
                     .cloned()
                     .map(|mut p| {
                         p.connected = self.swarm.is_connected(&p.peer);
+                        p.direct = self
+                            .connections
+                            .get(&p.peer)
+                            .is_some_and(|c| c.values().any(|relayed| !relayed));
                         p.score = self.swarm.behaviour().gossipsub.peer_score(&p.peer);
                         p.alive = now.saturating_sub(p.last_seen_ms) <= timeout;
                         p
@@ -529,6 +599,10 @@ impl EventLoop {
             }
             Command::ListenAddrs { reply } => {
                 let _ = reply.send(self.swarm.listeners().cloned().collect());
+            }
+            Command::AddExternalAddress { addr } => {
+                info!(%addr, "external address");
+                self.swarm.add_external_address(addr);
             }
             Command::Dial { addr, reply } => {
                 let result = self
@@ -603,11 +677,29 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
+                connection_id,
                 endpoint,
                 num_established,
                 ..
             } => {
-                debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected");
+                let relayed = endpoint
+                    .get_remote_address()
+                    .iter()
+                    .any(|p| matches!(p, libp2p::multiaddr::Protocol::P2pCircuit));
+                debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), relayed, "connected");
+                self.connections
+                    .entry(peer_id)
+                    .or_default()
+                    .insert(connection_id, relayed);
+                let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.deferred_listens)
+                    .into_iter()
+                    .partition(|(relay, _)| *relay == peer_id);
+                self.deferred_listens = waiting;
+                for (_, addr) in ready {
+                    if let Err(e) = self.swarm.listen_on(addr.clone()) {
+                        warn!(%addr, error = %e, "cannot listen through the relay");
+                    }
+                }
                 self.seen(peer_id);
                 if num_established.get() == 1 {
                     self.request_summary(peer_id);
@@ -615,9 +707,20 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
+                connection_id,
+                num_established,
+                ..
+            } if num_established > 0 => {
+                if let Some(c) = self.connections.get_mut(&peer_id) {
+                    c.remove(&connection_id);
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
                 num_established: 0,
                 ..
             } => {
+                self.connections.remove(&peer_id);
                 debug!(peer = %peer_id, "disconnected");
                 self.pull_queue.retain(|(p, _, _)| *p != peer_id);
                 self.pulling.retain(|(p, _)| *p != peer_id);
@@ -631,6 +734,7 @@ impl EventLoop {
         let entry = self.peers.entry(peer).or_insert_with(|| PeerStatus {
             peer,
             connected: true,
+            direct: false,
             alive: true,
             last_seen_ms: 0,
             score: None,
@@ -666,6 +770,21 @@ impl EventLoop {
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                 }
             }
+            BehaviourEvent::Relay(relay::client::Event::ReservationReqAccepted {
+                relay_peer_id,
+                ..
+            }) => {
+                info!(relay = %relay_peer_id, "reachable through a relay");
+            }
+            BehaviourEvent::Dcutr(dcutr::Event {
+                remote_peer_id,
+                result,
+            }) => match result {
+                Ok(_) => info!(peer = %remote_peer_id, "hole punch succeeded: direct connection"),
+                Err(e) => {
+                    debug!(peer = %remote_peer_id, error = %e, "hole punch failed; staying relayed")
+                }
+            },
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
                 for (peer, addr) in found {
                     self.swarm
