@@ -555,3 +555,119 @@ async fn a_node_reached_only_through_a_relay_gets_records_and_a_direct_connectio
         n.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn autonat_confirms_a_reachable_node_as_public() {
+    let dir = tempfile::tempdir().unwrap();
+    let nat = |bootstrap| NetworkConfig {
+        nat: true,
+        autonat_private_addresses: true,
+        ..config(bootstrap, 3600)
+    };
+    let a = start(
+        &dir.path().join("a"),
+        Keypair::generate_ed25519(),
+        nat(vec![]),
+    )
+    .await;
+    let mut servers = Vec::new();
+    for i in 0..3 {
+        let n = start(
+            &dir.path().join(format!("s{i}")),
+            Keypair::generate_ed25519(),
+            nat(vec![a.addr.clone()]),
+        )
+        .await;
+        servers.push(n);
+    }
+    // Peers dial A back at the address they observed: A learns it is publicly reachable.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match a.client.nat_status().await.unwrap() {
+            net::NatStatus::Public(addr) => {
+                assert!(
+                    addr.to_string().starts_with("/ip4/127.0.0.1/tcp/"),
+                    "{addr}"
+                );
+                break;
+            }
+            other => assert!(Instant::now() < deadline, "still {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let off = start(
+        &dir.path().join("off"),
+        Keypair::generate_ed25519(),
+        config(vec![], 3600),
+    )
+    .await;
+    assert_eq!(
+        off.client.nat_status().await.unwrap(),
+        net::NatStatus::Disabled
+    );
+    for n in servers.into_iter().chain([a, off]) {
+        n.stop().await;
+    }
+}
+
+const NETNS_CHILD: &str = "METAINF_MDNS_NETNS_CHILD";
+
+/// mDNS runs inside a private network namespace whose only interfaces besides loopback are the
+/// two ends of a veth pair: nothing can leave the machine.
+#[test]
+fn mdns_finds_peers_in_a_private_network_namespace() {
+    let script = "ip link set lo up && ip link add md0 type veth peer name md1 && \
+                  ip addr add 10.254.0.1/24 dev md0 && ip addr add 10.254.0.2/24 dev md1 && \
+                  ip link set md0 multicast on up && ip link set md1 multicast on up && \
+                  exec \"$0\" mdns_child --exact --ignored --nocapture";
+    if !is_root() {
+        eprintln!("skipped: creating a network namespace needs root (CI runs this as root)");
+        return;
+    }
+    let status = std::process::Command::new("unshare")
+        .args(["--net", "--", "sh", "-c", script])
+        .arg(std::env::current_exe().unwrap())
+        .env(NETNS_CHILD, "1")
+        .status()
+        .expect("unshare (util-linux) runs");
+    assert!(
+        status.success(),
+        "mDNS discovery in the namespace failed: {status}"
+    );
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by mdns_finds_peers_in_a_private_network_namespace inside a namespace"]
+async fn mdns_child() {
+    if std::env::var(NETNS_CHILD).is_err() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mdns = || NetworkConfig {
+        listen: vec!["/ip4/10.254.0.1/tcp/0".parse().unwrap()],
+        mdns: true,
+        ..config(vec![], 3600)
+    };
+    let a = start(&dir.path().join("a"), Keypair::generate_ed25519(), mdns()).await;
+    let b = start(&dir.path().join("b"), Keypair::generate_ed25519(), mdns()).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let peers = a.client.peers().await.unwrap();
+        if peers.iter().any(|p| p.peer == b.peer_id() && p.connected) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "mDNS did not find the peer");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    a.stop().await;
+    b.stop().await;
+}

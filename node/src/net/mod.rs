@@ -64,6 +64,9 @@ pub struct NetworkConfig {
     pub nat: bool,
     /// Offer relaying to nodes behind NAT (turn on for publicly reachable nodes).
     pub relay_server: bool,
+    /// Let AutoNAT probe and confirm private and loopback addresses too: for networks that
+    /// live inside one private network (a cluster, the docker testnet).
+    pub autonat_private_addresses: bool,
     /// Addresses at which others can reach this node (a public IP, a port forward). A relay
     /// server serves only once it has one; AutoNAT confirms them otherwise.
     pub external_addresses: Vec<Multiaddr>,
@@ -95,6 +98,7 @@ impl Default for NetworkConfig {
             mdns: true,
             nat: true,
             relay_server: false,
+            autonat_private_addresses: false,
             external_addresses: Vec::new(),
             heartbeat_interval_s: 5,
             peer_timeout_s: 30,
@@ -121,6 +125,20 @@ pub enum NetError {
     /// Storing failed.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+}
+
+/// This node's reachability, as AutoNAT concluded from peers dialling it back.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NatStatus {
+    /// Reachable at this address.
+    Public(Multiaddr),
+    /// Behind a NAT or firewall: reachable through relays.
+    Private,
+    /// Not enough probes yet.
+    Unknown,
+    /// AutoNAT is switched off (`nat = false`).
+    Disabled,
 }
 
 /// What the node knows of a peer right now.
@@ -176,6 +194,9 @@ enum Command {
     },
     AddExternalAddress {
         addr: Multiaddr,
+    },
+    NatStatus {
+        reply: oneshot::Sender<NatStatus>,
     },
     Dial {
         addr: Multiaddr,
@@ -249,6 +270,11 @@ impl Client {
         self.ask(|reply| Command::ListenAddrs { reply }).await
     }
 
+    /// What AutoNAT concluded about this node's reachability.
+    pub async fn nat_status(&self) -> Result<NatStatus, NetError> {
+        self.ask(|reply| Command::NatStatus { reply }).await
+    }
+
     /// Declares an address at which others can reach this node.
     pub async fn add_external_address(&self, addr: Multiaddr) -> Result<(), NetError> {
         self.tx
@@ -317,6 +343,12 @@ fn build_swarm(key: Keypair, config: &NetworkConfig) -> Result<Swarm<Behaviour>,
         .map_err(|e| setup(&e))?;
     let nat = config.nat;
     let relay_server = config.relay_server;
+    let autonat_config = autonat::Config {
+        boot_delay: Duration::from_secs(5),
+        retry_interval: Duration::from_secs(30),
+        only_global_ips: !config.autonat_private_addresses,
+        ..Default::default()
+    };
     let mdns_on = config.mdns;
     let swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
@@ -365,7 +397,7 @@ fn build_swarm(key: Keypair, config: &NetworkConfig) -> Result<Swarm<Behaviour>,
                 ),
                 mdns: Toggle::from(mdns),
                 autonat: Toggle::from(
-                    nat.then(|| autonat::Behaviour::new(peer_id, Default::default())),
+                    nat.then(|| autonat::Behaviour::new(peer_id, autonat_config)),
                 ),
                 relay: Toggle::from(nat.then_some(relay_client)),
                 dcutr: Toggle::from(nat.then(|| dcutr::Behaviour::new(peer_id))),
@@ -600,6 +632,21 @@ impl EventLoop {
             Command::ListenAddrs { reply } => {
                 let _ = reply.send(self.swarm.listeners().cloned().collect());
             }
+            Command::NatStatus { reply } => {
+                let status = match self
+                    .swarm
+                    .behaviour()
+                    .autonat
+                    .as_ref()
+                    .map(|a| a.nat_status())
+                {
+                    Some(autonat::NatStatus::Public(addr)) => NatStatus::Public(addr),
+                    Some(autonat::NatStatus::Private) => NatStatus::Private,
+                    Some(autonat::NatStatus::Unknown) => NatStatus::Unknown,
+                    None => NatStatus::Disabled,
+                };
+                let _ = reply.send(status);
+            }
             Command::AddExternalAddress { addr } => {
                 info!(%addr, "external address");
                 self.swarm.add_external_address(addr);
@@ -775,6 +822,9 @@ impl EventLoop {
                 ..
             }) => {
                 info!(relay = %relay_peer_id, "reachable through a relay");
+            }
+            BehaviourEvent::Autonat(autonat::Event::StatusChanged { old, new }) => {
+                info!(?old, ?new, "reachability changed");
             }
             BehaviourEvent::Dcutr(dcutr::Event {
                 remote_peer_id,
