@@ -72,10 +72,15 @@ impl Node {
     /// Runs until `shutdown` is cancelled, then flushes the store.
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
         let network = if self.config.network.enabled {
-            let hardware = basic_cpu_profile().id().map_err(|e| NodeError::Config {
-                path: self.data_dir.clone(),
-                reason: e.to_string(),
-            })?;
+            // The spec identifies the hardware cell; `metainf-node profile` measures it.
+            let probe = metainf_profiler::ProbeOptions {
+                measure: false,
+                ..Default::default()
+            };
+            let hardware = metainf_profiler::probe(&probe)
+                .map_err(|e| NodeError::Network(format!("hardware probe failed: {e}")))?
+                .id()
+                .map_err(|e| NodeError::Network(e.to_string()))?;
             let (client, event_loop) = net::start(
                 self.key.clone(),
                 self.store.clone(),
@@ -109,48 +114,5 @@ impl Node {
         drop(self);
         info!("stopped cleanly");
         Ok(())
-    }
-}
-
-/// The CPU as far as the node knows it before the profiler measures it: brand, memory and
-/// threads. The profiler replaces it with a measured profile.
-pub fn basic_cpu_profile() -> metainf_protocol::HardwareProfile {
-    use metainf_protocol::{CpuSpec, DeviceKind, HardwareProfile, HardwareSpec};
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let name = cpuinfo
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("model name")
-                .and_then(|r| r.split(':').nth(1))
-        })
-        .map(|s| s.trim().to_owned())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "unknown CPU".to_owned());
-    let memory_bytes = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))
-                .and_then(|r| r.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024);
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
-    HardwareProfile {
-        spec: HardwareSpec {
-            device: DeviceKind::Cpu,
-            backend: "cpu".into(),
-            name,
-            memory_bytes,
-            compute_units: threads,
-            gpu: None,
-            cpu: Some(CpuSpec {
-                physical_cores: threads,
-                logical_cpus: threads,
-                simd: Vec::new(),
-            }),
-            attributes: Default::default(),
-        },
-        measured: None,
-        driver: None,
     }
 }

@@ -80,6 +80,15 @@ enum Command {
     Id,
     /// Print the effective configuration as TOML.
     Config,
+    /// Probe this machine's hardware (the GPU through NVML, else the CPU) and measure it.
+    Profile {
+        /// Threads the engine may use on the CPU [default: every logical CPU].
+        #[arg(long, value_name = "N")]
+        threads: Option<usize>,
+        /// Print JSON instead of a summary.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the peers this node has heard from, with their last heartbeat. Works while the
     /// node runs.
     Peers {
@@ -161,6 +170,7 @@ fn dispatch(command: Command, config: &Config) -> Result<ExitCode> {
         }
         Command::Tensor { command } => tensor_command(command, config),
         Command::Peers { json } => peers_command(json, config),
+        Command::Profile { threads, json } => profile_command(threads, json),
     }
 }
 
@@ -347,6 +357,64 @@ fn peers_command(json: bool, config: &Config) -> Result<ExitCode> {
     }
     if peers.is_empty() {
         writeln!(out, "(no peers heard from yet)")?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn profile_command(threads: Option<usize>, json: bool) -> Result<ExitCode> {
+    let profile = metainf_profiler::probe(&metainf_profiler::ProbeOptions {
+        threads,
+        ..Default::default()
+    })?;
+    let id = profile.id()?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        let value = serde_json::json!({ "hardware_id": id.to_string(), "profile": profile });
+        serde_json::to_writer_pretty(&mut out, &value)?;
+        writeln!(out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let spec = &profile.spec;
+    writeln!(out, "hardware {} ({})", id.short(), spec.backend)?;
+    writeln!(out, "  device          {}", spec.name)?;
+    writeln!(
+        out,
+        "  memory          {:.1} GiB",
+        spec.memory_bytes as f64 / f64::from(1u32 << 30)
+    )?;
+    writeln!(out, "  compute units   {}", spec.compute_units)?;
+    if let Some(cpu) = &spec.cpu {
+        writeln!(
+            out,
+            "  cores           {} physical, {} logical",
+            cpu.physical_cores, cpu.logical_cpus
+        )?;
+        writeln!(out, "  simd            {}", cpu.simd.join(" "))?;
+    }
+    if let Some(gpu) = &spec.gpu {
+        writeln!(
+            out,
+            "  compute cap.    {}.{}",
+            gpu.compute_major, gpu.compute_minor
+        )?;
+        writeln!(
+            out,
+            "  clocks          {} MHz SM, {} MHz memory",
+            gpu.max_sm_clock_mhz, gpu.max_mem_clock_mhz
+        )?;
+        writeln!(out, "  power limit     {:.0} W", gpu.power_limit_w)?;
+        writeln!(
+            out,
+            "  PCIe            gen {} x{}",
+            gpu.pcie_gen, gpu.pcie_width
+        )?;
+    }
+    if let Some(m) = &profile.measured {
+        writeln!(out, "  Q8_0 matmul     {:.1} GFLOP/s", m.matmul_gflops)?;
+        writeln!(out, "  memory b/w      {:.1} GB/s", m.mem_bandwidth_gbs)?;
+    }
+    if let Some(d) = &profile.driver {
+        writeln!(out, "  driver/kernel   {d}")?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -339,3 +339,14 @@ fn two_nodes_find_each_other_and_peers_lists_them() {
         assert!(wait_exit(child).success());
     }
 }
+
+#[test]
+fn profile_reports_the_cpu_with_its_thread_limit() {
+    let out = run_ok(bin().args(["profile", "--json", "--threads", "1"]));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["profile"]["spec"]["compute_units"], 1);
+    assert!(v["profile"]["measured"]["matmul_gflops"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["hardware_id"].as_str().unwrap().len(), 64);
+    let text = run_ok(bin().args(["profile", "--threads", "1"]));
+    assert!(String::from_utf8_lossy(&text.stdout).contains("GFLOP/s"));
+}

@@ -6,3 +6,9 @@
 //!
 //! It owns no networking and no storage: records leave this crate as values, and the node
 //! signs, stores and gossips them.
+
+pub mod error;
+pub mod hardware;
+
+pub use error::{ProfilerError, Result};
+pub use hardware::{ProbeOptions, probe};

@@ -1,0 +1,16 @@
+//! The profiler's error type.
+
+/// What can go wrong while profiling.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProfilerError {
+    /// A candle operation failed.
+    #[error("tensor operation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+    /// A measurement could not be taken.
+    #[error("measurement failed: {0}")]
+    Measure(String),
+}
+
+/// Result alias of the profiler.
+pub type Result<T, E = ProfilerError> = std::result::Result<T, E>;
