@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 source scripts/env.sh
+scripts/fetch-model.sh >/dev/null
 cargo build --locked -p metainf-node
 cache_rocksdb
 export METAINF_DATA_DIR="${METAINF_DATA_DIR:-$PWD/.metainf/node}"

@@ -6,6 +6,9 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 source scripts/env.sh
 
+echo "== default model"
+METAINF_MODEL="$(scripts/fetch-model.sh)"
+export METAINF_MODEL
 echo "== cargo fmt"
 cargo fmt --all -- --check
 echo "== cargo clippy"

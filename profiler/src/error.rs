@@ -7,6 +7,9 @@ pub enum ProfilerError {
     /// A candle operation failed.
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),
+    /// A model file is missing, unreadable or unsupported.
+    #[error("model: {0}")]
+    Model(String),
     /// A measurement could not be taken.
     #[error("measurement failed: {0}")]
     Measure(String),

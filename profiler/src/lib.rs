@@ -9,6 +9,7 @@
 
 pub mod error;
 pub mod hardware;
+pub mod model;
 
 pub use error::{ProfilerError, Result};
 pub use hardware::{ProbeOptions, probe};

@@ -1,0 +1,104 @@
+//! Model files: any Llama-architecture GGUF, described as a [`ModelDescriptor`] from its
+//! metadata and tensors.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::path::Path;
+
+use candle_core::quantized::gguf_file;
+use metainf_protocol::{ContentId, ModelDescriptor};
+
+use crate::error::{ProfilerError, Result};
+
+/// Reads the GGUF at `path` and describes it. The weights digest is BLAKE3 over the whole file,
+/// so two files with the same name but other weights are different models.
+pub fn describe(path: &Path) -> Result<ModelDescriptor> {
+    let open = |p: &Path| {
+        File::open(p).map_err(|e| ProfilerError::Model(format!("cannot open {}: {e}", p.display())))
+    };
+    let mut file = open(path)?;
+    let content = gguf_file::Content::read(&mut file).map_err(|e| {
+        ProfilerError::Model(format!("{} is not a GGUF model: {e}", path.display()))
+    })?;
+    let text = |key: &str| {
+        content
+            .metadata
+            .get(key)
+            .and_then(|v| v.to_string().ok().cloned())
+    };
+    let architecture = text("general.architecture")
+        .ok_or_else(|| ProfilerError::Model("no general.architecture in the GGUF".into()))?;
+    if architecture != "llama" {
+        return Err(ProfilerError::Model(format!(
+            "architecture {architecture:?} is not supported (Llama-architecture GGUFs only)"
+        )));
+    }
+    let name = text("general.name").unwrap_or_else(|| {
+        path.file_stem()
+            .map_or_else(|| "model".to_owned(), |s| s.to_string_lossy().into_owned())
+    });
+    let context_length = content
+        .metadata
+        .get("llama.context_length")
+        .and_then(|v| v.to_u32().ok())
+        .unwrap_or(0);
+    // Parameters and bytes per tensor; the quantization is the dtype holding most parameters.
+    let mut parameters = 0u64;
+    let mut bits = 0f64;
+    let mut by_dtype: HashMap<String, u64> = HashMap::new();
+    for info in content.tensor_infos.values() {
+        let n = info.shape.elem_count() as u64;
+        let dtype = info.ggml_dtype;
+        parameters += n;
+        bits += n as f64 * 8.0 * dtype.type_size() as f64 / dtype.block_size() as f64;
+        *by_dtype.entry(format!("{dtype:?}")).or_default() += n;
+    }
+    let quantization = by_dtype
+        .into_iter()
+        .max_by_key(|(_, n)| *n)
+        .map_or_else(|| "unknown".to_owned(), |(d, _)| d);
+    let mut hasher = blake3::Hasher::new();
+    let mut reader = BufReader::with_capacity(1 << 20, open(path)?);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = reader
+            .read(&mut buf)
+            .map_err(|e| ProfilerError::Model(format!("cannot read {}: {e}", path.display())))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(ModelDescriptor {
+        name,
+        architecture,
+        parameters,
+        quantization,
+        bits_per_weight: if parameters > 0 {
+            bits / parameters as f64
+        } else {
+            0.0
+        },
+        context_length,
+        weights_digest: ContentId(*hasher.finalize().as_bytes()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_that_are_not_models_get_clear_errors() {
+        let dir = std::env::temp_dir().join(format!("metainf-model-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let junk = dir.join("junk.gguf");
+        std::fs::write(&junk, b"definitely not a gguf file").unwrap();
+        let err = describe(&junk).unwrap_err().to_string();
+        assert!(err.contains("is not a GGUF model"), "{err}");
+        let err = describe(&dir.join("missing.gguf")).unwrap_err().to_string();
+        assert!(err.contains("cannot open"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
