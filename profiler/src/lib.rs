@@ -10,6 +10,7 @@
 pub mod error;
 pub mod hardware;
 pub mod model;
+pub mod tokenizer;
 
 pub use error::{ProfilerError, Result};
 pub use hardware::{ProbeOptions, probe};

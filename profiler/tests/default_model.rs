@@ -42,3 +42,36 @@ fn the_default_model_is_described_from_its_gguf() {
     let again = metainf_profiler::model::describe(&model_path()).unwrap();
     assert_eq!(m.id().unwrap(), again.id().unwrap());
 }
+
+#[test]
+fn the_tokenizer_from_the_gguf_matches_the_reference_ids() {
+    use candle_core::quantized::gguf_file;
+    use metainf_profiler::tokenizer::{ModelTokenizer, chat_template};
+    let mut file = std::fs::File::open(model_path()).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let tok = ModelTokenizer::from_gguf(&content).unwrap();
+    let prompt = chat_template(&[metainf_protocol::ChatMessage {
+        role: "user".into(),
+        content: "What is the capital of France?".into(),
+    }]);
+    assert_eq!(
+        prompt,
+        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    );
+    let ids = tok.encode(&prompt).unwrap();
+    assert_eq!(
+        ids,
+        [
+            1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198
+        ]
+    );
+    // Digits are split one by one; decoding gives the text back.
+    let text = "In 2024, 365 days.";
+    let ids = tok.encode(text).unwrap();
+    assert_eq!(tok.decode(&ids).unwrap(), text);
+    assert!(
+        tok.stop_ids().contains(&2),
+        "<|im_end|> (2) ends a turn: {:?}",
+        tok.stop_ids()
+    );
+}
