@@ -11,6 +11,7 @@ pub mod error;
 pub mod hardware;
 pub mod model;
 pub mod tokenizer;
+pub mod workload;
 
 pub use error::{ProfilerError, Result};
 pub use hardware::{ProbeOptions, probe};

@@ -75,3 +75,64 @@ fn the_tokenizer_from_the_gguf_matches_the_reference_ids() {
         tok.stop_ids()
     );
 }
+
+#[test]
+fn workload_presets_have_their_shape_in_real_tokens() {
+    use candle_core::quantized::gguf_file;
+    use metainf_profiler::tokenizer::{ModelTokenizer, chat_template};
+    use metainf_profiler::workload::{Preset, generate};
+    use metainf_protocol::{Arrival, WorkloadDescriptor};
+    let mut file = std::fs::File::open(model_path()).unwrap();
+    let tok = ModelTokenizer::from_gguf(&gguf_file::Content::read(&mut file).unwrap()).unwrap();
+    let describe = |p: Preset| {
+        let w = generate(p, 32, Arrival::AllAtOnce, 42);
+        let prompts: Vec<Vec<u32>> = w
+            .requests
+            .iter()
+            .map(|r| tok.encode(&chat_template(&r.messages)).unwrap())
+            .collect();
+        let max_new: Vec<u32> = w.requests.iter().map(|r| r.max_new_tokens).collect();
+        let d = WorkloadDescriptor::from_prompts(
+            Some(p.name().into()),
+            &prompts,
+            &max_new,
+            Arrival::AllAtOnce,
+            0.0,
+        );
+        d.validate().unwrap();
+        eprintln!(
+            "{:<11} prompt tokens mean {:>6.1} (p95 {:>4}), max new mean {:>5.1}, prefix sharing {:.2}",
+            p.name(),
+            d.prompt_tokens.mean,
+            d.prompt_tokens.p95,
+            d.max_new_tokens.mean,
+            d.prefix_sharing
+        );
+        d
+    };
+    let chat = describe(Preset::Chat);
+    let multi = describe(Preset::MultiTurn);
+    let few = describe(Preset::FewShot);
+    let doc = describe(Preset::Summarise);
+    let reason = describe(Preset::Reasoning);
+    // Shared system prompt / examples / conversation history show up as prefix sharing.
+    assert!(chat.prefix_sharing > 0.5, "chat {}", chat.prefix_sharing);
+    assert!(
+        multi.prefix_sharing > 0.5,
+        "multi-turn {}",
+        multi.prefix_sharing
+    );
+    assert!(few.prefix_sharing > 0.8, "few-shot {}", few.prefix_sharing);
+    assert!(doc.prefix_sharing < 0.1, "summarise {}", doc.prefix_sharing);
+    // Long documents with short outputs; short problems with long outputs.
+    assert!(doc.prompt_tokens.mean > 500.0, "{:?}", doc.prompt_tokens);
+    assert!(doc.max_new_tokens.mean < 64.0);
+    assert!(
+        reason.prompt_tokens.mean < 60.0,
+        "{:?}",
+        reason.prompt_tokens
+    );
+    assert!(reason.max_new_tokens.mean > 190.0);
+    // Multi-turn prompts grow with the conversation.
+    assert!(multi.prompt_tokens.max > 2 * multi.prompt_tokens.min);
+}
