@@ -78,6 +78,11 @@ async fn start(dir: &Path, key: Keypair, config: NetworkConfig) -> TestNode {
     }
 }
 
+/// A node with a new identity in `parent/name`.
+async fn fresh(parent: &Path, name: impl AsRef<Path>, config: NetworkConfig) -> TestNode {
+    start(&parent.join(name), Keypair::generate_ed25519(), config).await
+}
+
 async fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !check() {
@@ -86,17 +91,33 @@ async fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bo
     }
 }
 
-async fn wait_connected(nodes: &[TestNode], at_least: usize) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    for n in nodes {
-        loop {
-            let peers = n.client.peers().await.unwrap();
-            if peers.iter().filter(|p| p.connected).count() >= at_least {
-                break;
-            }
-            assert!(Instant::now() < deadline, "nodes did not connect");
-            tokio::time::sleep(Duration::from_millis(50)).await;
+/// Polls `client.peers()` until `check` holds, failing with `what` after `timeout`.
+async fn until_peers(
+    client: &Client,
+    what: &str,
+    timeout: Duration,
+    check: impl Fn(&[net::PeerStatus]) -> bool,
+) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let peers = client.peers().await.unwrap();
+        if check(&peers) {
+            return;
         }
+        assert!(Instant::now() < deadline, "timed out: {what}: {peers:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn wait_connected(nodes: &[TestNode], at_least: usize) {
+    for n in nodes {
+        until_peers(
+            &n.client,
+            "nodes to connect",
+            Duration::from_secs(20),
+            |peers| peers.iter().filter(|p| p.connected).count() >= at_least,
+        )
+        .await;
     }
 }
 
@@ -108,21 +129,11 @@ fn has(store: &Store, origin: &PeerId, seq: u64) -> bool {
 async fn five_nodes_gossip_records_and_reject_forgeries() {
     let dir = tempfile::tempdir().unwrap();
     // Anti-entropy effectively off: only gossip can deliver in this test.
-    let first = start(
-        &dir.path().join("n0"),
-        Keypair::generate_ed25519(),
-        config(vec![], 3600),
-    )
-    .await;
+    let first = fresh(dir.path(), "n0", config(vec![], 3600)).await;
     let mut nodes = vec![first];
     for i in 1..5 {
         let boot = vec![nodes[0].addr.clone()];
-        let n = start(
-            &dir.path().join(format!("n{i}")),
-            Keypair::generate_ed25519(),
-            config(boot, 3600),
-        )
-        .await;
+        let n = fresh(dir.path(), format!("n{i}"), config(boot, 3600)).await;
         nodes.push(n);
     }
     wait_connected(&nodes, 1).await;
@@ -256,18 +267,13 @@ async fn five_nodes_gossip_records_and_reject_forgeries() {
     let gone = nodes.pop().unwrap();
     let gone_id = gone.peer_id();
     gone.stop().await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let peers = nodes[0].client.peers().await.unwrap();
-        if peers.iter().any(|p| p.peer == gone_id && !p.alive) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "a stopped peer still counts as alive"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until_peers(
+        &nodes[0].client,
+        "a stopped peer still counts as alive",
+        Duration::from_secs(20),
+        |peers| peers.iter().any(|p| p.peer == gone_id && !p.alive),
+    )
+    .await;
     for n in nodes {
         n.stop().await;
     }
@@ -276,12 +282,7 @@ async fn five_nodes_gossip_records_and_reject_forgeries() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_joiner_catches_up_on_ten_thousand_records() {
     let dir = tempfile::tempdir().unwrap();
-    let old = start(
-        &dir.path().join("old"),
-        Keypair::generate_ed25519(),
-        config(vec![], 3600),
-    )
-    .await;
+    let old = fresh(dir.path(), "old", config(vec![], 3600)).await;
     // 10 origins × 1,000 records made before the newcomer existed.
     let mut origins = Vec::new();
     for _ in 0..10 {
@@ -293,12 +294,7 @@ async fn a_late_joiner_catches_up_on_ten_thousand_records() {
         origins.push(k.public().to_peer_id());
     }
     let started = Instant::now();
-    let new = start(
-        &dir.path().join("new"),
-        Keypair::generate_ed25519(),
-        config(vec![old.addr.clone()], 3600),
-    )
-    .await;
+    let new = fresh(dir.path(), "new", config(vec![old.addr.clone()], 3600)).await;
     let store = new.store.clone();
     wait_until("the newcomer to catch up", Duration::from_secs(120), || {
         store.stats().map(|s| s.records).unwrap_or(0) == 10_000
@@ -318,12 +314,7 @@ async fn a_restarted_node_keeps_identity_and_records_and_catches_up() {
     let dir = tempfile::tempdir().unwrap();
     // Over QUIC this time.
     let quic = "/ip4/127.0.0.1/udp/0/quic-v1";
-    let hub = start(
-        &dir.path().join("hub"),
-        Keypair::generate_ed25519(),
-        config_on(quic, vec![], 2),
-    )
-    .await;
+    let hub = fresh(dir.path(), "hub", config_on(quic, vec![], 2)).await;
     let maker = Keypair::generate_ed25519();
     let origin = maker.public().to_peer_id();
     hub.store
@@ -395,28 +386,13 @@ async fn overlapping_gappy_replicas_converge_to_the_same_set() {
         seqs.map(|s| fixtures::signed(k, s, s).verify().unwrap())
             .collect()
     };
-    let a = start(
-        &dir.path().join("a"),
-        Keypair::generate_ed25519(),
-        config(vec![], 1),
-    )
-    .await;
+    let a = fresh(dir.path(), "a", config(vec![], 1)).await;
     a.store.put(slice(&x, 1..=30)).unwrap();
-    let b = start(
-        &dir.path().join("b"),
-        Keypair::generate_ed25519(),
-        config(vec![a.addr.clone()], 1),
-    )
-    .await;
+    let b = fresh(dir.path(), "b", config(vec![a.addr.clone()], 1)).await;
     b.store.put(slice(&x, 20..=50)).unwrap();
     b.store.put(slice(&y, 1..=10)).unwrap();
     // C only knows B: a line A - B - C.
-    let c = start(
-        &dir.path().join("c"),
-        Keypair::generate_ed25519(),
-        config(vec![b.addr.clone()], 1),
-    )
-    .await;
+    let c = fresh(dir.path(), "c", config(vec![b.addr.clone()], 1)).await;
     c.store.put(slice(&y, 5..=20)).unwrap();
     c.store.put(slice(&x, 40..=60)).unwrap();
 
@@ -450,9 +426,9 @@ async fn a_node_reached_only_through_a_relay_gets_records_and_a_direct_connectio
         .with_test_writer()
         .try_init();
     let dir = tempfile::tempdir().unwrap();
-    let relay = start(
-        &dir.path().join("relay"),
-        Keypair::generate_ed25519(),
+    let relay = fresh(
+        dir.path(),
+        "relay",
         NetworkConfig {
             relay_server: true,
             ..config(vec![], 3600)
@@ -471,9 +447,9 @@ async fn a_node_reached_only_through_a_relay_gets_records_and_a_direct_connectio
         .addr
         .clone()
         .with(libp2p::multiaddr::Protocol::P2pCircuit);
-    let a = start(
-        &dir.path().join("a"),
-        Keypair::generate_ed25519(),
+    let a = fresh(
+        dir.path(),
+        "a",
         NetworkConfig {
             listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap(), circuit.clone()],
             nat: true,
@@ -481,9 +457,9 @@ async fn a_node_reached_only_through_a_relay_gets_records_and_a_direct_connectio
         },
     )
     .await;
-    let b = start(
-        &dir.path().join("b"),
-        Keypair::generate_ed25519(),
+    let b = fresh(
+        dir.path(),
+        "b",
         NetworkConfig {
             nat: true,
             ..config(vec![], 3600)
@@ -508,18 +484,13 @@ async fn a_node_reached_only_through_a_relay_gets_records_and_a_direct_connectio
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     b.client.dial(via_relay).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let peers = b.client.peers().await.unwrap();
-        if peers.iter().any(|p| p.peer == a.peer_id() && p.connected) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "B could not reach A through the relay"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_peers(
+        &b.client,
+        "B could not reach A through the relay",
+        Duration::from_secs(30),
+        |peers| peers.iter().any(|p| p.peer == a.peer_id() && p.connected),
+    )
+    .await;
     // Anti-entropy over that connection delivers A's records to B.
     let maker = Keypair::generate_ed25519();
     let origin = maker.public().to_peer_id();
@@ -539,18 +510,13 @@ async fn a_node_reached_only_through_a_relay_gets_records_and_a_direct_connectio
     // The relayed connection is upgraded to a direct one (DCUtR's hole punch, or a direct dial
     // to the addresses learned over the relayed connection: on loopback both succeed; behind
     // real NATs only the hole punch can).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let peers = b.client.peers().await.unwrap();
-        if peers.iter().any(|p| p.peer == a.peer_id() && p.direct) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no direct connection after hole punching"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_peers(
+        &b.client,
+        "no direct connection after hole punching",
+        Duration::from_secs(30),
+        |peers| peers.iter().any(|p| p.peer == a.peer_id() && p.direct),
+    )
+    .await;
     for n in [a, b, relay] {
         n.stop().await;
     }
@@ -564,20 +530,10 @@ async fn autonat_confirms_a_reachable_node_as_public() {
         autonat_private_addresses: true,
         ..config(bootstrap, 3600)
     };
-    let a = start(
-        &dir.path().join("a"),
-        Keypair::generate_ed25519(),
-        nat(vec![]),
-    )
-    .await;
+    let a = fresh(dir.path(), "a", nat(vec![])).await;
     let mut servers = Vec::new();
     for i in 0..3 {
-        let n = start(
-            &dir.path().join(format!("s{i}")),
-            Keypair::generate_ed25519(),
-            nat(vec![a.addr.clone()]),
-        )
-        .await;
+        let n = fresh(dir.path(), format!("s{i}"), nat(vec![a.addr.clone()])).await;
         servers.push(n);
     }
     // Peers dial A back at the address they observed: A learns it is publicly reachable.
@@ -595,12 +551,7 @@ async fn autonat_confirms_a_reachable_node_as_public() {
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let off = start(
-        &dir.path().join("off"),
-        Keypair::generate_ed25519(),
-        config(vec![], 3600),
-    )
-    .await;
+    let off = fresh(dir.path(), "off", config(vec![], 3600)).await;
     assert_eq!(
         off.client.nat_status().await.unwrap(),
         net::NatStatus::Disabled
@@ -657,17 +608,15 @@ async fn mdns_child() {
         mdns: true,
         ..config(vec![], 3600)
     };
-    let a = start(&dir.path().join("a"), Keypair::generate_ed25519(), mdns()).await;
-    let b = start(&dir.path().join("b"), Keypair::generate_ed25519(), mdns()).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let peers = a.client.peers().await.unwrap();
-        if peers.iter().any(|p| p.peer == b.peer_id() && p.connected) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "mDNS did not find the peer");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let a = fresh(dir.path(), "a", mdns()).await;
+    let b = fresh(dir.path(), "b", mdns()).await;
+    until_peers(
+        &a.client,
+        "mDNS did not find the peer",
+        Duration::from_secs(30),
+        |peers| peers.iter().any(|p| p.peer == b.peer_id() && p.connected),
+    )
+    .await;
     a.stop().await;
     b.stop().await;
 }
