@@ -563,28 +563,68 @@ async fn autonat_confirms_a_reachable_node_as_public() {
 
 const NETNS_CHILD: &str = "METAINF_MDNS_NETNS_CHILD";
 
-/// mDNS runs inside a private network namespace whose only interfaces besides loopback are the
-/// two ends of a veth pair: nothing can leave the machine.
+/// Two "hosts": two private network namespaces joined by a veth pair, one node in each, each
+/// in its own process. Nothing can leave the machine.
 #[test]
-fn mdns_finds_peers_in_a_private_network_namespace() {
-    let script = "ip link set lo up && ip link add md0 type veth peer name md1 && \
-                  ip addr add 10.254.0.1/24 dev md0 && ip addr add 10.254.0.2/24 dev md1 && \
-                  ip link set md0 multicast on up && ip link set md1 multicast on up && \
-                  exec \"$0\" mdns_child --exact --ignored --nocapture";
+fn mdns_finds_a_peer_on_the_local_network() {
     if !is_root() {
-        eprintln!("skipped: creating a network namespace needs root (CI runs this as root)");
+        eprintln!("skipped: creating network namespaces needs root (CI runs this as root)");
         return;
     }
-    let status = std::process::Command::new("unshare")
-        .args(["--net", "--", "sh", "-c", script])
-        .arg(std::env::current_exe().unwrap())
-        .env(NETNS_CHILD, "1")
-        .status()
-        .expect("unshare (util-linux) runs");
-    assert!(
-        status.success(),
-        "mDNS discovery in the namespace failed: {status}"
+    let id = std::process::id();
+    let (ns_a, ns_b) = (format!("metainf-a-{id}"), format!("metainf-b-{id}"));
+    let ip = |args: &[&str]| {
+        let ok = std::process::Command::new("ip")
+            .args(args)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "ip {}", args.join(" "));
+    };
+    struct Cleanup(Vec<String>);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            for ns in &self.0 {
+                let _ = std::process::Command::new("ip")
+                    .args(["netns", "del", ns])
+                    .status();
+            }
+        }
+    }
+    let _cleanup = Cleanup(vec![ns_a.clone(), ns_b.clone()]);
+    ip(&["netns", "add", &ns_a]);
+    ip(&["netns", "add", &ns_b]);
+    let (va, vb) = (
+        format!("mva{}", id % 100_000),
+        format!("mvb{}", id % 100_000),
     );
+    ip(&[
+        "link", "add", &va, "netns", &ns_a, "type", "veth", "peer", "name", &vb, "netns", &ns_b,
+    ]);
+    for (ns, dev, addr) in [(&ns_a, &va, "10.254.0.1/24"), (&ns_b, &vb, "10.254.0.2/24")] {
+        ip(&["-n", ns, "link", "set", "lo", "up"]);
+        ip(&["-n", ns, "addr", "add", addr, "dev", dev]);
+        ip(&["-n", ns, "link", "set", dev, "multicast", "on", "up"]);
+    }
+    let exe = std::env::current_exe().unwrap();
+    let children: Vec<_> = [(&ns_a, "10.254.0.1"), (&ns_b, "10.254.0.2")]
+        .into_iter()
+        .map(|(ns, addr)| {
+            std::process::Command::new("ip")
+                .args(["netns", "exec", ns])
+                .arg(&exe)
+                .args(["mdns_child", "--exact", "--ignored", "--nocapture"])
+                .env(NETNS_CHILD, addr)
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for mut child in children {
+        let status = child.wait().unwrap();
+        assert!(
+            status.success(),
+            "a node did not find its peer by mDNS: {status}"
+        );
+    }
 }
 
 fn is_root() -> bool {
@@ -597,26 +637,35 @@ fn is_root() -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "run by mdns_finds_peers_in_a_private_network_namespace inside a namespace"]
+#[ignore = "run by mdns_finds_a_peer_on_the_local_network inside a network namespace"]
 async fn mdns_child() {
-    if std::env::var(NETNS_CHILD).is_err() {
+    let Ok(addr) = std::env::var(NETNS_CHILD) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let mdns = || NetworkConfig {
-        listen: vec!["/ip4/10.254.0.1/tcp/0".parse().unwrap()],
-        mdns: true,
-        ..config(vec![], 3600)
     };
-    let a = fresh(dir.path(), "a", mdns()).await;
-    let b = fresh(dir.path(), "b", mdns()).await;
-    until_peers(
-        &a.client,
-        "mDNS did not find the peer",
-        Duration::from_secs(30),
-        |peers| peers.iter().any(|p| p.peer == b.peer_id() && p.connected),
+    // `TEST_LOG=libp2p_mdns=trace` shows the queries and responses.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("TEST_LOG").unwrap_or_default())
+        .with_test_writer()
+        .try_init();
+    let dir = tempfile::tempdir().unwrap();
+    let node = fresh(
+        dir.path(),
+        "node",
+        NetworkConfig {
+            listen: vec![format!("/ip4/{addr}/tcp/0").parse().unwrap()],
+            mdns: true,
+            ..config(vec![], 3600)
+        },
     )
     .await;
-    a.stop().await;
-    b.stop().await;
+    until_peers(
+        &node.client,
+        "mDNS to find the other host",
+        Duration::from_secs(30),
+        |peers| peers.iter().any(|p| p.connected),
+    )
+    .await;
+    // Stay up a moment so the other host sees the connection too.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    node.stop().await;
 }
