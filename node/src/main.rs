@@ -181,30 +181,23 @@ fn run(config: &Config) -> Result<ExitCode> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        // Registered before the node starts (and logs that it runs): a signal that arrives
+        // at any point after this is a clean shutdown, never the default action.
+        let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+        let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
         let shutdown = CancellationToken::new();
-        let signal = shutdown.clone();
+        let trigger = shutdown.clone();
         tokio::spawn(async move {
-            wait_for_signal().await;
-            signal.cancel();
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
+            }
+            trigger.cancel();
         });
-        node.run(shutdown).await
+        node.run(shutdown).await.map_err(anyhow::Error::from)
     })?;
     Ok(ExitCode::SUCCESS)
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }
 
 fn tensor_command(command: TensorCommand, config: &Config) -> Result<ExitCode> {
