@@ -488,10 +488,22 @@ pub fn start(
         swarm.add_external_address(addr.clone());
     }
     for addr in &config.bootstrap {
-        if let Some(libp2p::multiaddr::Protocol::P2p(peer)) = addr.iter().last() {
-            swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
-        }
-        if let Err(e) = swarm.dial(addr.clone()) {
+        // From a fresh port: two nodes that bootstrap from each other and start together
+        // would otherwise collide in one TCP simultaneous open (see the mDNS dial).
+        let opts = match last_peer_id(addr) {
+            Some(peer) => {
+                swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                DialOpts::peer_id(peer)
+                    .addresses(vec![addr.clone()])
+                    .allocate_new_port()
+                    .build()
+            }
+            None => DialOpts::unknown_peer_id()
+                .address(addr.clone())
+                .allocate_new_port()
+                .build(),
+        };
+        if let Err(e) = swarm.dial(opts) {
             warn!(%addr, error = %e, "cannot dial bootstrap peer");
         }
     }
