@@ -979,12 +979,7 @@ impl EventLoop {
 
     fn send_heartbeat(&mut self) {
         let local = *self.swarm.local_peer_id();
-        let records_seq = self
-            .store
-            .origin_states()
-            .ok()
-            .and_then(|s| s.get(&local).map(|o| o.max))
-            .unwrap_or(0);
+        let records_seq = self.store.origin_state(&local).map_or(0, |s| s.max);
         let heartbeat = Heartbeat {
             peer: local,
             sent_at_ms: now_ms(),

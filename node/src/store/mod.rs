@@ -629,6 +629,16 @@ impl Store {
         Ok(out)
     }
 
+    /// The replication state of one origin (zero when none of its records is stored).
+    pub fn origin_state(&self, origin: &PeerId) -> Result<OriginState> {
+        Ok(self
+            .db()
+            .get_pinned_cf(self.cf(CF_ORIGINS), origin.to_bytes())?
+            .and_then(|v| keys::decode_origin_state(&v))
+            .map(|(contiguous, max)| OriginState { contiguous, max })
+            .unwrap_or_default())
+    }
+
     /// The version vector {origin → highest seq such that every seq up to it is stored}. A peer
     /// that has more of an origin's records sends what lies above; gaps are repaired too, since
     /// the vector never claims a seq it does not have.

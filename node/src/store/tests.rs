@@ -160,6 +160,18 @@ fn version_vector_counts_only_contiguous_seqs_and_pages_resume() {
         .unwrap();
     assert_eq!(store.version_vector().unwrap()[&origin], 2);
     assert_eq!(
+        store.origin_state(&origin).unwrap(),
+        OriginState {
+            contiguous: 2,
+            max: 6
+        }
+    );
+    let stranger = key(99).public().to_peer_id();
+    assert_eq!(
+        store.origin_state(&stranger).unwrap(),
+        OriginState::default()
+    );
+    assert_eq!(
         store.origin_states().unwrap()[&origin],
         OriginState {
             contiguous: 2,
