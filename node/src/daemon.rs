@@ -78,9 +78,9 @@ impl Node {
                 ..Default::default()
             };
             let hardware = metainf_profiler::probe(&probe)
-                .map_err(|e| NodeError::Network(format!("hardware probe failed: {e}")))?
+                .map_err(|e| NodeError::Hardware(e.to_string()))?
                 .id()
-                .map_err(|e| NodeError::Network(e.to_string()))?;
+                .map_err(|e| NodeError::Hardware(e.to_string()))?;
             let (client, event_loop) = net::start(
                 self.key.clone(),
                 self.store.clone(),

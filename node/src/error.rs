@@ -48,6 +48,9 @@ pub enum NodeError {
         /// Why.
         reason: String,
     },
+    /// The hardware could not be probed.
+    #[error("hardware probe: {0}")]
+    Hardware(String),
     /// The network could not start.
     #[error("network: {0}")]
     Network(String),

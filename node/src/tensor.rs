@@ -35,28 +35,17 @@ pub struct ImportReport {
 pub fn export(store: &Store, out: &mut dyn Write) -> Result<(u64, u64), ExportError> {
     let mut written = 0;
     let mut skipped = 0;
-    let mut failure: Option<std::io::Error> = None;
-    store
-        .for_each_record(|item| {
-            match item {
-                Ok(record) => {
-                    let res = serde_json::to_writer(&mut *out, &record)
-                        .map_err(std::io::Error::other)
-                        .and_then(|()| out.write_all(b"\n"));
-                    if let Err(e) = res {
-                        failure = Some(e);
-                        return Err(StoreError::Closed);
-                    }
-                    written += 1;
-                }
-                Err(_) => skipped += 1,
+    store.for_each_record(|item| -> Result<(), ExportError> {
+        match item {
+            Ok(record) => {
+                serde_json::to_writer(&mut *out, &record).map_err(std::io::Error::other)?;
+                out.write_all(b"\n")?;
+                written += 1;
             }
-            Ok(())
-        })
-        .or_else(|e| if failure.is_some() { Ok(()) } else { Err(e) })?;
-    if let Some(e) = failure {
-        return Err(ExportError::Io(e));
-    }
+            Err(_) => skipped += 1,
+        }
+        Ok(())
+    })?;
     out.flush()?;
     Ok((written, skipped))
 }

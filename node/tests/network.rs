@@ -370,7 +370,7 @@ async fn a_restarted_node_keeps_identity_and_records_and_catches_up() {
 fn record_ids(store: &Store) -> std::collections::BTreeSet<ContentId> {
     let mut ids = std::collections::BTreeSet::new();
     store
-        .for_each_record(|r| {
+        .for_each_record(|r| -> Result<(), metainf_node::store::StoreError> {
             ids.insert(r.unwrap().record.id().unwrap());
             Ok(())
         })

@@ -552,11 +552,12 @@ impl Store {
     }
 
     /// Calls `f` for every record in key order, without holding them all in memory. Entries
-    /// that fail to decode are passed as `Err` (and logged).
-    pub fn for_each_record(
+    /// that fail to decode are passed as `Err` (and logged). The first error `f` returns stops
+    /// the walk and is returned.
+    pub fn for_each_record<E: From<StoreError>>(
         &self,
-        mut f: impl FnMut(std::result::Result<SignedRecord, CorruptEntry>) -> Result<()>,
-    ) -> Result<()> {
+        mut f: impl FnMut(std::result::Result<SignedRecord, CorruptEntry>) -> Result<(), E>,
+    ) -> Result<(), E> {
         for item in self.prefix_iter(CF_RECORDS, &[]) {
             let (key, value) = item?;
             match SignedRecord::from_wire(&value) {

@@ -271,7 +271,7 @@ fn corrupt_values_are_reported_and_skipped() {
     assert_eq!((stats.records, stats.corrupt), (3, 1));
     let mut seen = (0, 0);
     store
-        .for_each_record(|r| {
+        .for_each_record(|r| -> Result<()> {
             match r {
                 Ok(_) => seen.0 += 1,
                 Err(_) => seen.1 += 1,
