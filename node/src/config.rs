@@ -48,6 +48,59 @@ pub struct Config {
     pub log: LogConfig,
     /// Networking.
     pub network: NetworkConfig,
+    /// The inference engine.
+    pub engine: EngineConfig,
+}
+
+/// The inference engine's settings.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineConfig {
+    /// GGUF models to serve and benchmark; empty = the default model in the cache
+    /// (`scripts/fetch-model.sh` puts it there).
+    pub models: Vec<PathBuf>,
+    /// CPU threads of the engine; unset = every logical CPU. Different thread counts are
+    /// different hardware in the tensor.
+    pub threads: Option<usize>,
+}
+
+/// File name of the default model (SmolLM2-135M-Instruct, Q4_1).
+pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+impl EngineConfig {
+    /// The configured models, or the default model's cached path when none is configured:
+    /// `$METAINF_MODEL`, else `$METAINF_CACHE/models/…`, else `~/.cache/metainf/models/…`.
+    pub fn model_paths(&self) -> Result<Vec<PathBuf>> {
+        let paths = if self.models.is_empty() {
+            let default = std::env::var_os("METAINF_MODEL")
+                .map(PathBuf::from)
+                .or_else(|| {
+                    std::env::var_os("METAINF_CACHE")
+                        .map(|c| PathBuf::from(c).join("models").join(DEFAULT_MODEL_FILE))
+                })
+                .or_else(|| {
+                    directories::BaseDirs::new().map(|d| {
+                        d.home_dir()
+                            .join(".cache/metainf/models")
+                            .join(DEFAULT_MODEL_FILE)
+                    })
+                })
+                .ok_or(NodeError::NoDataDir)?;
+            vec![default]
+        } else {
+            self.models.clone()
+        };
+        for p in &paths {
+            if !p.is_file() {
+                return Err(NodeError::Model(format!(
+                    "model file {} not found: pass --model PATH, or run scripts/fetch-model.sh \
+                     for the default model",
+                    p.display()
+                )));
+            }
+        }
+        Ok(paths)
+    }
 }
 
 /// Values given on the command line or in the environment; `None` leaves the file's value.
@@ -67,6 +120,10 @@ pub struct Overrides {
     pub no_nat: bool,
     /// `--price-per-hour`.
     pub price_per_hour: Option<f64>,
+    /// `--model` (replaces the configured list when given).
+    pub models: Vec<PathBuf>,
+    /// `--threads`.
+    pub threads: Option<usize>,
 }
 
 impl Config {
@@ -109,6 +166,12 @@ impl Config {
         }
         if let Some(price) = overrides.price_per_hour {
             config.network.price_per_hour = price;
+        }
+        if !overrides.models.is_empty() {
+            config.engine.models = overrides.models;
+        }
+        if let Some(threads) = overrides.threads {
+            config.engine.threads = Some(threads);
         }
         Ok(config)
     }
@@ -160,6 +223,7 @@ mod tests {
         assert_eq!(c.data_dir.as_deref(), Some(Path::new("/var/lib/metainf")));
         // The example documents the defaults.
         assert_eq!(c.network, crate::net::NetworkConfig::default());
+        assert_eq!(c.engine, EngineConfig::default());
     }
 
     #[test]

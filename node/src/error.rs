@@ -57,6 +57,12 @@ pub enum NodeError {
     /// No data directory was given and none could be derived.
     #[error("no data directory: pass --data-dir or set METAINF_DATA_DIR (no home directory found)")]
     NoDataDir,
+    /// A model is missing or cannot be loaded.
+    #[error("model: {0}")]
+    Model(String),
+    /// The engine or a benchmark failed.
+    #[error("engine: {0}")]
+    Engine(String),
 }
 
 impl NodeError {

@@ -5,6 +5,7 @@
 //! every part can be driven by tests. Scheduling logic lives in `metainf-scheduler`, model math
 //! in `metainf-profiler`, wire types in `metainf-protocol`.
 
+pub mod bench;
 pub mod config;
 pub mod daemon;
 pub mod error;

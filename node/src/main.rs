@@ -68,6 +68,15 @@ struct Cli {
     )]
     price_per_hour: Option<f64>,
 
+    /// GGUF model to serve and benchmark (repeatable; replaces the configured list)
+    /// [default: the default model in ~/.cache/metainf/models].
+    #[arg(long = "model", global = true, env = "METAINF_MODELS", value_name = "PATH", value_delimiter = ',')]
+    models: Vec<PathBuf>,
+
+    /// CPU threads of the engine and of the hardware measurements [default: every logical CPU].
+    #[arg(long, global = true, env = "METAINF_THREADS", value_name = "N")]
+    threads: Option<usize>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -82,10 +91,44 @@ enum Command {
     Config,
     /// Probe this machine's hardware (the GPU through NVML, else the CPU) and measure it.
     Profile {
-        /// Threads the engine may use on the CPU [default: every logical CPU].
-        #[arg(long, value_name = "N")]
-        threads: Option<usize>,
         /// Print JSON instead of a summary.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Generate a reply to one prompt on this machine with the first configured model (greedy
+    /// unless --temperature is given) and print it with its timings.
+    Generate {
+        /// The user message (the model's chat template is applied).
+        prompt: String,
+        /// Most tokens to generate.
+        #[arg(long, default_value_t = 128)]
+        max_tokens: u32,
+        /// Sampling temperature; 0 is greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        /// Nucleus mass for sampling.
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        /// Sampling seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Benchmark the engine's acceleration methods on workload presets; every run becomes a
+    /// signed performance record in the store (stop the node first: the store is its).
+    Bench {
+        /// Small workloads, every method and preset in under two minutes (the default).
+        #[arg(long, conflicts_with = "full")]
+        quick: bool,
+        /// The presets at their natural sizes (much longer on a CPU).
+        #[arg(long)]
+        full: bool,
+        /// Workload presets [default: all]: chat, multi-turn, few-shot, summarise, reasoning.
+        #[arg(long, value_delimiter = ',', value_name = "PRESET")]
+        workloads: Vec<metainf_profiler::workload::Preset>,
+        /// Methods [default: the eight]: none, cb, pc, cp or flags joined by '+', e.g. cb+pc.
+        #[arg(long, value_delimiter = ',', value_name = "METHOD")]
+        methods: Vec<metainf_protocol::MethodConfig>,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -136,6 +179,8 @@ fn main() -> ExitCode {
             no_mdns: cli.no_mdns,
             no_nat: cli.no_nat,
             price_per_hour: cli.price_per_hour,
+            models: cli.models.clone(),
+            threads: cli.threads,
         },
     ) {
         Ok(c) => c,
@@ -170,7 +215,21 @@ fn dispatch(command: Command, config: &Config) -> Result<ExitCode> {
         }
         Command::Tensor { command } => tensor_command(command, config),
         Command::Peers { json } => peers_command(json, config),
-        Command::Profile { threads, json } => profile_command(threads, json),
+        Command::Profile { json } => profile_command(config.engine.threads, json),
+        Command::Generate {
+            prompt,
+            max_tokens,
+            temperature,
+            top_p,
+            seed,
+        } => generate_command(config, &prompt, max_tokens, temperature, top_p, seed),
+        Command::Bench {
+            quick: _,
+            full,
+            workloads,
+            methods,
+            json,
+        } => bench_command(config, full, workloads, methods, json),
     }
 }
 
@@ -409,5 +468,141 @@ fn profile_command(threads: Option<usize>, json: bool) -> Result<ExitCode> {
     if let Some(d) = &profile.driver {
         writeln!(out, "  driver/kernel   {d}")?;
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bench_command(
+    config: &Config,
+    full: bool,
+    workloads: Vec<metainf_profiler::workload::Preset>,
+    methods: Vec<metainf_protocol::MethodConfig>,
+    json: bool,
+) -> Result<ExitCode> {
+    use metainf_node::bench::{BenchEvent, bench};
+    use metainf_profiler::bench::{Plan, Size};
+    use metainf_profiler::engine::MethodSettings;
+
+    let mut plan = Plan::standard(if full { Size::Full } else { Size::Quick });
+    if !workloads.is_empty() {
+        plan.workloads = workloads;
+    }
+    if !methods.is_empty() {
+        plan.methods = methods
+            .iter()
+            .map(MethodSettings::from_method)
+            .collect::<Result<_, _>>()?;
+    }
+    let node = Node::open(config)?;
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {msg} [{bar:30}] {pos}/{len} requests, {elapsed}",
+        )
+        .map_err(|e| anyhow::anyhow!("progress bar template: {e}"))?
+        .progress_chars("=> "),
+    );
+    let runs = plan.runs();
+    let mut finished_runs = 0;
+    let stored = bench(&node, &config.engine, &plan, &mut |event| match event {
+        BenchEvent::Hardware(h) => {
+            bar.println(format!("hardware: {} ({} compute units)", h.spec.name, h.spec.compute_units));
+        }
+        BenchEvent::Model { model, requests } => {
+            bar.println(format!("model: {} ({}, {:.0}M parameters)", model.name, model.quantization, model.parameters as f64 / 1e6));
+            bar.set_length(requests as u64);
+            bar.set_position(0);
+        }
+        BenchEvent::Progress(n) => bar.set_position(n as u64),
+        BenchEvent::Run(run, _) => {
+            finished_runs += 1;
+            bar.set_message(format!("run {finished_runs}/{runs}: {} {}", run.preset, run.method.short_name()));
+        }
+    })?;
+    bar.finish_and_clear();
+    node.store().flush()?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        let rows: Vec<_> = stored
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "model": s.model.name,
+                    "workload": s.run.preset.name(),
+                    "method": s.run.method.short_name(),
+                    "record_id": s.record.to_string(),
+                    "prefix_cache_hits": s.run.prefix_hits,
+                    "metrics": s.run.metrics,
+                })
+            })
+            .collect();
+        serde_json::to_writer_pretty(&mut out, &rows)?;
+        writeln!(out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    writeln!(
+        out,
+        "{:<11} {:<9} {:>8} {:>9} {:>9} {:>8} {:>8} {:>7} {:>8}",
+        "workload", "method", "tok/s", "TTFT p50", "TTFT p95", "ITL p50", "ITL p95", "wall s", "KV MiB"
+    )?;
+    for s in &stored {
+        let m = &s.run.metrics;
+        writeln!(
+            out,
+            "{:<11} {:<9} {:>8.1} {:>9.0} {:>9.0} {:>8.1} {:>8.1} {:>7.2} {:>8.1}",
+            s.run.preset.name(),
+            s.run.method.short_name(),
+            m.throughput_tok_s,
+            m.ttft_ms.p50,
+            m.ttft_ms.p95,
+            m.itl_ms.p50,
+            m.itl_ms.p95,
+            m.wall_time_s,
+            m.peak_kv_bytes as f64 / f64::from(1u32 << 20)
+        )?;
+    }
+    writeln!(out, "{} signed records stored in {}", stored.len(), node.store().path().display())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn generate_command(
+    config: &Config,
+    prompt: &str,
+    max_tokens: u32,
+    temperature: f32,
+    top_p: f32,
+    seed: u64,
+) -> Result<ExitCode> {
+    use metainf_profiler::engine::{Engine, EngineOptions, MethodSettings, Request, Sampling};
+    let paths = config.engine.model_paths()?;
+    let path = paths.first().context("no model configured")?;
+    let started = std::time::Instant::now();
+    let engine = Engine::load(path, EngineOptions { threads: config.engine.threads })?;
+    let load_s = started.elapsed().as_secs_f64();
+    let tok = engine.model().tokenizer();
+    let text = metainf_profiler::tokenizer::chat_template(&[metainf_protocol::ChatMessage {
+        role: "user".into(),
+        content: prompt.into(),
+    }]);
+    let request = Request {
+        prompt: tok.encode(&text)?,
+        max_tokens,
+        stop: tok.stop_ids().to_vec(),
+        sampling: Sampling { temperature, top_p, seed },
+        arrival_s: 0.0,
+    };
+    let report = engine.run(std::slice::from_ref(&request), &MethodSettings::default())?;
+    let c = report.completions.first().context("no completion")?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", tok.decode(&c.tokens)?)?;
+    let decode_s = c.token_times_s.last().zip(c.token_times_s.first()).map_or(0.0, |(l, f)| l - f);
+    eprintln!(
+        "{} prompt + {} generated tokens; load {:.2} s, first token {:.0} ms, decode {:.1} tokens/s on {} threads",
+        request.prompt.len(),
+        c.tokens.len(),
+        load_s,
+        c.ttft_s().unwrap_or(0.0) * 1000.0,
+        if decode_s > 0.0 { (c.tokens.len() - 1) as f64 / decode_s } else { 0.0 },
+        engine.threads()
+    );
     Ok(ExitCode::SUCCESS)
 }

@@ -7,6 +7,8 @@
 //! It owns no networking and no storage: records leave this crate as values, and the node
 //! signs, stores and gossips them.
 
+pub mod bench;
+pub mod engine;
 pub mod error;
 pub mod hardware;
 pub mod model;

@@ -1,0 +1,493 @@
+//! The Llama forward pass over a packed batch of tokens from many sequences.
+//!
+//! Weights are held as Q8_0 blocks and multiplied with candle's quantized dot-product kernels
+//! (`BlockQ8_0::vec_dot`, which picks its AVX2/FMA path at run time). The engine owns the loop
+//! around them: the matmul is tiled over output columns and spread over the engine's own thread
+//! pool, and attention reads each sequence's keys and values from its paged KV blocks.
+//!
+//! Every output element is computed from its own row alone (one activation row quantized on
+//! its own, one dot product per weight row, attention over positions in a fixed order), so a
+//! token's result does not depend on which other tokens share its batch, how its prompt was
+//! chunked, or whether its prefix came from the cache: methods change speed, never results.
+
+use std::fs::File;
+use std::path::Path;
+
+use candle_core::Device;
+use candle_core::quantized::gguf_file;
+use candle_core::quantized::k_quants::{BlockQ8_0, GgmlType};
+use rayon::prelude::*;
+
+use super::kv::KvPool;
+use crate::error::{ProfilerError, Result};
+use crate::tokenizer::ModelTokenizer;
+
+const QK: usize = 32;
+
+/// Shape of a Llama model, read from its GGUF metadata.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LlamaConfig {
+    /// Hidden size.
+    pub hidden: usize,
+    /// Transformer blocks.
+    pub layers: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (grouped-query attention when fewer than `heads`).
+    pub kv_heads: usize,
+    /// Size of one head.
+    pub head_dim: usize,
+    /// Feed-forward size.
+    pub ffn: usize,
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// RMSNorm epsilon.
+    pub rms_eps: f32,
+    /// RoPE base frequency.
+    pub rope_theta: f32,
+    /// Longest context the model was trained for.
+    pub context_length: usize,
+}
+
+impl LlamaConfig {
+    /// Bytes of KV cache one token takes (f32 keys and values, every layer).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        2 * self.layers * self.kv_heads * self.head_dim * std::mem::size_of::<f32>()
+    }
+}
+
+/// A weight matrix of `rows` output features × `cols` inputs, each row as Q8_0 blocks.
+pub(crate) struct QMatrix {
+    rows: usize,
+    cols: usize,
+    blocks: Vec<BlockQ8_0>,
+}
+
+impl QMatrix {
+    fn from_f32(rows: usize, cols: usize, values: &[f32]) -> Result<Self> {
+        if !cols.is_multiple_of(QK) || values.len() != rows * cols {
+            return Err(ProfilerError::Model(format!(
+                "a {rows}x{cols} matrix cannot be held as Q8_0 blocks of {QK}"
+            )));
+        }
+        let mut blocks = vec![BlockQ8_0::zeros(); rows * cols / QK];
+        BlockQ8_0::from_float(values, &mut blocks);
+        Ok(Self { rows, cols, blocks })
+    }
+
+    fn row(&self, r: usize) -> &[BlockQ8_0] {
+        let kb = self.cols / QK;
+        &self.blocks[r * kb..(r + 1) * kb]
+    }
+
+    /// Dequantizes row `r` into `out` (the embedding lookup).
+    fn row_f32(&self, r: usize, out: &mut [f32]) {
+        BlockQ8_0::to_float(self.row(r), out);
+    }
+
+    /// `out[t × rows] = x[t × cols] · selfᵀ`, in the current rayon pool.
+    fn matmul(&self, x: &[f32], t: usize, out: &mut Vec<f32>) {
+        const COL_TILE: usize = 16;
+        const ROW_TILE: usize = 16;
+        let (n, k, kb) = (self.rows, self.cols, self.cols / QK);
+        let mut xq = vec![BlockQ8_0::zeros(); t * kb];
+        xq.par_chunks_mut(kb)
+            .zip(x.par_chunks(k))
+            .for_each(|(q, row)| BlockQ8_0::from_float(row, q));
+        // Column-major result so each task writes one contiguous slice: a tile of weight rows
+        // stays in L1 while every activation row passes over it.
+        let mut out_t = vec![0f32; n * t];
+        out_t
+            .par_chunks_mut(COL_TILE * t)
+            .enumerate()
+            .for_each(|(tile, chunk)| {
+                let c0 = tile * COL_TILE;
+                let cols = chunk.len() / t;
+                for r0 in (0..t).step_by(ROW_TILE) {
+                    for c in 0..cols {
+                        let w = self.row(c0 + c);
+                        for r in r0..(r0 + ROW_TILE).min(t) {
+                            chunk[c * t + r] =
+                                BlockQ8_0::vec_dot(k, w, &xq[r * kb..(r + 1) * kb]);
+                        }
+                    }
+                }
+            });
+        out.clear();
+        out.resize(t * n, 0.0);
+        if t == 1 {
+            out.copy_from_slice(&out_t);
+        } else {
+            for (c, col) in out_t.chunks(t).enumerate() {
+                for (r, v) in col.iter().enumerate() {
+                    out[r * n + c] = *v;
+                }
+            }
+        }
+    }
+}
+
+struct Layer {
+    attn_norm: Vec<f32>,
+    /// Q, K and V stacked: one matmul instead of three.
+    wqkv: QMatrix,
+    wo: QMatrix,
+    ffn_norm: Vec<f32>,
+    /// Gate and up stacked.
+    w_gate_up: QMatrix,
+    w_down: QMatrix,
+}
+
+/// A loaded Llama model: weights, tokenizer and RoPE tables.
+pub struct LlamaModel {
+    /// The model's shape.
+    pub config: LlamaConfig,
+    tokenizer: ModelTokenizer,
+    embed: QMatrix,
+    /// `None`: the output head is tied to the embedding.
+    output: Option<QMatrix>,
+    norm: Vec<f32>,
+    layers: Vec<Layer>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl std::fmt::Debug for LlamaModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LlamaModel")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One token of a step: which sequence (index into the step's block tables), its position,
+/// and whether its logits are wanted.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct StepToken {
+    pub(crate) token: u32,
+    pub(crate) pos: usize,
+    pub(crate) seq: usize,
+    pub(crate) logits: bool,
+}
+
+impl LlamaModel {
+    /// Loads a Llama-architecture GGUF. Weights are requantized to Q8_0 on load (see
+    /// BENCHMARKS.md: candle's Q4_1 dot product has no SIMD path, its Q8_0 one has AVX2).
+    pub fn load(path: &Path) -> Result<Self> {
+        let mut file = File::open(path)
+            .map_err(|e| ProfilerError::Model(format!("cannot open {}: {e}", path.display())))?;
+        let content = gguf_file::Content::read(&mut file).map_err(|e| {
+            ProfilerError::Model(format!("{} is not a GGUF model: {e}", path.display()))
+        })?;
+        let md = &content.metadata;
+        let arch = md
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok().cloned())
+            .unwrap_or_default();
+        if arch != "llama" {
+            return Err(ProfilerError::Model(format!(
+                "architecture {arch:?} is not supported (Llama-architecture GGUFs only)"
+            )));
+        }
+        let int = |key: &str| -> Result<usize> {
+            md.get(key)
+                .and_then(|v| v.to_u32().ok())
+                .map(|v| v as usize)
+                .ok_or_else(|| ProfilerError::Model(format!("GGUF metadata lacks {key}")))
+        };
+        let float = |key: &str, default: f32| md.get(key).and_then(|v| v.to_f32().ok()).unwrap_or(default);
+        let hidden = int("llama.embedding_length")?;
+        let heads = int("llama.attention.head_count")?;
+        let kv_heads = int("llama.attention.head_count_kv").unwrap_or(heads);
+        if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) || !hidden.is_multiple_of(heads) {
+            return Err(ProfilerError::Model(format!(
+                "unsupported head layout: {heads} heads, {kv_heads} kv heads, hidden {hidden}"
+            )));
+        }
+        let head_dim = hidden / heads;
+        if !head_dim.is_multiple_of(2) {
+            return Err(ProfilerError::Model(format!("odd head size {head_dim}")));
+        }
+        let tokenizer = ModelTokenizer::from_gguf(&content)?;
+        let mut read = |name: &str| -> Result<(Vec<usize>, Vec<f32>)> {
+            let q = content
+                .tensor(&mut file, name, &Device::Cpu)
+                .map_err(|e| ProfilerError::Model(format!("tensor {name}: {e}")))?;
+            let dims = q.shape().dims().to_vec();
+            let values = q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+            Ok((dims, values))
+        };
+        let mut matrix = |names: &[&str]| -> Result<QMatrix> {
+            let mut rows = 0;
+            let mut cols = 0;
+            let mut values = Vec::new();
+            for name in names {
+                let (dims, v) = read(name)?;
+                let (r, c) = match dims.as_slice() {
+                    [r, c] => (*r, *c),
+                    other => {
+                        return Err(ProfilerError::Model(format!(
+                            "tensor {name} has shape {other:?}, expected a matrix"
+                        )));
+                    }
+                };
+                if cols != 0 && c != cols {
+                    return Err(ProfilerError::Model(format!("tensor {name}: {c} columns, expected {cols}")));
+                }
+                cols = c;
+                rows += r;
+                values.extend_from_slice(&v);
+            }
+            QMatrix::from_f32(rows, cols, &values)
+        };
+        let embed = matrix(&["token_embd.weight"])?;
+        let vocab = embed.rows;
+        let output = if content.tensor_infos.contains_key("output.weight") {
+            Some(matrix(&["output.weight"])?)
+        } else {
+            None
+        };
+        let layers_n = int("llama.block_count")?;
+        let mut layers = Vec::with_capacity(layers_n);
+        for i in 0..layers_n {
+            let p = |s: &str| format!("blk.{i}.{s}.weight");
+            let wqkv = matrix(&[&p("attn_q"), &p("attn_k"), &p("attn_v")])?;
+            let wo = matrix(&[&p("attn_output")])?;
+            let w_gate_up = matrix(&[&p("ffn_gate"), &p("ffn_up")])?;
+            let w_down = matrix(&[&p("ffn_down")])?;
+            layers.push(Layer {
+                attn_norm: Vec::new(),
+                wqkv,
+                wo,
+                ffn_norm: Vec::new(),
+                w_gate_up,
+                w_down,
+            });
+        }
+        let mut vector = |name: &str| -> Result<Vec<f32>> {
+            let (_, v) = read(name)?;
+            if v.len() != hidden {
+                return Err(ProfilerError::Model(format!("tensor {name} has {} values, expected {hidden}", v.len())));
+            }
+            Ok(v)
+        };
+        for (i, layer) in layers.iter_mut().enumerate() {
+            layer.attn_norm = vector(&format!("blk.{i}.attn_norm.weight"))?;
+            layer.ffn_norm = vector(&format!("blk.{i}.ffn_norm.weight"))?;
+        }
+        let norm = vector("output_norm.weight")?;
+        let ffn = layers.first().map_or(0, |l| l.w_down.cols);
+        let config = LlamaConfig {
+            hidden,
+            layers: layers_n,
+            heads,
+            kv_heads,
+            head_dim,
+            ffn,
+            vocab,
+            rms_eps: float("llama.attention.layer_norm_rms_epsilon", 1e-5),
+            rope_theta: float("llama.rope.freq_base", 10_000.0),
+            context_length: int("llama.context_length").unwrap_or(4096),
+        };
+        for layer in &layers {
+            let qkv = (heads + 2 * kv_heads) * head_dim;
+            if layer.wqkv.rows != qkv
+                || layer.wqkv.cols != hidden
+                || layer.wo.rows != hidden
+                || layer.w_gate_up.rows != 2 * ffn
+                || layer.w_down.rows != hidden
+            {
+                return Err(ProfilerError::Model("layer shapes disagree with the metadata".into()));
+            }
+        }
+        if let Some(out) = &output
+            && out.cols != hidden
+        {
+            return Err(ProfilerError::Model("output head shape disagrees with the metadata".into()));
+        }
+        // RoPE tables, interleaved pairs (GGUF's Llama layout).
+        let half = head_dim / 2;
+        let positions = config.context_length.max(1);
+        let mut cos = Vec::with_capacity(positions * half);
+        let mut sin = Vec::with_capacity(positions * half);
+        for p in 0..positions {
+            for i in 0..half {
+                let freq = 1.0 / config.rope_theta.powf(2.0 * i as f32 / head_dim as f32);
+                let angle = p as f32 * freq;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Ok(Self {
+            config,
+            tokenizer,
+            embed,
+            output,
+            norm,
+            layers,
+            cos,
+            sin,
+        })
+    }
+
+    /// The model's tokenizer.
+    pub fn tokenizer(&self) -> &ModelTokenizer {
+        &self.tokenizer
+    }
+
+    /// Bytes the weights take in memory.
+    pub fn weight_bytes(&self) -> usize {
+        let m = |q: &QMatrix| q.blocks.len() * std::mem::size_of::<BlockQ8_0>();
+        m(&self.embed)
+            + self.output.as_ref().map_or(0, m)
+            + self
+                .layers
+                .iter()
+                .map(|l| m(&l.wqkv) + m(&l.wo) + m(&l.w_gate_up) + m(&l.w_down))
+                .sum::<usize>()
+    }
+
+    fn rope(&self, x: &mut [f32], pos: usize) {
+        let half = self.config.head_dim / 2;
+        let (cos, sin) = (&self.cos[pos * half..(pos + 1) * half], &self.sin[pos * half..(pos + 1) * half]);
+        for head in x.chunks_mut(self.config.head_dim) {
+            for i in 0..half {
+                let (a, b) = (head[2 * i], head[2 * i + 1]);
+                head[2 * i] = a * cos[i] - b * sin[i];
+                head[2 * i + 1] = a * sin[i] + b * cos[i];
+            }
+        }
+    }
+
+    /// Runs one step over `tokens` (in the current rayon pool). `tables[seq]` holds the KV
+    /// blocks of each sequence; the tokens' keys and values are written there, and attention
+    /// reads positions `0..=pos`. Returns the logits of the tokens that asked for them, in
+    /// order.
+    pub(crate) fn forward(&self, tokens: &[StepToken], tables: &[&[u32]], kv: &mut KvPool) -> Result<Vec<Vec<f32>>> {
+        let c = &self.config;
+        let (h, d) = (c.hidden, c.head_dim);
+        let t = tokens.len();
+        for tok in tokens {
+            if tok.token as usize >= c.vocab {
+                return Err(ProfilerError::Model(format!("token id {} is outside the vocabulary", tok.token)));
+            }
+            if tok.pos >= c.context_length {
+                return Err(ProfilerError::Model(format!(
+                    "position {} is beyond the model's context of {} tokens",
+                    tok.pos, c.context_length
+                )));
+            }
+        }
+        let mut x = vec![0f32; t * h];
+        x.par_chunks_mut(h)
+            .zip(tokens.par_iter())
+            .for_each(|(row, tok)| self.embed.row_f32(tok.token as usize, row));
+        let q_dim = c.heads * d;
+        let kv_dim = c.kv_heads * d;
+        let qkv_dim = q_dim + 2 * kv_dim;
+        let group = c.heads / c.kv_heads;
+        let scale = 1.0 / (d as f32).sqrt();
+        let block_size = kv.block_size();
+        let mut normed = vec![0f32; t * h];
+        let mut qkv = Vec::new();
+        let mut attn = vec![0f32; t * q_dim];
+        let mut proj = Vec::new();
+        let mut gate_up = Vec::new();
+        let mut act = vec![0f32; t * c.ffn];
+        for (l, layer) in self.layers.iter().enumerate() {
+            rms_norm(&x, &layer.attn_norm, c.rms_eps, &mut normed);
+            layer.wqkv.matmul(&normed, t, &mut qkv);
+            qkv.par_chunks_mut(qkv_dim)
+                .zip(tokens.par_iter())
+                .for_each(|(row, tok)| {
+                    let (q, rest) = row.split_at_mut(q_dim);
+                    self.rope(q, tok.pos);
+                    self.rope(&mut rest[..kv_dim], tok.pos);
+                });
+            for (row, tok) in qkv.chunks(qkv_dim).zip(tokens) {
+                let block = tables[tok.seq][tok.pos / block_size];
+                kv.write(l, block, tok.pos % block_size, &row[q_dim..q_dim + kv_dim], &row[q_dim + kv_dim..]);
+            }
+            let kv_ref = &*kv;
+            attn.par_chunks_mut(q_dim)
+                .zip(qkv.par_chunks(qkv_dim))
+                .zip(tokens.par_iter())
+                .for_each(|((out, row), tok)| {
+                    let table = tables[tok.seq];
+                    let mut scores = vec![0f32; tok.pos + 1];
+                    for head in 0..c.heads {
+                        let g = head / group;
+                        let q = &row[head * d..(head + 1) * d];
+                        let mut max = f32::NEG_INFINITY;
+                        for (p, s) in scores.iter_mut().enumerate() {
+                            let k = kv_ref.key(l, table[p / block_size], g, p % block_size);
+                            let dot: f32 = q.iter().zip(k).map(|(a, b)| a * b).sum();
+                            *s = dot * scale;
+                            max = max.max(*s);
+                        }
+                        let mut sum = 0f32;
+                        for s in scores.iter_mut() {
+                            *s = (*s - max).exp();
+                            sum += *s;
+                        }
+                        let o = &mut out[head * d..(head + 1) * d];
+                        o.fill(0.0);
+                        for (p, s) in scores.iter().enumerate() {
+                            let v = kv_ref.value(l, table[p / block_size], g, p % block_size);
+                            let w = s / sum;
+                            for (oi, vi) in o.iter_mut().zip(v) {
+                                *oi += w * vi;
+                            }
+                        }
+                    }
+                });
+            layer.wo.matmul(&attn, t, &mut proj);
+            add_in_place(&mut x, &proj);
+            rms_norm(&x, &layer.ffn_norm, c.rms_eps, &mut normed);
+            layer.w_gate_up.matmul(&normed, t, &mut gate_up);
+            act.par_chunks_mut(c.ffn)
+                .zip(gate_up.par_chunks(2 * c.ffn))
+                .for_each(|(a, gu)| {
+                    let (g, u) = gu.split_at(c.ffn);
+                    for ((a, g), u) in a.iter_mut().zip(g).zip(u) {
+                        *a = g / (1.0 + (-g).exp()) * u;
+                    }
+                });
+            layer.w_down.matmul(&act, t, &mut proj);
+            add_in_place(&mut x, &proj);
+        }
+        let wanted: Vec<usize> = tokens.iter().enumerate().filter(|(_, t)| t.logits).map(|(i, _)| i).collect();
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut last = Vec::with_capacity(wanted.len() * h);
+        for &i in &wanted {
+            last.extend_from_slice(&x[i * h..(i + 1) * h]);
+        }
+        let mut last_normed = vec![0f32; last.len()];
+        rms_norm(&last, &self.norm, c.rms_eps, &mut last_normed);
+        let mut logits = Vec::new();
+        self.output
+            .as_ref()
+            .unwrap_or(&self.embed)
+            .matmul(&last_normed, wanted.len(), &mut logits);
+        Ok(logits.chunks(c.vocab).map(<[f32]>::to_vec).collect())
+    }
+}
+
+fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let h = weight.len();
+    out.par_chunks_mut(h).zip(x.par_chunks(h)).for_each(|(o, row)| {
+        let mean = row.iter().map(|v| v * v).sum::<f32>() / h as f32;
+        let inv = 1.0 / (mean + eps).sqrt();
+        for ((o, v), w) in o.iter_mut().zip(row).zip(weight) {
+            *o = v * inv * w;
+        }
+    });
+}
+
+fn add_in_place(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
