@@ -10,16 +10,6 @@ export METAINF_CACHE
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$METAINF_CACHE/target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
-# CPU target. candle's quantized kernels pick their SIMD paths at compile time
-# (`cfg(target_feature = "avx")`, not runtime detection), so a baseline x86-64 build decodes ~3x
-# slower. When this machine has AVX2 and FMA we build for x86-64-v3 (every x86 server CPU since
-# 2013-2015); the binary then runs on this machine and in the testnet's containers, which run
-# on it. METAINF_PORTABLE=1 builds for baseline x86-64 instead (a binary to copy elsewhere).
-if [ -z "${RUSTFLAGS:-}" ] && [ "${METAINF_PORTABLE:-0}" != 1 ] && [ "$(uname -m)" = x86_64 ] \
-  && grep -qw avx2 /proc/cpuinfo 2>/dev/null && grep -qw fma /proc/cpuinfo 2>/dev/null; then
-  export RUSTFLAGS="-C target-cpu=x86-64-v3"
-fi
-
 _root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 _rocksdb_version="$(awk '/^name = "librocksdb-sys"$/ { getline; sub(/^version = "/, ""); sub(/"$/, ""); print; exit }' "$_root/Cargo.lock")"
 ROCKSDB_CACHE="$METAINF_CACHE/rocksdb/${_rocksdb_version:-unknown}-lz4"

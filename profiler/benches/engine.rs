@@ -38,6 +38,14 @@ fn request(engine: &Engine, prompt_tokens: usize, generate: u32, salt: usize) ->
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let reps = if quick { 1 } else { 3 };
+    if std::env::args().any(|a| a == "--decode-only") {
+        // For profiling the decode path alone.
+        let engine = Engine::load(&model_path(), EngineOptions { threads: Some(1) }).unwrap();
+        let r = engine.run(&[request(&engine, 16, 256, 0)], &MethodSettings::default()).unwrap();
+        let t = &r.completions[0].token_times_s;
+        println!("decode {:.1} tok/s", (t.len() - 1) as f64 / (t[t.len() - 1] - t[0]));
+        return;
+    }
     for threads in [1usize, 2] {
         let engine = Engine::load(&model_path(), EngineOptions { threads: Some(threads) }).unwrap();
         let cb = MethodSettings {

@@ -65,16 +65,27 @@ pub fn workload_for(preset: Preset, size: Size, seed: u64) -> Workload {
             generate(preset, n, arrival, seed)
         }
         Size::Quick => {
-            let (n, cap, arrival) = match preset {
-                Preset::Chat => (8, 24, Arrival::AllAtOnce),
-                Preset::MultiTurn => (8, 12, Arrival::AllAtOnce),
-                Preset::FewShot => (8, 8, Arrival::AllAtOnce),
-                Preset::Summarise => (3, 12, Arrival::AllAtOnce),
-                Preset::Reasoning => (4, 32, Arrival::AllAtOnce),
+            // (requests, output cap, prompt cap in characters): the presets' shapes (shared
+            // prefixes, long versus short prompts and outputs) at a fraction of their size.
+            let (n, cap, chars) = match preset {
+                Preset::Chat => (6, 16, usize::MAX),
+                Preset::MultiTurn => (8, 8, usize::MAX),
+                Preset::FewShot => (6, 6, usize::MAX),
+                Preset::Summarise => (3, 8, 1500),
+                Preset::Reasoning => (3, 32, usize::MAX),
             };
-            let mut w = generate(preset, n, arrival, seed);
+            let mut w = generate(preset, n, Arrival::AllAtOnce, seed);
             for r in &mut w.requests {
                 r.max_new_tokens = r.max_new_tokens.min(cap);
+                for m in &mut r.messages {
+                    if m.content.len() > chars {
+                        let mut end = chars;
+                        while !m.content.is_char_boundary(end) {
+                            end -= 1;
+                        }
+                        m.content.truncate(end);
+                    }
+                }
             }
             w
         }

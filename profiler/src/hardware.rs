@@ -8,14 +8,12 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{Device, Module, Tensor};
 use metainf_protocol::{
     CpuSpec, DeviceKind, GpuSpec, HardwareMeasurements, HardwareProfile, HardwareSpec,
 };
 use tracing::info;
 
-use crate::error::{ProfilerError, Result};
+use crate::error::Result;
 
 /// What to probe.
 #[derive(Clone, Debug)]
@@ -213,48 +211,10 @@ pub fn probe_cpu(options: &ProbeOptions) -> Result<HardwareProfile> {
     })
 }
 
-/// Aggregate GFLOP/s of Q8_0 matrix-vector products (the decode-step shape) on `threads`
-/// threads, each running its own stream for about `budget`.
+/// GFLOP/s of the engine's own Q8_0 matmul kernels on a pool of `threads` threads, for
+/// about `budget`: 4 activation rows × a 1024 × 1024 weight (a small decode batch).
 pub fn quantized_matmul_gflops(threads: usize, budget: Duration) -> Result<f64> {
-    const K: usize = 1024;
-    const N: usize = 1024;
-    const M: usize = 4;
-    let dev = Device::Cpu;
-    let w = Tensor::randn(0f32, 1.0, (N, K), &dev)?;
-    let qmm = QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q8_0)?)?;
-    let x = Tensor::randn(0f32, 1.0, (M, K), &dev)?;
-    qmm.forward(&x)?; // warm up
-    let start = Instant::now();
-    let iterations: Vec<Result<u64>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads.max(1))
-            .map(|_| {
-                s.spawn(|| {
-                    let mut n = 0u64;
-                    let t = Instant::now();
-                    while t.elapsed() < budget {
-                        qmm.forward(&x)?;
-                        n += 1;
-                    }
-                    Ok(n)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(ProfilerError::Measure("matmul thread panicked".into()))
-                })
-            })
-            .collect()
-    });
-    let elapsed = start.elapsed().as_secs_f64();
-    let mut total = 0u64;
-    for n in iterations {
-        total += n?;
-    }
-    let flops = 2.0 * (M * N * K) as f64 * total as f64;
-    Ok(flops / elapsed / 1e9)
+    crate::engine::model::matmul_gflops(threads, budget)
 }
 
 /// Aggregate memory bandwidth in GB/s (bytes read plus written) of `threads` threads copying

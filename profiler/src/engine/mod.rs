@@ -10,6 +10,7 @@
 //! With greedy decoding every method gives exactly the tokens of the baseline (see
 //! [`model`]'s note on row independence); the tests check it on the real model.
 
+pub(crate) mod kernels;
 pub mod kv;
 pub mod model;
 pub mod sample;

@@ -1,9 +1,9 @@
 //! The Llama forward pass over a packed batch of tokens from many sequences.
 //!
-//! Weights are held as Q8_0 blocks and multiplied with candle's quantized dot-product kernels
-//! (`BlockQ8_0::vec_dot`, which picks its AVX2/FMA path at run time). The engine owns the loop
-//! around them: the matmul is tiled over output columns and spread over the engine's own thread
-//! pool, and attention reads each sequence's keys and values from its paged KV blocks.
+//! candle reads the GGUF and dequantizes its tensors; the weights are then held as Q8_0 blocks
+//! and multiplied with the engine's own tiled kernels ([`super::kernels`]), spread over the
+//! engine's thread pool, and attention reads each sequence's keys and values from its paged KV
+//! blocks.
 //!
 //! Every output element is computed from its own row alone (one activation row quantized on
 //! its own, one dot product per weight row, attention over positions in a fixed order), so a
@@ -15,14 +15,12 @@ use std::path::Path;
 
 use candle_core::Device;
 use candle_core::quantized::gguf_file;
-use candle_core::quantized::k_quants::{BlockQ8_0, GgmlType};
 use rayon::prelude::*;
 
+use super::kernels::{self, Isa, Q8Block, QK};
 use super::kv::KvPool;
 use crate::error::{ProfilerError, Result};
 use crate::tokenizer::ModelTokenizer;
-
-const QK: usize = 32;
 
 /// Shape of a Llama model, read from its GGUF metadata.
 #[derive(Clone, Debug, PartialEq)]
@@ -60,7 +58,7 @@ impl LlamaConfig {
 pub(crate) struct QMatrix {
     rows: usize,
     cols: usize,
-    blocks: Vec<BlockQ8_0>,
+    blocks: Vec<Q8Block>,
 }
 
 impl QMatrix {
@@ -70,30 +68,32 @@ impl QMatrix {
                 "a {rows}x{cols} matrix cannot be held as Q8_0 blocks of {QK}"
             )));
         }
-        let mut blocks = vec![BlockQ8_0::zeros(); rows * cols / QK];
-        BlockQ8_0::from_float(values, &mut blocks);
+        let mut blocks = vec![Q8Block::ZERO; rows * cols / QK];
+        blocks
+            .par_chunks_mut(cols / QK)
+            .zip(values.par_chunks(cols))
+            .for_each(|(b, v)| kernels::quantize(v, b));
         Ok(Self { rows, cols, blocks })
     }
 
-    fn row(&self, r: usize) -> &[BlockQ8_0] {
+    fn row(&self, r: usize) -> &[Q8Block] {
         let kb = self.cols / QK;
         &self.blocks[r * kb..(r + 1) * kb]
     }
 
     /// Dequantizes row `r` into `out` (the embedding lookup).
     fn row_f32(&self, r: usize, out: &mut [f32]) {
-        BlockQ8_0::to_float(self.row(r), out);
+        kernels::dequantize(self.row(r), out);
     }
 
     /// `out[t × rows] = x[t × cols] · selfᵀ`, in the current rayon pool.
-    fn matmul(&self, x: &[f32], t: usize, out: &mut Vec<f32>) {
+    fn matmul(&self, isa: Isa, x: &[f32], t: usize, out: &mut Vec<f32>) {
         const COL_TILE: usize = 16;
-        const ROW_TILE: usize = 16;
         let (n, k, kb) = (self.rows, self.cols, self.cols / QK);
-        let mut xq = vec![BlockQ8_0::zeros(); t * kb];
+        let mut xq = vec![Q8Block::ZERO; t * kb];
         xq.par_chunks_mut(kb)
             .zip(x.par_chunks(k))
-            .for_each(|(q, row)| BlockQ8_0::from_float(row, q));
+            .for_each(|(q, row)| kernels::quantize(row, q));
         // Column-major result so each task writes one contiguous slice: a tile of weight rows
         // stays in L1 while every activation row passes over it.
         let mut out_t = vec![0f32; n * t];
@@ -103,12 +103,24 @@ impl QMatrix {
             .for_each(|(tile, chunk)| {
                 let c0 = tile * COL_TILE;
                 let cols = chunk.len() / t;
-                for r0 in (0..t).step_by(ROW_TILE) {
-                    for c in 0..cols {
-                        let w = self.row(c0 + c);
-                        for r in r0..(r0 + ROW_TILE).min(t) {
-                            chunk[c * t + r] =
-                                BlockQ8_0::vec_dot(k, w, &xq[r * kb..(r + 1) * kb]);
+                let mut acc = [[0f32; 2]; 4];
+                for r0 in (0..t).step_by(2) {
+                    let r1 = (r0 + 2).min(t);
+                    let mut xs: [&[Q8Block]; 2] = [&[]; 2];
+                    for (slot, r) in xs.iter_mut().zip(r0..r1) {
+                        *slot = &xq[r * kb..(r + 1) * kb];
+                    }
+                    for c in (0..cols).step_by(4) {
+                        let c1 = (c + 4).min(cols);
+                        let mut ws: [&[Q8Block]; 4] = [&[]; 4];
+                        for (slot, j) in ws.iter_mut().zip(c..c1) {
+                            *slot = self.row(c0 + j);
+                        }
+                        kernels::dot_tile(isa, &ws[..c1 - c], &xs[..r1 - r0], &mut acc);
+                        for j in 0..c1 - c {
+                            for r in 0..r1 - r0 {
+                                chunk[(c + j) * t + r0 + r] = acc[j][r];
+                            }
                         }
                     }
                 }
@@ -150,6 +162,7 @@ pub struct LlamaModel {
     layers: Vec<Layer>,
     cos: Vec<f32>,
     sin: Vec<f32>,
+    isa: Isa,
 }
 
 impl std::fmt::Debug for LlamaModel {
@@ -327,6 +340,7 @@ impl LlamaModel {
             layers,
             cos,
             sin,
+            isa: Isa::detect(),
         })
     }
 
@@ -337,7 +351,7 @@ impl LlamaModel {
 
     /// Bytes the weights take in memory.
     pub fn weight_bytes(&self) -> usize {
-        let m = |q: &QMatrix| q.blocks.len() * std::mem::size_of::<BlockQ8_0>();
+        let m = |q: &QMatrix| q.blocks.len() * std::mem::size_of::<Q8Block>();
         m(&self.embed)
             + self.output.as_ref().map_or(0, m)
             + self
@@ -396,7 +410,7 @@ impl LlamaModel {
         let mut act = vec![0f32; t * c.ffn];
         for (l, layer) in self.layers.iter().enumerate() {
             rms_norm(&x, &layer.attn_norm, c.rms_eps, &mut normed);
-            layer.wqkv.matmul(&normed, t, &mut qkv);
+            layer.wqkv.matmul(self.isa, &normed, t, &mut qkv);
             qkv.par_chunks_mut(qkv_dim)
                 .zip(tokens.par_iter())
                 .for_each(|(row, tok)| {
@@ -421,8 +435,7 @@ impl LlamaModel {
                         let mut max = f32::NEG_INFINITY;
                         for (p, s) in scores.iter_mut().enumerate() {
                             let k = kv_ref.key(l, table[p / block_size], g, p % block_size);
-                            let dot: f32 = q.iter().zip(k).map(|(a, b)| a * b).sum();
-                            *s = dot * scale;
+                            *s = dot(q, k) * scale;
                             max = max.max(*s);
                         }
                         let mut sum = 0f32;
@@ -441,10 +454,10 @@ impl LlamaModel {
                         }
                     }
                 });
-            layer.wo.matmul(&attn, t, &mut proj);
+            layer.wo.matmul(self.isa, &attn, t, &mut proj);
             add_in_place(&mut x, &proj);
             rms_norm(&x, &layer.ffn_norm, c.rms_eps, &mut normed);
-            layer.w_gate_up.matmul(&normed, t, &mut gate_up);
+            layer.w_gate_up.matmul(self.isa, &normed, t, &mut gate_up);
             act.par_chunks_mut(c.ffn)
                 .zip(gate_up.par_chunks(2 * c.ffn))
                 .for_each(|(a, gu)| {
@@ -453,7 +466,7 @@ impl LlamaModel {
                         *a = g / (1.0 + (-g).exp()) * u;
                     }
                 });
-            layer.w_down.matmul(&act, t, &mut proj);
+            layer.w_down.matmul(self.isa, &act, t, &mut proj);
             add_in_place(&mut x, &proj);
         }
         let wanted: Vec<usize> = tokens.iter().enumerate().filter(|(_, t)| t.logits).map(|(i, _)| i).collect();
@@ -470,9 +483,37 @@ impl LlamaModel {
         self.output
             .as_ref()
             .unwrap_or(&self.embed)
-            .matmul(&last_normed, wanted.len(), &mut logits);
+            .matmul(self.isa, &last_normed, wanted.len(), &mut logits);
         Ok(logits.chunks(c.vocab).map(<[f32]>::to_vec).collect())
     }
+}
+
+/// GFLOP/s of [`QMatrix::matmul`] with `m` = 4 rows against a 1024 × 1024 weight, on a pool
+/// of `threads` threads, for about `budget`.
+pub(crate) fn matmul_gflops(threads: usize, budget: std::time::Duration) -> Result<f64> {
+    const K: usize = 1024;
+    const N: usize = 1024;
+    const M: usize = 4;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.max(1))
+        .build()
+        .map_err(|e| ProfilerError::Measure(format!("cannot start threads: {e}")))?;
+    let values: Vec<f32> = (0..N * K).map(|i| ((i * 7919) % 2003) as f32 / 1001.0 - 1.0).collect();
+    let w = QMatrix::from_f32(N, K, &values)?;
+    let x: Vec<f32> = values[..M * K].to_vec();
+    let isa = Isa::detect();
+    let mut out = Vec::new();
+    let (n, elapsed) = pool.install(|| {
+        w.matmul(isa, &x, M, &mut out); // warm up
+        let start = std::time::Instant::now();
+        let mut n = 0u64;
+        while start.elapsed() < budget {
+            w.matmul(isa, &x, M, &mut out);
+            n += 1;
+        }
+        (n, start.elapsed().as_secs_f64())
+    });
+    Ok(2.0 * (M * N * K) as f64 * n as f64 / elapsed / 1e9)
 }
 
 fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
@@ -484,6 +525,20 @@ fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
             *o = v * inv * w;
         }
     });
+}
+
+/// Dot product with eight independent partial sums (vectorizable; a fixed order, so the
+/// same inputs always give the same bits).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
 fn add_in_place(x: &mut [f32], y: &[f32]) {
