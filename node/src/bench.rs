@@ -106,7 +106,9 @@ pub fn bench(
             let id = verified.id();
             match node.store().put(vec![verified])?.first() {
                 Some(PutOutcome::Stored | PutOutcome::Duplicate) => Ok(id),
-                other => Err(NodeError::Engine(format!("the store refused the record: {other:?}"))),
+                other => Err(NodeError::Engine(format!(
+                    "the store refused the record: {other:?}"
+                ))),
             }
         };
         let mut runs = Vec::new();

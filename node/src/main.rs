@@ -70,7 +70,13 @@ struct Cli {
 
     /// GGUF model to serve and benchmark (repeatable; replaces the configured list)
     /// [default: the default model in ~/.cache/metainf/models].
-    #[arg(long = "model", global = true, env = "METAINF_MODELS", value_name = "PATH", value_delimiter = ',')]
+    #[arg(
+        long = "model",
+        global = true,
+        env = "METAINF_MODELS",
+        value_name = "PATH",
+        value_delimiter = ','
+    )]
     models: Vec<PathBuf>,
 
     /// CPU threads of the engine and of the hardware measurements [default: every logical CPU].
@@ -505,17 +511,29 @@ fn bench_command(
     let mut finished_runs = 0;
     let stored = bench(&node, &config.engine, &plan, &mut |event| match event {
         BenchEvent::Hardware(h) => {
-            bar.println(format!("hardware: {} ({} compute units)", h.spec.name, h.spec.compute_units));
+            bar.println(format!(
+                "hardware: {} ({} compute units)",
+                h.spec.name, h.spec.compute_units
+            ));
         }
         BenchEvent::Model { model, requests } => {
-            bar.println(format!("model: {} ({}, {:.0}M parameters)", model.name, model.quantization, model.parameters as f64 / 1e6));
+            bar.println(format!(
+                "model: {} ({}, {:.0}M parameters)",
+                model.name,
+                model.quantization,
+                model.parameters as f64 / 1e6
+            ));
             bar.set_length(requests as u64);
             bar.set_position(0);
         }
         BenchEvent::Progress(n) => bar.set_position(n as u64),
         BenchEvent::Run(run, _) => {
             finished_runs += 1;
-            bar.set_message(format!("run {finished_runs}/{runs}: {} {}", run.preset, run.method.short_name()));
+            bar.set_message(format!(
+                "run {finished_runs}/{runs}: {} {}",
+                run.preset,
+                run.method.short_name()
+            ));
         }
     })?;
     bar.finish_and_clear();
@@ -542,7 +560,15 @@ fn bench_command(
     writeln!(
         out,
         "{:<11} {:<9} {:>8} {:>9} {:>9} {:>8} {:>8} {:>7} {:>8}",
-        "workload", "method", "tok/s", "TTFT p50", "TTFT p95", "ITL p50", "ITL p95", "wall s", "KV MiB"
+        "workload",
+        "method",
+        "tok/s",
+        "TTFT p50",
+        "TTFT p95",
+        "ITL p50",
+        "ITL p95",
+        "wall s",
+        "KV MiB"
     )?;
     for s in &stored {
         let m = &s.run.metrics;
@@ -560,7 +586,12 @@ fn bench_command(
             m.peak_kv_bytes as f64 / f64::from(1u32 << 20)
         )?;
     }
-    writeln!(out, "{} signed records stored in {}", stored.len(), node.store().path().display())?;
+    writeln!(
+        out,
+        "{} signed records stored in {}",
+        stored.len(),
+        node.store().path().display()
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -576,7 +607,12 @@ fn generate_command(
     let paths = config.engine.model_paths()?;
     let path = paths.first().context("no model configured")?;
     let started = std::time::Instant::now();
-    let engine = Engine::load(path, EngineOptions { threads: config.engine.threads })?;
+    let engine = Engine::load(
+        path,
+        EngineOptions {
+            threads: config.engine.threads,
+        },
+    )?;
     let load_s = started.elapsed().as_secs_f64();
     let tok = engine.model().tokenizer();
     let text = metainf_profiler::tokenizer::chat_template(&[metainf_protocol::ChatMessage {
@@ -587,21 +623,33 @@ fn generate_command(
         prompt: tok.encode(&text)?,
         max_tokens,
         stop: tok.stop_ids().to_vec(),
-        sampling: Sampling { temperature, top_p, seed },
+        sampling: Sampling {
+            temperature,
+            top_p,
+            seed,
+        },
         arrival_s: 0.0,
     };
     let report = engine.run(std::slice::from_ref(&request), &MethodSettings::default())?;
     let c = report.completions.first().context("no completion")?;
     let mut out = std::io::stdout().lock();
     writeln!(out, "{}", tok.decode(&c.tokens)?)?;
-    let decode_s = c.token_times_s.last().zip(c.token_times_s.first()).map_or(0.0, |(l, f)| l - f);
+    let decode_s = c
+        .token_times_s
+        .last()
+        .zip(c.token_times_s.first())
+        .map_or(0.0, |(l, f)| l - f);
     eprintln!(
         "{} prompt + {} generated tokens; load {:.2} s, first token {:.0} ms, decode {:.1} tokens/s on {} threads",
         request.prompt.len(),
         c.tokens.len(),
         load_s,
         c.ttft_s().unwrap_or(0.0) * 1000.0,
-        if decode_s > 0.0 { (c.tokens.len() - 1) as f64 / decode_s } else { 0.0 },
+        if decode_s > 0.0 {
+            (c.tokens.len() - 1) as f64 / decode_s
+        } else {
+            0.0
+        },
         engine.threads()
     );
     Ok(ExitCode::SUCCESS)

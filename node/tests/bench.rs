@@ -41,8 +41,14 @@ fn generate_answers_on_the_default_model_and_unknown_models_are_clear_errors() {
         .unwrap();
     assert!(!err.status.success());
     let stderr = String::from_utf8_lossy(&err.stderr);
-    assert!(stderr.contains("/nonexistent/model.gguf") && stderr.contains("not found"), "{stderr}");
-    let err = bin().args(["bench", "--methods", "speculative"]).output().unwrap();
+    assert!(
+        stderr.contains("/nonexistent/model.gguf") && stderr.contains("not found"),
+        "{stderr}"
+    );
+    let err = bin()
+        .args(["bench", "--methods", "speculative"])
+        .output()
+        .unwrap();
     assert!(!err.status.success());
     assert!(String::from_utf8_lossy(&err.stderr).contains("speculative"));
 }
@@ -53,7 +59,15 @@ fn bench_stores_a_signed_record_for_every_run() {
     let data = dir.path().join("node");
     let out = run_ok(
         bin()
-            .args(["bench", "--quick", "--workloads", "chat", "--methods", "none,cb+pc", "--json"])
+            .args([
+                "bench",
+                "--quick",
+                "--workloads",
+                "chat",
+                "--methods",
+                "none,cb+pc",
+                "--json",
+            ])
             .args(["--threads", "2", "--data-dir"])
             .arg(&data),
     );
@@ -64,7 +78,7 @@ fn bench_stores_a_signed_record_for_every_run() {
     assert_eq!(rows[1]["method"], "cb+pc");
     for row in rows {
         assert_eq!(row["workload"], "chat");
-        assert_eq!(row["metrics"]["requests"], 6);
+        assert_eq!(row["metrics"]["requests"], 8);
         assert!(row["metrics"]["throughput_tok_s"].as_f64().unwrap() > 0.0);
         assert!(row["metrics"]["peak_kv_bytes"].as_u64().unwrap() > 0);
     }
@@ -81,7 +95,10 @@ fn bench_stores_a_signed_record_for_every_run() {
     for r in &scan.records {
         assert_eq!(r.record.origin.to_string(), peer_id);
         assert_eq!(r.record.workload.preset.as_deref(), Some("chat"));
-        assert_eq!(r.record.hardware.spec.compute_units, 2, "the thread limit is the hardware");
+        assert_eq!(
+            r.record.hardware.spec.compute_units, 2,
+            "the thread limit is the hardware"
+        );
         r.clone().verify().unwrap();
     }
 }

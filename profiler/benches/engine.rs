@@ -10,10 +10,12 @@ use std::path::PathBuf;
 use metainf_profiler::engine::{Engine, EngineOptions, MethodSettings, Request, Sampling};
 
 fn model_path() -> PathBuf {
-    std::env::var_os("METAINF_MODEL").map(PathBuf::from).unwrap_or_else(|| {
-        let home = std::env::var_os("HOME").expect("HOME is set");
-        PathBuf::from(home).join(".cache/metainf/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-    })
+    std::env::var_os("METAINF_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME").expect("HOME is set");
+            PathBuf::from(home).join(".cache/metainf/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        })
 }
 
 /// `n` tokens of ordinary text, no stop token reachable before `max_tokens` matters little:
@@ -41,13 +43,24 @@ fn main() {
     if std::env::args().any(|a| a == "--decode-only") {
         // For profiling the decode path alone.
         let engine = Engine::load(&model_path(), EngineOptions { threads: Some(1) }).unwrap();
-        let r = engine.run(&[request(&engine, 16, 256, 0)], &MethodSettings::default()).unwrap();
+        let r = engine
+            .run(&[request(&engine, 16, 256, 0)], &MethodSettings::default())
+            .unwrap();
         let t = &r.completions[0].token_times_s;
-        println!("decode {:.1} tok/s", (t.len() - 1) as f64 / (t[t.len() - 1] - t[0]));
+        println!(
+            "decode {:.1} tok/s",
+            (t.len() - 1) as f64 / (t[t.len() - 1] - t[0])
+        );
         return;
     }
     for threads in [1usize, 2] {
-        let engine = Engine::load(&model_path(), EngineOptions { threads: Some(threads) }).unwrap();
+        let engine = Engine::load(
+            &model_path(),
+            EngineOptions {
+                threads: Some(threads),
+            },
+        )
+        .unwrap();
         let cb = MethodSettings {
             continuous_batching: true,
             ..MethodSettings::default()
@@ -66,7 +79,9 @@ fn main() {
         // llama-batched-bench reports them.
         let mut batched = Vec::new();
         for rep in 0..reps {
-            let reqs: Vec<Request> = (0..4).map(|i| request(&engine, 128, 64, 10 * rep + i)).collect();
+            let reqs: Vec<Request> = (0..4)
+                .map(|i| request(&engine, 128, 64, 10 * rep + i))
+                .collect();
             let r = engine.run(&reqs, &cb).unwrap();
             batched.push((4.0 * (128.0 + 64.0)) / r.wall_s);
         }

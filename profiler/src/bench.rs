@@ -65,16 +65,18 @@ pub fn workload_for(preset: Preset, size: Size, seed: u64) -> Workload {
             generate(preset, n, arrival, seed)
         }
         Size::Quick => {
-            // (requests, output cap, prompt cap in characters): the presets' shapes (shared
-            // prefixes, long versus short prompts and outputs) at a fraction of their size.
-            let (n, cap, chars) = match preset {
-                Preset::Chat => (6, 16, usize::MAX),
-                Preset::MultiTurn => (8, 8, usize::MAX),
-                Preset::FewShot => (6, 6, usize::MAX),
-                Preset::Summarise => (3, 8, 1500),
-                Preset::Reasoning => (3, 32, usize::MAX),
+            // (requests, output cap, prompt cap in characters, arrival): the presets' shapes
+            // (shared prefixes, long versus short prompts and outputs) at a fraction of their
+            // size. Long documents arrive one by one while earlier ones decode, the case
+            // chunked prefill is for.
+            let (n, cap, chars, arrival) = match preset {
+                Preset::Chat => (8, 16, usize::MAX, Arrival::AllAtOnce),
+                Preset::MultiTurn => (4, 8, usize::MAX, Arrival::AllAtOnce),
+                Preset::FewShot => (4, 6, usize::MAX, Arrival::AllAtOnce),
+                Preset::Summarise => (3, 24, 1500, Arrival::Poisson { rate_per_s: 1.5 }),
+                Preset::Reasoning => (2, 32, usize::MAX, Arrival::AllAtOnce),
             };
-            let mut w = generate(preset, n, Arrival::AllAtOnce, seed);
+            let mut w = generate(preset, n, arrival, seed);
             for r in &mut w.requests {
                 r.max_new_tokens = r.max_new_tokens.min(cap);
                 for m in &mut r.messages {
@@ -111,11 +113,23 @@ pub fn requests_for(engine: &Engine, workload: &Workload) -> Result<Vec<Request>
 }
 
 /// The descriptor of a workload's requests.
-pub fn describe(preset: Option<&str>, requests: &[Request], arrival: Arrival) -> WorkloadDescriptor {
+pub fn describe(
+    preset: Option<&str>,
+    requests: &[Request],
+    arrival: Arrival,
+) -> WorkloadDescriptor {
     let prompts: Vec<Vec<u32>> = requests.iter().map(|r| r.prompt.clone()).collect();
     let max_new: Vec<u32> = requests.iter().map(|r| r.max_tokens).collect();
-    let temperature = requests.first().map_or(0.0, |r| f64::from(r.sampling.temperature));
-    WorkloadDescriptor::from_prompts(preset.map(str::to_owned), &prompts, &max_new, arrival, temperature)
+    let temperature = requests
+        .first()
+        .map_or(0.0, |r| f64::from(r.sampling.temperature));
+    WorkloadDescriptor::from_prompts(
+        preset.map(str::to_owned),
+        &prompts,
+        &max_new,
+        arrival,
+        temperature,
+    )
 }
 
 fn percentiles(mut values_ms: Vec<f64>) -> Percentiles {
@@ -128,7 +142,10 @@ fn percentiles(mut values_ms: Vec<f64>) -> Percentiles {
         let rank = (q * values_ms.len() as f64).ceil() as usize;
         values_ms[rank.clamp(1, values_ms.len()) - 1]
     };
-    Percentiles { p50: at(0.50), p95: at(0.95) }
+    Percentiles {
+        p50: at(0.50),
+        p95: at(0.95),
+    }
 }
 
 /// The record metrics of a run.
@@ -191,7 +208,8 @@ pub fn run_plan(
         let requests = requests_for(engine, &workload)?;
         let descriptor = describe(Some(preset.name()), &requests, workload.arrival);
         for method in &plan.methods {
-            let report = engine.run_with_progress(&requests, method, &mut |n| on_progress(done_before + n))?;
+            let report = engine
+                .run_with_progress(&requests, method, &mut |n| on_progress(done_before + n))?;
             done_before += requests.len();
             let run = BenchRun {
                 preset,

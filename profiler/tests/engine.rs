@@ -52,7 +52,11 @@ fn user(text: &str) -> Vec<ChatMessage> {
 }
 
 fn tokens(report: &RunReport) -> Vec<Vec<u32>> {
-    report.completions.iter().map(|c| c.tokens.clone()).collect()
+    report
+        .completions
+        .iter()
+        .map(|c| c.tokens.clone())
+        .collect()
 }
 
 /// Chat requests sharing a system prompt, few-shot requests sharing a long prefix, and turns
@@ -88,7 +92,9 @@ fn greedy_decoding_answers_the_capital_of_france() {
     let r = request(&user("What is the capital of France?"), 24);
     assert_eq!(
         r.prompt,
-        [1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]
+        [
+            1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198
+        ]
     );
     let report = engine().run(&[r], &MethodSettings::default()).unwrap();
     let c = &report.completions[0];
@@ -117,13 +123,23 @@ fn every_method_gives_exactly_the_baseline_tokens() {
             m.short_name()
         );
         if s.prefix_caching {
-            assert!(report.kv.hits > 0, "{}: no prefix block was reused", m.short_name());
+            assert!(
+                report.kv.hits > 0,
+                "{}: no prefix block was reused",
+                m.short_name()
+            );
         } else {
             assert_eq!(report.kv.hits, 0);
         }
         if s.chunked_prefill {
             // Prompts of ~100-300 tokens in chunks of 24 take more steps than whole prefill.
-            assert!(report.steps > baseline.steps, "{}: {} vs {}", m.short_name(), report.steps, baseline.steps);
+            assert!(
+                report.steps > baseline.steps,
+                "{}: {} vs {}",
+                m.short_name(),
+                report.steps,
+                baseline.steps
+            );
         }
     }
 }
@@ -135,7 +151,15 @@ fn prefix_cache_blocks_are_reused_and_evicted_under_the_budget() {
         .iter()
         .map(|r| request(&r.messages, 4))
         .collect();
-    let reference = engine().run(&few_shot, &MethodSettings { max_batch: 1, ..MethodSettings::default() }).unwrap();
+    let reference = engine()
+        .run(
+            &few_shot,
+            &MethodSettings {
+                max_batch: 1,
+                ..MethodSettings::default()
+            },
+        )
+        .unwrap();
     // One sequence at a time: every request after the first finds the shared examples cached.
     let pc = MethodSettings {
         prefix_caching: true,
@@ -147,9 +171,16 @@ fn prefix_cache_blocks_are_reused_and_evicted_under_the_budget() {
     assert_eq!(tokens(&report), tokens(&reference));
     assert_eq!(report.completions[0].cached_prompt_tokens, 0);
     let shared = report.completions[1].cached_prompt_tokens;
-    assert!(shared >= 128, "only {shared} prompt tokens came from the cache");
+    assert!(
+        shared >= 128,
+        "only {shared} prompt tokens came from the cache"
+    );
     for c in &report.completions[1..] {
-        assert_eq!(c.cached_prompt_tokens % pc.block_size, 0, "whole blocks only");
+        assert_eq!(
+            c.cached_prompt_tokens % pc.block_size,
+            0,
+            "whole blocks only"
+        );
     }
     assert_eq!(report.kv.evictions, 0);
     // A budget of little more than one request: cached blocks must be evicted to make room,
@@ -165,7 +196,15 @@ fn prefix_cache_blocks_are_reused_and_evicted_under_the_budget() {
     mixed.extend(mixed_requests(4).into_iter().take(2));
     mixed.extend(few_shot.iter().cloned());
     let tight_report = engine().run(&mixed, &tight).unwrap();
-    let loose_report = engine().run(&mixed, &MethodSettings { max_batch: 1, ..MethodSettings::default() }).unwrap();
+    let loose_report = engine()
+        .run(
+            &mixed,
+            &MethodSettings {
+                max_batch: 1,
+                ..MethodSettings::default()
+            },
+        )
+        .unwrap();
     assert_eq!(tokens(&tight_report), tokens(&loose_report));
     assert!(tight_report.kv.evictions > 0, "{:?}", tight_report.kv);
     assert!(tight_report.peak_kv_bytes <= tight.kv_budget_bytes as u64);
@@ -181,7 +220,9 @@ fn sampling_is_seeded_and_does_not_depend_on_the_batch() {
         },
         ..request(&user("Write a short poem about the sea."), 24)
     };
-    let alone = engine().run(&[sampled(7)], &MethodSettings::default()).unwrap();
+    let alone = engine()
+        .run(&[sampled(7)], &MethodSettings::default())
+        .unwrap();
     let mut batch = mixed_requests(6);
     batch.insert(2, sampled(7));
     let all = MethodSettings {
@@ -194,10 +235,17 @@ fn sampling_is_seeded_and_does_not_depend_on_the_batch() {
     };
     let batched = engine().run(&batch, &all).unwrap();
     assert_eq!(batched.completions[2].tokens, alone.completions[0].tokens);
-    let other = engine().run(&[sampled(8)], &MethodSettings::default()).unwrap();
+    let other = engine()
+        .run(&[sampled(8)], &MethodSettings::default())
+        .unwrap();
     assert_ne!(other.completions[0].tokens, alone.completions[0].tokens);
     // max_tokens bounds the output.
-    let capped = engine().run(&[request(&user("Tell me a long story."), 5)], &MethodSettings::default()).unwrap();
+    let capped = engine()
+        .run(
+            &[request(&user("Tell me a long story."), 5)],
+            &MethodSettings::default(),
+        )
+        .unwrap();
     assert_eq!(capped.completions[0].tokens.len(), 5);
     assert_eq!(capped.completions[0].finish, FinishReason::Length);
 }
@@ -207,26 +255,45 @@ fn requests_that_cannot_run_get_clear_errors() {
     let e = engine();
     let ctx = e.model().config.context_length;
     let too_long = request(&user("hi"), ctx as u32);
-    let err = e.run(&[too_long], &MethodSettings::default()).unwrap_err().to_string();
+    let err = e
+        .run(&[too_long], &MethodSettings::default())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("exceed the model's context"), "{err}");
     let small = MethodSettings {
         kv_budget_bytes: 1 << 20,
         ..MethodSettings::default()
     };
-    let err = e.run(&[request(&user("hi"), 200)], &small).unwrap_err().to_string();
+    let err = e
+        .run(&[request(&user("hi"), 200)], &small)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("KV cache") && err.contains("budget"), "{err}");
     let empty = Request {
         prompt: Vec::new(),
         ..request(&user("hi"), 4)
     };
-    assert!(e.run(&[empty], &MethodSettings::default()).unwrap_err().to_string().contains("empty prompt"));
+    assert!(
+        e.run(&[empty], &MethodSettings::default())
+            .unwrap_err()
+            .to_string()
+            .contains("empty prompt")
+    );
     let bad_token = Request {
         prompt: vec![u32::MAX],
         ..request(&user("hi"), 4)
     };
-    assert!(e.run(&[bad_token], &MethodSettings::default()).unwrap_err().to_string().contains("vocabulary"));
-    let missing = metainf_profiler::engine::Engine::load(std::path::Path::new("/nonexistent.gguf"), EngineOptions::default())
-        .unwrap_err()
-        .to_string();
+    assert!(
+        e.run(&[bad_token], &MethodSettings::default())
+            .unwrap_err()
+            .to_string()
+            .contains("vocabulary")
+    );
+    let missing = metainf_profiler::engine::Engine::load(
+        std::path::Path::new("/nonexistent.gguf"),
+        EngineOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(missing.contains("cannot open"), "{missing}");
 }

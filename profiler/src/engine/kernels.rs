@@ -26,7 +26,10 @@ pub(crate) struct Q8Block {
 }
 
 impl Q8Block {
-    pub(crate) const ZERO: Q8Block = Q8Block { d: 0.0, qs: [0; QK] };
+    pub(crate) const ZERO: Q8Block = Q8Block {
+        d: 0.0,
+        qs: [0; QK],
+    };
 }
 
 /// Quantizes `x` (a multiple of 32 long) into `out`, as ggml's `quantize_row_q8_0`.
@@ -37,7 +40,10 @@ pub(crate) fn quantize(x: &[f32], out: &mut [Q8Block]) {
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         block.d = d;
         for (q, v) in block.qs.iter_mut().zip(xs) {
-            *q = (v * id).round().clamp(-127.0, 127.0) as i8;
+            // Round half away from zero without a libm call (`f32::round` is one on baseline
+            // x86-64); the cast truncates and saturates.
+            let scaled = v * id;
+            *q = (scaled + 0.5f32.copysign(scaled)).clamp(-127.0, 127.0) as i8;
         }
     }
 }
@@ -63,7 +69,8 @@ pub(crate) enum Isa {
 impl Isa {
     pub(crate) fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
             return Isa::Avx2;
         }
         Isa::Scalar
@@ -91,7 +98,11 @@ pub(crate) fn dot_tile(isa: Isa, w: &[&[Q8Block]], x: &[&[Q8Block]], out: &mut [
 fn scalar_dot(w: &[Q8Block], x: &[Q8Block]) -> f32 {
     let mut acc = 0f32;
     for (a, b) in w.iter().zip(x) {
-        let s: i32 = a.qs.iter().zip(&b.qs).map(|(p, q)| i32::from(*p) * i32::from(*q)).sum();
+        let s: i32 =
+            a.qs.iter()
+                .zip(&b.qs)
+                .map(|(p, q)| i32::from(*p) * i32::from(*q))
+                .sum();
         acc += a.d * b.d * s as f32;
     }
     acc
@@ -123,6 +134,16 @@ mod avx2 {
         _mm_cvtss_f32(s)
     }
 
+    /// Prefetches the block `ahead` blocks after `b` (decode reads each weight once, so the
+    /// next rows are fetched while these are computed).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn prefetch_ahead(b: &Q8Block, ahead: usize) {
+        let p = (b as *const Q8Block).wrapping_add(ahead).cast::<i8>();
+        // A prefetch is a hint: it never faults, even past the end of the weights.
+        _mm_prefetch::<_MM_HINT_T0>(p)
+    }
+
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     fn load(b: &Q8Block) -> __m256i {
@@ -138,29 +159,62 @@ mod avx2 {
         let blocks = w.first().map_or(0, |r| r.len());
         match (w.len(), x.len()) {
             (4, 2) => {
+                // Eight named accumulators stay in registers (an indexed array spilled).
+                let (mut a00, mut a01, mut a10, mut a11) =
+                    (acc[0][0], acc[0][1], acc[1][0], acc[1][1]);
+                let (mut a20, mut a21, mut a30, mut a31) =
+                    (acc[2][0], acc[2][1], acc[3][0], acc[3][1]);
+                let (w0, w1, w2, w3) = (w[0], w[1], w[2], w[3]);
+                let (x0s, x1s) = (x[0], x[1]);
                 for b in 0..blocks {
-                    let (x0, x1) = (&x[0][b], &x[1][b]);
+                    let (x0, x1) = (&x0s[b], &x1s[b]);
                     let (lx0, lx1) = (load(x0), load(x1));
-                    for c in 0..4 {
-                        let wb = &w[c][b];
+                    let step = |wb: &Q8Block, s0: &mut __m256, s1: &mut __m256| {
                         let lw = load(wb);
                         let aw = _mm256_sign_epi8(lw, lw);
-                        acc[c][0] = _mm256_fmadd_ps(_mm256_set1_ps(wb.d * x0.d), block_sums(aw, lw, lx0), acc[c][0]);
-                        acc[c][1] = _mm256_fmadd_ps(_mm256_set1_ps(wb.d * x1.d), block_sums(aw, lw, lx1), acc[c][1]);
-                    }
+                        *s0 = _mm256_fmadd_ps(
+                            _mm256_set1_ps(wb.d * x0.d),
+                            block_sums(aw, lw, lx0),
+                            *s0,
+                        );
+                        *s1 = _mm256_fmadd_ps(
+                            _mm256_set1_ps(wb.d * x1.d),
+                            block_sums(aw, lw, lx1),
+                            *s1,
+                        );
+                    };
+                    step(&w0[b], &mut a00, &mut a01);
+                    step(&w1[b], &mut a10, &mut a11);
+                    step(&w2[b], &mut a20, &mut a21);
+                    step(&w3[b], &mut a30, &mut a31);
                 }
+                acc = [[a00, a01], [a10, a11], [a20, a21], [a30, a31]];
             }
             (4, 1) => {
+                let (mut a0, mut a1, mut a2, mut a3) = (acc[0][0], acc[1][0], acc[2][0], acc[3][0]);
+                let (w0, w1, w2, w3) = (w[0], w[1], w[2], w[3]);
+                let x0s = x[0];
                 for b in 0..blocks {
-                    let x0 = &x[0][b];
+                    // Rows are contiguous: the next tile's rows start 4 rows further on.
+                    for wr in [w0, w1, w2, w3] {
+                        prefetch_ahead(&wr[b], 8 * blocks);
+                    }
+                    let x0 = &x0s[b];
                     let lx0 = load(x0);
-                    for c in 0..4 {
-                        let wb = &w[c][b];
+                    let step = |wb: &Q8Block, s: __m256| {
                         let lw = load(wb);
                         let aw = _mm256_sign_epi8(lw, lw);
-                        acc[c][0] = _mm256_fmadd_ps(_mm256_set1_ps(wb.d * x0.d), block_sums(aw, lw, lx0), acc[c][0]);
-                    }
+                        _mm256_fmadd_ps(_mm256_set1_ps(wb.d * x0.d), block_sums(aw, lw, lx0), s)
+                    };
+                    a0 = step(&w0[b], a0);
+                    a1 = step(&w1[b], a1);
+                    a2 = step(&w2[b], a2);
+                    a3 = step(&w3[b], a3);
                 }
+                acc[0][0] = a0;
+                acc[1][0] = a1;
+                acc[2][0] = a2;
+                acc[3][0] = a3;
             }
             _ => {
                 for (c, wc) in w.iter().enumerate() {
@@ -169,7 +223,11 @@ mod avx2 {
                             let (wb, xb) = (&wc[b], &xr[b]);
                             let lw = load(wb);
                             let aw = _mm256_sign_epi8(lw, lw);
-                            acc[c][r] = _mm256_fmadd_ps(_mm256_set1_ps(wb.d * xb.d), block_sums(aw, lw, load(xb)), acc[c][r]);
+                            acc[c][r] = _mm256_fmadd_ps(
+                                _mm256_set1_ps(wb.d * xb.d),
+                                block_sums(aw, lw, load(xb)),
+                                acc[c][r],
+                            );
                         }
                     }
                 }
@@ -197,7 +255,9 @@ mod tests {
     fn every_tile_shape_gives_the_same_bits_and_matches_the_scalar_dot() {
         let k = 18 * QK;
         let row = |seed: usize| -> Vec<f32> {
-            (0..k).map(|i| (((i * 7919 + seed * 104_729) % 2001) as f32 - 1000.0) / 137.0).collect()
+            (0..k)
+                .map(|i| (((i * 7919 + seed * 104_729) % 2001) as f32 - 1000.0) / 137.0)
+                .collect()
         };
         let w: Vec<Vec<Q8Block>> = (0..4).map(|s| blocks(&row(s))).collect();
         let x: Vec<Vec<Q8Block>> = (10..12).map(|s| blocks(&row(s))).collect();
@@ -210,12 +270,24 @@ mod tests {
                 for r in 0..2 {
                     let mut one = [[0f32; 2]; 4];
                     dot_tile(isa, &wr[c..=c], &xr[r..=r], &mut one);
-                    assert_eq!(one[0][0].to_bits(), full[c][r].to_bits(), "{isa:?} 1x1 vs 4x2");
+                    assert_eq!(
+                        one[0][0].to_bits(),
+                        full[c][r].to_bits(),
+                        "{isa:?} 1x1 vs 4x2"
+                    );
                     let mut col = [[0f32; 2]; 4];
                     dot_tile(isa, &wr, &xr[r..=r], &mut col);
-                    assert_eq!(col[c][0].to_bits(), full[c][r].to_bits(), "{isa:?} 4x1 vs 4x2");
+                    assert_eq!(
+                        col[c][0].to_bits(),
+                        full[c][r].to_bits(),
+                        "{isa:?} 4x1 vs 4x2"
+                    );
                     let exact = scalar_dot(&w[c], &x[r]);
-                    assert!((full[c][r] - exact).abs() <= 1e-3 * exact.abs().max(1.0), "{} vs {exact}", full[c][r]);
+                    assert!(
+                        (full[c][r] - exact).abs() <= 1e-3 * exact.abs().max(1.0),
+                        "{} vs {exact}",
+                        full[c][r]
+                    );
                 }
             }
         }
@@ -224,6 +296,10 @@ mod tests {
         let mut back = vec![0f32; k];
         dequantize(&blocks(&v), &mut back);
         let amax = v.iter().fold(0f32, |m, x| m.max(x.abs()));
-        assert!(v.iter().zip(&back).all(|(a, b)| (a - b).abs() <= amax / 127.0));
+        assert!(
+            v.iter()
+                .zip(&back)
+                .all(|(a, b)| (a - b).abs() <= amax / 127.0)
+        );
     }
 }

@@ -58,7 +58,13 @@ pub(crate) struct KvPool {
 
 impl KvPool {
     /// A pool of as many blocks of `block_size` tokens as fit `budget_bytes`.
-    pub(crate) fn new(block_size: usize, budget_bytes: usize, layers: usize, kv_heads: usize, head_dim: usize) -> Self {
+    pub(crate) fn new(
+        block_size: usize,
+        budget_bytes: usize,
+        layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> Self {
         let block_floats = layers * kv_heads * block_size * head_dim;
         let block_bytes = 2 * block_floats * std::mem::size_of::<f32>();
         let blocks = (budget_bytes / block_bytes.max(1)).min(u32::MAX as usize);
@@ -92,7 +98,11 @@ impl KvPool {
 
     /// Bytes of one block (keys and values).
     pub(crate) fn block_bytes(&self) -> usize {
-        2 * self.layers * self.kv_heads * self.block_size * self.head_dim * std::mem::size_of::<f32>()
+        2 * self.layers
+            * self.kv_heads
+            * self.block_size
+            * self.head_dim
+            * std::mem::size_of::<f32>()
     }
 
     /// Blocks that can be handed out now: free ones and evictable cached ones.
@@ -116,7 +126,8 @@ impl KvPool {
     }
 
     fn offset(&self, layer: usize, block: u32, head: usize, slot: usize) -> usize {
-        (((block as usize * self.layers + layer) * self.kv_heads + head) * self.block_size + slot) * self.head_dim
+        (((block as usize * self.layers + layer) * self.kv_heads + head) * self.block_size + slot)
+            * self.head_dim
     }
 
     /// Writes one token's keys and values (all KV heads) into `slot` of `block`.
@@ -213,7 +224,11 @@ mod tests {
         assert_eq!(p.total_blocks(), 3);
         let h1 = chain_hash(None, &[1, 2, 3, 4]);
         let h2 = chain_hash(Some(&h1), &[5, 6, 7, 8]);
-        assert_ne!(h2, chain_hash(None, &[5, 6, 7, 8]), "the hash covers the whole prefix");
+        assert_ne!(
+            h2,
+            chain_hash(None, &[5, 6, 7, 8]),
+            "the hash covers the whole prefix"
+        );
         let a = p.allocate().unwrap();
         p.write(0, a, 0, &[1.0, 2.0], &[3.0, 4.0]);
         p.register(a, h1);
@@ -236,7 +251,11 @@ mod tests {
         assert_eq!(p.lookup(&h2), None);
         assert_eq!(p.allocate(), None, "the pool is exhausted");
         p.release(a);
-        assert_eq!(p.allocate(), Some(a), "a cached block is evicted when nothing is free");
+        assert_eq!(
+            p.allocate(),
+            Some(a),
+            "a cached block is evicted when nothing is free"
+        );
         assert_eq!(p.lookup(&h1), None);
     }
 }

@@ -105,7 +105,9 @@ impl MethodSettings {
             match method.int_param(name) {
                 None => Ok(default),
                 Some(v) if v > 0 => Ok(v as usize),
-                Some(v) => Err(ProfilerError::Measure(format!("method parameter {name} must be positive, got {v}"))),
+                Some(v) => Err(ProfilerError::Measure(format!(
+                    "method parameter {name} must be positive, got {v}"
+                ))),
             }
         };
         Ok(Self {
@@ -223,9 +225,15 @@ impl Engine {
             .num_threads(threads)
             .thread_name(|i| format!("metainf-engine-{i}"))
             .build()
-            .map_err(|e| ProfilerError::Measure(format!("cannot start the engine's threads: {e}")))?;
+            .map_err(|e| {
+                ProfilerError::Measure(format!("cannot start the engine's threads: {e}"))
+            })?;
         let model = Arc::new(LlamaModel::load(path)?);
-        Ok(Self { model, pool, threads })
+        Ok(Self {
+            model,
+            pool,
+            threads,
+        })
     }
 
     /// The model.
@@ -289,7 +297,10 @@ impl Engine {
         }
         let kv = batcher.pool.stats();
         Ok(RunReport {
-            completions: completions.into_iter().map(|c| c.ok_or_else(|| ProfilerError::Measure("a request did not finish".into()))).collect::<Result<_>>()?,
+            completions: completions
+                .into_iter()
+                .map(|c| c.ok_or_else(|| ProfilerError::Measure("a request did not finish".into())))
+                .collect::<Result<_>>()?,
             wall_s: last_token,
             peak_kv_bytes: (kv.peak_blocks * batcher.pool.block_bytes()) as u64,
             kv,
@@ -306,7 +317,7 @@ struct Seq {
     computed: usize,
     table: Vec<u32>,
     hashes: Vec<BlockHash>,
-    /// Hashes of the prompt's full blocks (prefix caching with continuous batching only).
+    /// Hashes of the prompt's cacheable full blocks (prefix caching only).
     prompt_hashes: Vec<BlockHash>,
     /// Blocks this sequence may still allocate (its worst case, reserved at admission).
     reserved: usize,
@@ -336,10 +347,18 @@ struct Batcher<'m> {
 impl<'m> Batcher<'m> {
     fn new(model: &'m LlamaModel, method: MethodSettings) -> Result<Self> {
         if method.block_size == 0 || method.max_batch == 0 || method.chunk_size == 0 {
-            return Err(ProfilerError::Measure("block size, batch and chunk size must be positive".into()));
+            return Err(ProfilerError::Measure(
+                "block size, batch and chunk size must be positive".into(),
+            ));
         }
         let c = &model.config;
-        let pool = KvPool::new(method.block_size, method.kv_budget_bytes, c.layers, c.kv_heads, c.head_dim);
+        let pool = KvPool::new(
+            method.block_size,
+            method.kv_budget_bytes,
+            c.layers,
+            c.kv_heads,
+            c.head_dim,
+        );
         Ok(Self {
             model,
             method,
@@ -363,10 +382,15 @@ impl<'m> Batcher<'m> {
             return Err(ProfilerError::Measure("empty prompt".into()));
         }
         if r.max_tokens == 0 {
-            return Err(ProfilerError::Measure("max_tokens must be at least 1".into()));
+            return Err(ProfilerError::Measure(
+                "max_tokens must be at least 1".into(),
+            ));
         }
         if let Some(t) = r.prompt.iter().find(|t| **t as usize >= c.vocab) {
-            return Err(ProfilerError::Measure(format!("token id {t} is outside the vocabulary of {}", c.vocab)));
+            return Err(ProfilerError::Measure(format!(
+                "token id {t} is outside the vocabulary of {}",
+                c.vocab
+            )));
         }
         let total = r.prompt.len() + r.max_tokens as usize;
         if total > c.context_length {
@@ -396,47 +420,30 @@ impl<'m> Batcher<'m> {
     }
 
     /// Admits waiting requests, first come first served, while the method and KV allow.
-    ///
-    /// Under prefix caching with continuous batching, a request whose next uncached block is
-    /// being computed right now by a running sequence's prefill waits one step and then finds
-    /// it cached, instead of computing the same prefix again beside it.
     fn admit(&mut self) {
         if !self.method.continuous_batching && !self.running.is_empty() {
             return;
         }
         let bs = self.method.block_size;
-        let mut deferred = Vec::new();
         while self.running.len() < self.method.max_batch {
-            let Some((key, req)) = self.waiting.pop_front() else { break };
+            let Some((key, req)) = self.waiting.pop_front() else {
+                break;
+            };
+            let mut prompt_hashes = Vec::new();
             let mut table = Vec::new();
-            let mut hashes = Vec::new();
-            let mut defer = false;
             if self.method.prefix_caching {
                 // At least the last prompt token is computed, to give the first logits.
                 let cacheable = (req.prompt.len() - 1) / bs;
-                for i in 0..cacheable {
-                    let h = chain_hash(hashes.last(), &req.prompt[i * bs..(i + 1) * bs]);
-                    match self.pool.lookup(&h) {
-                        Some(b) => {
-                            table.push(b);
-                            hashes.push(h);
-                        }
-                        None => {
-                            defer = self.method.continuous_batching
-                                && self.running.iter().any(|s| {
-                                    s.computed < (i + 1) * bs && s.prompt_hashes.get(i) == Some(&h)
-                                });
-                            break;
-                        }
+                for block in req.prompt.chunks_exact(bs).take(cacheable) {
+                    let h = chain_hash(prompt_hashes.last(), block);
+                    prompt_hashes.push(h);
+                }
+                for h in &prompt_hashes {
+                    match self.pool.lookup(h) {
+                        Some(b) => table.push(b),
+                        None => break,
                     }
                 }
-            }
-            if defer {
-                for b in table {
-                    self.pool.release(b);
-                }
-                deferred.push((key, req));
-                continue;
             }
             let need = self.blocks_for(&req) - table.len();
             if self.pool.available() < self.reserved + need {
@@ -449,19 +456,12 @@ impl<'m> Batcher<'m> {
             self.reserved += need;
             let computed = table.len() * bs;
             let seed = req.sampling.seed;
-            let mut prompt_hashes = Vec::new();
-            if self.method.prefix_caching && self.method.continuous_batching {
-                for block in req.prompt.chunks_exact(bs) {
-                    let h = chain_hash(prompt_hashes.last(), block);
-                    prompt_hashes.push(h);
-                }
-            }
             self.running.push(Seq {
                 key,
                 tokens: req.prompt.clone(),
                 computed,
+                hashes: prompt_hashes[..table.len()].to_vec(),
                 table,
-                hashes,
                 prompt_hashes,
                 reserved: need,
                 rng: StdRng::seed_from_u64(seed),
@@ -470,8 +470,38 @@ impl<'m> Batcher<'m> {
                 req,
             });
         }
-        for item in deferred.into_iter().rev() {
-            self.waiting.push_front(item);
+    }
+
+    /// Prefix caching at prefill time: takes blocks that became cached since admission, and
+    /// says whether the sequence should wait a step because an earlier sequence is computing
+    /// its next block right now (so the prefix is computed once, not side by side).
+    fn late_lookup(&mut self, i: usize) -> bool {
+        let bs = self.method.block_size;
+        loop {
+            let s = &self.running[i];
+            let next = s.computed / bs;
+            if !s.computed.is_multiple_of(bs)
+                || s.table.len() != next
+                || next >= s.prompt_hashes.len()
+            {
+                return false;
+            }
+            let h = s.prompt_hashes[next];
+            if let Some(b) = self.pool.lookup(&h) {
+                let s = &mut self.running[i];
+                s.table.push(b);
+                s.hashes.push(h);
+                s.computed += bs;
+                s.cached_prompt_tokens += bs;
+                if s.reserved > 0 {
+                    s.reserved -= 1;
+                    self.reserved = self.reserved.saturating_sub(1);
+                }
+                continue;
+            }
+            return self.running[..i]
+                .iter()
+                .any(|e| e.prompt_hashes.get(next) == Some(&h) && e.computed < (next + 1) * bs);
         }
     }
 
@@ -486,19 +516,39 @@ impl<'m> Batcher<'m> {
                 items.push((i, s.computed, 1));
             }
         }
-        let mut budget = if self.method.chunked_prefill { self.method.chunk_size } else { usize::MAX };
+        let mut budget = if self.method.chunked_prefill {
+            self.method.chunk_size
+        } else {
+            usize::MAX
+        };
+        let mut waits = vec![false; self.running.len()];
+        if self.method.prefix_caching {
+            for (i, wait) in waits.iter_mut().enumerate() {
+                if self.running[i].computed < self.running[i].prompt_len() {
+                    *wait = self.late_lookup(i);
+                }
+            }
+        }
         for (i, s) in self.running.iter().enumerate() {
-            if s.computed < s.prompt_len() && budget > 0 {
+            if s.computed < s.prompt_len() && budget > 0 && !waits[i] {
                 let n = (s.prompt_len() - s.computed).min(budget);
                 items.push((i, s.computed, n));
                 budget -= n;
             }
         }
+        if items.is_empty() {
+            return Err(ProfilerError::Measure(
+                "the scheduler found nothing to run (a bug: the earliest sequence never waits)"
+                    .into(),
+            ));
+        }
         let mut tokens = Vec::new();
         for &(i, first, n) in &items {
             let s = &mut self.running[i];
             while s.table.len() * bs < first + n {
-                let block = self.pool.allocate().ok_or_else(|| ProfilerError::Measure("KV cache exhausted despite the reservation".into()))?;
+                let block = self.pool.allocate().ok_or_else(|| {
+                    ProfilerError::Measure("KV cache exhausted despite the reservation".into())
+                })?;
                 s.reserved = s.reserved.saturating_sub(1);
                 self.reserved = self.reserved.saturating_sub(1);
                 s.table.push(block);
@@ -530,7 +580,9 @@ impl<'m> Batcher<'m> {
                 }
             }
             if s.computed == s.tokens.len() {
-                let l = logits.next().ok_or_else(|| ProfilerError::Measure("missing logits".into()))?;
+                let l = logits
+                    .next()
+                    .ok_or_else(|| ProfilerError::Measure("missing logits".into()))?;
                 let token = sample::sample(&l, &s.req.sampling, &mut s.rng);
                 s.tokens.push(token);
                 s.token_times.push(now);

@@ -130,9 +130,9 @@ impl QMatrix {
         if t == 1 {
             out.copy_from_slice(&out_t);
         } else {
-            for (c, col) in out_t.chunks(t).enumerate() {
-                for (r, v) in col.iter().enumerate() {
-                    out[r * n + c] = *v;
+            for (r, row) in out.chunks_exact_mut(n).enumerate() {
+                for (o, v) in row.iter_mut().zip(out_t[r..].iter().step_by(t)) {
+                    *o = *v;
                 }
             }
         }
@@ -208,11 +208,16 @@ impl LlamaModel {
                 .map(|v| v as usize)
                 .ok_or_else(|| ProfilerError::Model(format!("GGUF metadata lacks {key}")))
         };
-        let float = |key: &str, default: f32| md.get(key).and_then(|v| v.to_f32().ok()).unwrap_or(default);
+        let float =
+            |key: &str, default: f32| md.get(key).and_then(|v| v.to_f32().ok()).unwrap_or(default);
         let hidden = int("llama.embedding_length")?;
         let heads = int("llama.attention.head_count")?;
         let kv_heads = int("llama.attention.head_count_kv").unwrap_or(heads);
-        if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) || !hidden.is_multiple_of(heads) {
+        if heads == 0
+            || kv_heads == 0
+            || !heads.is_multiple_of(kv_heads)
+            || !hidden.is_multiple_of(heads)
+        {
             return Err(ProfilerError::Model(format!(
                 "unsupported head layout: {heads} heads, {kv_heads} kv heads, hidden {hidden}"
             )));
@@ -227,7 +232,10 @@ impl LlamaModel {
                 .tensor(&mut file, name, &Device::Cpu)
                 .map_err(|e| ProfilerError::Model(format!("tensor {name}: {e}")))?;
             let dims = q.shape().dims().to_vec();
-            let values = q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+            let values = q
+                .dequantize(&Device::Cpu)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
             Ok((dims, values))
         };
         let mut matrix = |names: &[&str]| -> Result<QMatrix> {
@@ -245,7 +253,9 @@ impl LlamaModel {
                     }
                 };
                 if cols != 0 && c != cols {
-                    return Err(ProfilerError::Model(format!("tensor {name}: {c} columns, expected {cols}")));
+                    return Err(ProfilerError::Model(format!(
+                        "tensor {name}: {c} columns, expected {cols}"
+                    )));
                 }
                 cols = c;
                 rows += r;
@@ -280,7 +290,10 @@ impl LlamaModel {
         let mut vector = |name: &str| -> Result<Vec<f32>> {
             let (_, v) = read(name)?;
             if v.len() != hidden {
-                return Err(ProfilerError::Model(format!("tensor {name} has {} values, expected {hidden}", v.len())));
+                return Err(ProfilerError::Model(format!(
+                    "tensor {name} has {} values, expected {hidden}",
+                    v.len()
+                )));
             }
             Ok(v)
         };
@@ -310,13 +323,17 @@ impl LlamaModel {
                 || layer.w_gate_up.rows != 2 * ffn
                 || layer.w_down.rows != hidden
             {
-                return Err(ProfilerError::Model("layer shapes disagree with the metadata".into()));
+                return Err(ProfilerError::Model(
+                    "layer shapes disagree with the metadata".into(),
+                ));
             }
         }
         if let Some(out) = &output
             && out.cols != hidden
         {
-            return Err(ProfilerError::Model("output head shape disagrees with the metadata".into()));
+            return Err(ProfilerError::Model(
+                "output head shape disagrees with the metadata".into(),
+            ));
         }
         // RoPE tables, interleaved pairs (GGUF's Llama layout).
         let half = head_dim / 2;
@@ -363,7 +380,10 @@ impl LlamaModel {
 
     fn rope(&self, x: &mut [f32], pos: usize) {
         let half = self.config.head_dim / 2;
-        let (cos, sin) = (&self.cos[pos * half..(pos + 1) * half], &self.sin[pos * half..(pos + 1) * half]);
+        let (cos, sin) = (
+            &self.cos[pos * half..(pos + 1) * half],
+            &self.sin[pos * half..(pos + 1) * half],
+        );
         for head in x.chunks_mut(self.config.head_dim) {
             for i in 0..half {
                 let (a, b) = (head[2 * i], head[2 * i + 1]);
@@ -377,13 +397,21 @@ impl LlamaModel {
     /// blocks of each sequence; the tokens' keys and values are written there, and attention
     /// reads positions `0..=pos`. Returns the logits of the tokens that asked for them, in
     /// order.
-    pub(crate) fn forward(&self, tokens: &[StepToken], tables: &[&[u32]], kv: &mut KvPool) -> Result<Vec<Vec<f32>>> {
+    pub(crate) fn forward(
+        &self,
+        tokens: &[StepToken],
+        tables: &[&[u32]],
+        kv: &mut KvPool,
+    ) -> Result<Vec<Vec<f32>>> {
         let c = &self.config;
         let (h, d) = (c.hidden, c.head_dim);
         let t = tokens.len();
         for tok in tokens {
             if tok.token as usize >= c.vocab {
-                return Err(ProfilerError::Model(format!("token id {} is outside the vocabulary", tok.token)));
+                return Err(ProfilerError::Model(format!(
+                    "token id {} is outside the vocabulary",
+                    tok.token
+                )));
             }
             if tok.pos >= c.context_length {
                 return Err(ProfilerError::Model(format!(
@@ -420,7 +448,13 @@ impl LlamaModel {
                 });
             for (row, tok) in qkv.chunks(qkv_dim).zip(tokens) {
                 let block = tables[tok.seq][tok.pos / block_size];
-                kv.write(l, block, tok.pos % block_size, &row[q_dim..q_dim + kv_dim], &row[q_dim + kv_dim..]);
+                kv.write(
+                    l,
+                    block,
+                    tok.pos % block_size,
+                    &row[q_dim..q_dim + kv_dim],
+                    &row[q_dim + kv_dim..],
+                );
             }
             let kv_ref = &*kv;
             attn.par_chunks_mut(q_dim)
@@ -469,7 +503,12 @@ impl LlamaModel {
             layer.w_down.matmul(self.isa, &act, t, &mut proj);
             add_in_place(&mut x, &proj);
         }
-        let wanted: Vec<usize> = tokens.iter().enumerate().filter(|(_, t)| t.logits).map(|(i, _)| i).collect();
+        let wanted: Vec<usize> = tokens
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.logits)
+            .map(|(i, _)| i)
+            .collect();
         if wanted.is_empty() {
             return Ok(Vec::new());
         }
@@ -480,10 +519,12 @@ impl LlamaModel {
         let mut last_normed = vec![0f32; last.len()];
         rms_norm(&last, &self.norm, c.rms_eps, &mut last_normed);
         let mut logits = Vec::new();
-        self.output
-            .as_ref()
-            .unwrap_or(&self.embed)
-            .matmul(self.isa, &last_normed, wanted.len(), &mut logits);
+        self.output.as_ref().unwrap_or(&self.embed).matmul(
+            self.isa,
+            &last_normed,
+            wanted.len(),
+            &mut logits,
+        );
         Ok(logits.chunks(c.vocab).map(<[f32]>::to_vec).collect())
     }
 }
@@ -498,7 +539,9 @@ pub(crate) fn matmul_gflops(threads: usize, budget: std::time::Duration) -> Resu
         .num_threads(threads.max(1))
         .build()
         .map_err(|e| ProfilerError::Measure(format!("cannot start threads: {e}")))?;
-    let values: Vec<f32> = (0..N * K).map(|i| ((i * 7919) % 2003) as f32 / 1001.0 - 1.0).collect();
+    let values: Vec<f32> = (0..N * K)
+        .map(|i| ((i * 7919) % 2003) as f32 / 1001.0 - 1.0)
+        .collect();
     let w = QMatrix::from_f32(N, K, &values)?;
     let x: Vec<f32> = values[..M * K].to_vec();
     let isa = Isa::detect();
@@ -518,13 +561,15 @@ pub(crate) fn matmul_gflops(threads: usize, budget: std::time::Duration) -> Resu
 
 fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let h = weight.len();
-    out.par_chunks_mut(h).zip(x.par_chunks(h)).for_each(|(o, row)| {
-        let mean = row.iter().map(|v| v * v).sum::<f32>() / h as f32;
-        let inv = 1.0 / (mean + eps).sqrt();
-        for ((o, v), w) in o.iter_mut().zip(row).zip(weight) {
-            *o = v * inv * w;
-        }
-    });
+    out.par_chunks_mut(h)
+        .zip(x.par_chunks(h))
+        .for_each(|(o, row)| {
+            let mean = row.iter().map(|v| v * v).sum::<f32>() / h as f32;
+            let inv = 1.0 / (mean + eps).sqrt();
+            for ((o, v), w) in o.iter_mut().zip(row).zip(weight) {
+                *o = v * inv * w;
+            }
+        });
 }
 
 /// Dot product with eight independent partial sums (vectorizable; a fixed order, so the
@@ -532,7 +577,12 @@ fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
     for (x, y) in ca.zip(cb) {
         for i in 0..8 {
             acc[i] += x[i] * y[i];

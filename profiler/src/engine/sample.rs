@@ -86,19 +86,29 @@ mod tests {
         let greedy = Sampling::default();
         assert_eq!(sample(&logits, &greedy, &mut rng), 0);
         // A tiny nucleus keeps only the most likely token.
-        let narrow = Sampling { temperature: 1.0, top_p: 0.01, seed: 1 };
+        let narrow = Sampling {
+            temperature: 1.0,
+            top_p: 0.01,
+            seed: 1,
+        };
         for _ in 0..50 {
             assert_eq!(sample(&logits, &narrow, &mut rng), 0);
         }
         // With the whole mass both likely tokens come up, the unlikely ones (p ~ 1e-7) not.
-        let wide = Sampling { temperature: 1.0, top_p: 1.0, seed: 1 };
+        let wide = Sampling {
+            temperature: 1.0,
+            top_p: 1.0,
+            seed: 1,
+        };
         let picks: Vec<u32> = (0..400).map(|_| sample(&logits, &wide, &mut rng)).collect();
         assert!(picks.contains(&0) && picks.contains(&1));
         assert!(picks.iter().all(|p| *p < 2));
         // The same seed replays the same choices.
         let run = |seed| {
             let mut rng = StdRng::seed_from_u64(seed);
-            (0..20).map(|_| sample(&logits, &wide, &mut rng)).collect::<Vec<_>>()
+            (0..20)
+                .map(|_| sample(&logits, &wide, &mut rng))
+                .collect::<Vec<_>>()
         };
         assert_eq!(run(9), run(9));
     }
