@@ -78,7 +78,7 @@ fn bench_stores_a_signed_record_for_every_run() {
     assert_eq!(rows[1]["method"], "cb+pc");
     for row in rows {
         assert_eq!(row["workload"], "chat");
-        assert_eq!(row["metrics"]["requests"], 8);
+        assert_eq!(row["metrics"]["requests"], 6);
         assert!(row["metrics"]["throughput_tok_s"].as_f64().unwrap() > 0.0);
         assert!(row["metrics"]["peak_kv_bytes"].as_u64().unwrap() > 0);
     }

@@ -70,10 +70,10 @@ pub fn workload_for(preset: Preset, size: Size, seed: u64) -> Workload {
             // size. Long documents arrive one by one while earlier ones decode, the case
             // chunked prefill is for.
             let (n, cap, chars, arrival) = match preset {
-                Preset::Chat => (8, 16, usize::MAX, Arrival::AllAtOnce),
+                Preset::Chat => (6, 16, usize::MAX, Arrival::AllAtOnce),
                 Preset::MultiTurn => (4, 8, usize::MAX, Arrival::AllAtOnce),
                 Preset::FewShot => (4, 6, usize::MAX, Arrival::AllAtOnce),
-                Preset::Summarise => (3, 24, 1500, Arrival::Poisson { rate_per_s: 1.5 }),
+                Preset::Summarise => (3, 16, 1000, Arrival::Poisson { rate_per_s: 1.5 }),
                 Preset::Reasoning => (2, 32, usize::MAX, Arrival::AllAtOnce),
             };
             let mut w = generate(preset, n, arrival, seed);
