@@ -64,29 +64,12 @@ pub struct EngineConfig {
     pub threads: Option<usize>,
 }
 
-/// File name of the default model (SmolLM2-135M-Instruct, Q4_1).
-pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-
 impl EngineConfig {
     /// The configured models, or the default model's cached path when none is configured:
     /// `$METAINF_MODEL`, else `$METAINF_CACHE/models/…`, else `~/.cache/metainf/models/…`.
     pub fn model_paths(&self) -> Result<Vec<PathBuf>> {
         let paths = if self.models.is_empty() {
-            let default = std::env::var_os("METAINF_MODEL")
-                .map(PathBuf::from)
-                .or_else(|| {
-                    std::env::var_os("METAINF_CACHE")
-                        .map(|c| PathBuf::from(c).join("models").join(DEFAULT_MODEL_FILE))
-                })
-                .or_else(|| {
-                    directories::BaseDirs::new().map(|d| {
-                        d.home_dir()
-                            .join(".cache/metainf/models")
-                            .join(DEFAULT_MODEL_FILE)
-                    })
-                })
-                .ok_or(NodeError::NoDataDir)?;
-            vec![default]
+            vec![metainf_profiler::model::default_model_path().ok_or(NodeError::NoDataDir)?]
         } else {
             self.models.clone()
         };

@@ -10,12 +10,7 @@ use std::path::PathBuf;
 use metainf_profiler::engine::{Engine, EngineOptions, MethodSettings, Request, Sampling};
 
 fn model_path() -> PathBuf {
-    std::env::var_os("METAINF_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME").expect("HOME is set");
-            PathBuf::from(home).join(".cache/metainf/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        })
+    metainf_profiler::model::default_model_path().expect("HOME is set")
 }
 
 /// `n` tokens of ordinary text, no stop token reachable before `max_tokens` matters little:

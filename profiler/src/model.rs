@@ -11,6 +11,22 @@ use metainf_protocol::{ContentId, ModelDescriptor};
 
 use crate::error::{ProfilerError, Result};
 
+/// File name of the default model (SmolLM2-135M-Instruct, Q4_1).
+pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// Where the default model is expected: `$METAINF_MODEL`, else `$METAINF_CACHE/models/…`, else
+/// `~/.cache/metainf/models/…` (where `scripts/fetch-model.sh` puts it). `None` without a home.
+pub fn default_model_path() -> Option<std::path::PathBuf> {
+    use std::path::PathBuf;
+    if let Some(p) = std::env::var_os("METAINF_MODEL") {
+        return Some(PathBuf::from(p));
+    }
+    let cache = std::env::var_os("METAINF_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/metainf")))?;
+    Some(cache.join("models").join(DEFAULT_MODEL_FILE))
+}
+
 /// Reads the GGUF at `path` and describes it. The weights digest is BLAKE3 over the whole file,
 /// so two files with the same name but other weights are different models.
 pub fn describe(path: &Path) -> Result<ModelDescriptor> {

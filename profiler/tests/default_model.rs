@@ -5,12 +5,7 @@
 use std::path::PathBuf;
 
 fn model_path() -> PathBuf {
-    let path = std::env::var_os("METAINF_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME").expect("HOME is set");
-            PathBuf::from(home).join(".cache/metainf/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
+    let path = metainf_profiler::model::default_model_path().expect("HOME is set");
     assert!(
         path.exists(),
         "{} is missing: run scripts/fetch-model.sh (scripts/test.sh does)",
