@@ -323,8 +323,7 @@ fn tensor_command(command: TensorCommand, config: &Config) -> Result<ExitCode> {
             let stats = store.stats()?;
             let mut out = std::io::stdout().lock();
             if json {
-                serde_json::to_writer_pretty(&mut out, &stats)?;
-                writeln!(out)?;
+                write_json(&mut out, &stats)?;
             } else {
                 let rows: [(&str, u64); 12] = [
                     ("records", stats.records),
@@ -376,9 +375,7 @@ fn peers_command(json: bool, config: &Config) -> Result<ExitCode> {
                 })
             })
             .collect();
-        serde_json::to_writer_pretty(&mut out, &rows)?;
-        writeln!(out)?;
-        return Ok(ExitCode::SUCCESS);
+        return write_json(&mut out, &rows);
     }
     writeln!(
         out,
@@ -428,9 +425,7 @@ fn profile_command(threads: Option<usize>, json: bool) -> Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     if json {
         let value = serde_json::json!({ "hardware_id": id.to_string(), "profile": profile });
-        serde_json::to_writer_pretty(&mut out, &value)?;
-        writeln!(out)?;
-        return Ok(ExitCode::SUCCESS);
+        return write_json(&mut out, &value);
     }
     let spec = &profile.spec;
     writeln!(out, "hardware {} ({})", id.short(), spec.backend)?;
@@ -553,9 +548,7 @@ fn bench_command(
                 })
             })
             .collect();
-        serde_json::to_writer_pretty(&mut out, &rows)?;
-        writeln!(out)?;
-        return Ok(ExitCode::SUCCESS);
+        return write_json(&mut out, &rows);
     }
     writeln!(
         out,
@@ -652,5 +645,12 @@ fn generate_command(
         },
         engine.threads()
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Pretty JSON and a newline on `out`: the `--json` output of every command.
+fn write_json(out: &mut impl Write, value: &impl serde::Serialize) -> Result<ExitCode> {
+    serde_json::to_writer_pretty(&mut *out, value)?;
+    writeln!(out)?;
     Ok(ExitCode::SUCCESS)
 }

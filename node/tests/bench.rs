@@ -4,29 +4,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::{Command, Output};
+mod common;
+
+use common::{bin, run_ok};
 
 use metainf_node::store::{RecordQuery, Store};
-
-fn bin() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_metainf-node"));
-    cmd.env_remove("METAINF_DATA_DIR")
-        .env_remove("METAINF_CONFIG")
-        .env_remove("METAINF_MODELS")
-        .env_remove("METAINF_THREADS")
-        .env("RUST_LOG", "warn");
-    cmd
-}
-
-fn run_ok(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
 
 #[test]
 fn generate_answers_on_the_default_model_and_unknown_models_are_clear_errors() {

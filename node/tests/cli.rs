@@ -3,32 +3,17 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::zombie_processes)]
 
+mod common;
+
+use common::{bin, run_ok};
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use metainf_node::store::Store;
 use metainf_protocol::{Keypair, fixtures};
-
-fn bin() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_metainf-node"));
-    cmd.env_remove("METAINF_DATA_DIR")
-        .env_remove("METAINF_CONFIG")
-        .env_remove("METAINF_LOG_FORMAT")
-        .env("RUST_LOG", "info");
-    cmd
-}
-
-fn run_ok(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
 
 /// Starts `run` and waits for the "node running" log line; returns the child and the lines.
 fn start(data_dir: &Path, extra: &[&str]) -> (Child, Vec<String>) {

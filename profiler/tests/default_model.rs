@@ -2,17 +2,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::PathBuf;
+mod common;
 
-fn model_path() -> PathBuf {
-    let path = metainf_profiler::model::default_model_path().expect("HOME is set");
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/fetch-model.sh (scripts/test.sh does)",
-        path.display()
-    );
-    path
-}
+use common::model_path;
 
 #[test]
 fn the_default_model_is_described_from_its_gguf() {

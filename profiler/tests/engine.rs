@@ -3,7 +3,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::PathBuf;
+mod common;
+
+use common::model_path;
+
 use std::sync::OnceLock;
 
 use metainf_profiler::engine::{
@@ -12,16 +15,6 @@ use metainf_profiler::engine::{
 use metainf_profiler::tokenizer::chat_template;
 use metainf_profiler::workload::{Preset, generate};
 use metainf_protocol::{Arrival, ChatMessage, MethodConfig};
-
-fn model_path() -> PathBuf {
-    let path = metainf_profiler::model::default_model_path().expect("HOME is set");
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/fetch-model.sh (scripts/test.sh does)",
-        path.display()
-    );
-    path
-}
 
 fn engine() -> &'static Engine {
     static ENGINE: OnceLock<Engine> = OnceLock::new();

@@ -366,18 +366,6 @@ impl LlamaModel {
         &self.tokenizer
     }
 
-    /// Bytes the weights take in memory.
-    pub fn weight_bytes(&self) -> usize {
-        let m = |q: &QMatrix| q.blocks.len() * std::mem::size_of::<Q8Block>();
-        m(&self.embed)
-            + self.output.as_ref().map_or(0, m)
-            + self
-                .layers
-                .iter()
-                .map(|l| m(&l.wqkv) + m(&l.wo) + m(&l.w_gate_up) + m(&l.w_down))
-                .sum::<usize>()
-    }
-
     fn rope(&self, x: &mut [f32], pos: usize) {
         let half = self.config.head_dim / 2;
         let (cos, sin) = (
