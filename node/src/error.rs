@@ -63,6 +63,9 @@ pub enum NodeError {
     /// The engine or a benchmark failed.
     #[error("engine: {0}")]
     Engine(String),
+    /// The scheduler (features, predictor, evaluation, import) failed.
+    #[error(transparent)]
+    Scheduler(#[from] metainf_scheduler::SchedulerError),
 }
 
 impl NodeError {

@@ -9,6 +9,7 @@ pub mod bench;
 pub mod config;
 pub mod daemon;
 pub mod error;
+pub mod evaluation;
 pub mod identity;
 pub mod logging;
 pub mod net;

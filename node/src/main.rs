@@ -9,8 +9,13 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use metainf_node::config::{Config, LogFormat, Overrides};
 use metainf_node::daemon::{IDENTITY_FILE, Node, STORE_DIR, prepare_data_dir};
+use metainf_node::evaluation::{ModelEmbedder, TensorSource, import_csv, load_records};
 use metainf_node::store::Store;
 use metainf_node::{identity, logging, tensor};
+use metainf_scheduler::import::ColumnMap;
+use metainf_scheduler::{
+    Budget, EmbeddingCache, EvalConfig, FeatureConfig, SelectorKind, evaluate,
+};
 use tokio_util::sync::CancellationToken;
 
 /// A node of the metainf network: profiles its hardware, shares signed performance records
@@ -123,11 +128,15 @@ enum Command {
     /// signed performance record in the store (stop the node first: the store is its).
     Bench {
         /// Small workloads, every method and preset in under two minutes (the default).
-        #[arg(long, conflicts_with = "full")]
+        #[arg(long, conflicts_with_all = ["full", "natural"])]
         quick: bool,
+        /// The sweep that fills the performance tensor: every preset in three variants (quick
+        /// shape, twice the requests, the other arrival pattern); ~8 minutes on two cores.
+        #[arg(long, conflicts_with = "natural")]
+        full: bool,
         /// The presets at their natural sizes (much longer on a CPU).
         #[arg(long)]
-        full: bool,
+        natural: bool,
         /// Workload presets [default: all]: chat, multi-turn, few-shot, summarise, reasoning.
         #[arg(long, value_delimiter = ',', value_name = "PRESET")]
         workloads: Vec<metainf_profiler::workload::Preset>,
@@ -141,6 +150,53 @@ enum Command {
     /// List the peers this node has heard from, with their last heartbeat. Works while the
     /// node runs.
     Peers {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Evaluate MetaInf's predictor and the paper's baselines on a performance tensor: selection
+    /// accuracy, macro F1, acceleration ratio (Table 4), mean rank of the true best (Fig. 3)
+    /// and regret, per selector. Reads the data directory's store unless --tensor is given.
+    Eval {
+        /// A tensor file instead of the store: JSON lines of signed records (`tensor export`),
+        /// or a CSV table read through --map.
+        #[arg(long, value_name = "FILE")]
+        tensor: Option<PathBuf>,
+        /// How test cells are held out: random, or whole hardware profiles, models or
+        /// workloads (zero-shot).
+        #[arg(long, default_value = "random")]
+        split: metainf_scheduler::Split,
+        /// Number of folds (a grouped split has at most one per group).
+        #[arg(long, default_value_t = 5)]
+        folds: usize,
+        /// Seed of the random split.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Features: numeric, onehot, text (the paper's LLM embeddings) or numeric+text.
+        #[arg(long, default_value = "numeric")]
+        encoding: metainf_scheduler::Encoding,
+        /// Description style for text embeddings: basic, rich or cot.
+        #[arg(long, default_value = "rich")]
+        style: metainf_scheduler::PromptStyle,
+        /// SVD dimensions kept per entity kind for text embeddings.
+        #[arg(long, default_value_t = 64)]
+        svd_k: usize,
+        /// Selectors to compare [default: all], e.g. metainf,global-best,isac.
+        #[arg(long, value_delimiter = ',', value_name = "SELECTOR")]
+        selectors: Vec<metainf_scheduler::SelectorKind>,
+        /// Most a cell's job may cost; adds the share of cells with a feasible choice.
+        #[arg(long)]
+        budget: Option<f64>,
+        /// Price of one compute unit (thread or SM) per hour, for --budget.
+        #[arg(long, default_value_t = 1.0)]
+        price_per_unit_hour: f64,
+        /// Column map of a CSV tensor: hardware=COL,model=COL,method=COL,metric=COL
+        /// [,workload=COL;COL].
+        #[arg(long, value_name = "SPEC")]
+        map: Option<String>,
+        /// The CSV metric is higher-is-better (throughput) rather than lower (latency).
+        #[arg(long)]
+        higher_is_better: bool,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -164,6 +220,22 @@ enum TensorCommand {
     Import {
         /// Input file.
         file: PathBuf,
+    },
+    /// Sign and store the rows of an external benchmark table (CSV) as records of this node,
+    /// through a column mapping. All rows or none: a bad row stops the import.
+    ImportCsv {
+        /// Input CSV file with a header row.
+        file: PathBuf,
+        /// hardware=COL,model=COL,method=COL,metric=COL[,workload=COL;COL]; without workload,
+        /// every other all-numeric column describes the workload.
+        #[arg(long, value_name = "SPEC")]
+        map: String,
+        /// The metric is higher-is-better (throughput) rather than lower (latency).
+        #[arg(long)]
+        higher_is_better: bool,
+        /// Source label kept in the records [default: the file name].
+        #[arg(long)]
+        label: Option<String>,
     },
     /// Count records, origins, hardware, models, workloads, methods and cells.
     Stats {
@@ -232,11 +304,146 @@ fn dispatch(command: Command, config: &Config) -> Result<ExitCode> {
         Command::Bench {
             quick: _,
             full,
+            natural,
             workloads,
             methods,
             json,
-        } => bench_command(config, full, workloads, methods, json),
+        } => {
+            use metainf_profiler::bench::Size;
+            let size = if full {
+                Size::Full
+            } else if natural {
+                Size::Natural
+            } else {
+                Size::Quick
+            };
+            bench_command(config, size, workloads, methods, json)
+        }
+        Command::Eval {
+            tensor,
+            split,
+            folds,
+            seed,
+            encoding,
+            style,
+            svd_k,
+            selectors,
+            budget,
+            price_per_unit_hour,
+            map,
+            higher_is_better,
+            json,
+        } => {
+            let source = match tensor {
+                Some(file) => TensorSource::File(file),
+                None => TensorSource::Store(config.data_dir()?.join(STORE_DIR)),
+            };
+            let map = map
+                .map(|m| ColumnMap::parse(&m, higher_is_better, "csv"))
+                .transpose()?;
+            let eval = EvalConfig {
+                split,
+                folds,
+                seed,
+                features: FeatureConfig {
+                    encoding,
+                    style,
+                    svd_k,
+                },
+                selectors: if selectors.is_empty() {
+                    SelectorKind::ALL.to_vec()
+                } else {
+                    selectors
+                },
+                budget: budget.map(|limit| Budget {
+                    limit,
+                    price_per_unit_hour,
+                }),
+            };
+            eval_command(config, &source, map.as_ref(), &eval, json)
+        }
     }
+}
+
+fn eval_command(
+    config: &Config,
+    source: &TensorSource,
+    map: Option<&ColumnMap>,
+    eval: &EvalConfig,
+    json: bool,
+) -> Result<ExitCode> {
+    let records = load_records(source, map)?;
+    let tensor = metainf_scheduler::Tensor::from_records(&records)?;
+    eprintln!(
+        "tensor: {} records, {} cells ({} hardware, {} models, {} workloads, {} methods)",
+        records.len(),
+        tensor.cells.len(),
+        tensor.hardware.len(),
+        tensor.models.len(),
+        tensor.workloads.len(),
+        tensor.methods.len()
+    );
+    let cache = if eval.features.encoding.needs_text() {
+        let path = config
+            .engine
+            .model_paths()?
+            .into_iter()
+            .next()
+            .context("text features need a model (--model)")?;
+        let embedder = ModelEmbedder::load(&path, config.engine.threads)?;
+        Some(EmbeddingCache::with_file(
+            Box::new(embedder),
+            &config.data_dir()?.join("embeddings.json"),
+        ))
+    } else {
+        None
+    };
+    let report = evaluate(&tensor, eval, cache.as_ref())?;
+    if let Some(c) = &cache {
+        c.save()?;
+    }
+    let mut out = std::io::stdout().lock();
+    if json {
+        return write_json(&mut out, &report);
+    }
+    writeln!(
+        out,
+        "split {:?}, {} folds, {} test cells, {} methods ({} distinct best), features {:?}/{:?}/k={}",
+        report.split,
+        report.folds,
+        report.cells,
+        report.methods,
+        report.distinct_best,
+        report.features.encoding,
+        report.features.style,
+        report.features.svd_k
+    )?;
+    let budget = eval.budget.is_some();
+    write!(
+        out,
+        "{:<14} {:>8} {:>8} {:>8} {:>9} {:>8} {:>8}",
+        "selector", "accuracy", "macro-F1", "accel", "mean rank", "regret", "≤5% off"
+    )?;
+    if budget {
+        write!(out, " {:>9}", "feasible")?;
+    }
+    writeln!(out, " {:>8}", "fit s")?;
+    for r in &report.rows {
+        write!(
+            out,
+            "{:<14} {:>8.3} {:>8.3} {:>8.3} {:>9.2} {:>8.3} {:>8.3}",
+            r.selector, r.accuracy, r.macro_f1, r.acceleration, r.mean_rank, r.regret, r.near_best
+        )?;
+        if let Some(f) = r.feasible {
+            write!(out, " {f:>9.3}")?;
+        }
+        write!(out, " {:>8.2}", r.seconds)?;
+        match &r.error {
+            Some(e) => writeln!(out, "  (failed in some folds: {e})")?,
+            None => writeln!(out)?,
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn run(config: &Config) -> Result<ExitCode> {
@@ -317,6 +524,26 @@ fn tensor_command(command: TensorCommand, config: &Config) -> Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        TensorCommand::ImportCsv {
+            file,
+            map,
+            higher_is_better,
+            label,
+        } => {
+            let label = label.unwrap_or_else(|| {
+                file.file_stem()
+                    .map_or_else(|| "csv".to_owned(), |s| s.to_string_lossy().into_owned())
+            });
+            let map = ColumnMap::parse(&map, higher_is_better, &label)?;
+            let node = Node::open(config)?;
+            let f = File::open(&file).with_context(|| format!("cannot open {}", file.display()))?;
+            let report = import_csv(&node, BufReader::new(f), &map)?;
+            eprintln!(
+                "imported {} new records from {} rows ({} already present, {} conflicting)",
+                report.stored, report.lines, report.duplicates, report.conflicts
+            );
+            Ok(ExitCode::SUCCESS)
         }
         TensorCommand::Stats { json } => {
             let store = Store::open_read_only(&store_dir)?;
@@ -474,16 +701,16 @@ fn profile_command(threads: Option<usize>, json: bool) -> Result<ExitCode> {
 
 fn bench_command(
     config: &Config,
-    full: bool,
+    size: metainf_profiler::bench::Size,
     workloads: Vec<metainf_profiler::workload::Preset>,
     methods: Vec<metainf_protocol::MethodConfig>,
     json: bool,
 ) -> Result<ExitCode> {
     use metainf_node::bench::{BenchEvent, bench};
-    use metainf_profiler::bench::{Plan, Size};
+    use metainf_profiler::bench::Plan;
     use metainf_profiler::engine::MethodSettings;
 
-    let mut plan = Plan::standard(if full { Size::Full } else { Size::Quick });
+    let mut plan = Plan::standard(size);
     if !workloads.is_empty() {
         plan.workloads = workloads;
     }

@@ -14,8 +14,12 @@ pub enum Size {
     /// Small workloads with capped lengths: every method on every preset in under two minutes
     /// on two cores.
     Quick,
-    /// The presets at their natural lengths (minutes per pair on a CPU).
+    /// The sweep that fills the performance tensor: every preset in three variants (the quick
+    /// shape, twice the requests, and the other arrival pattern), each its own workload cell.
+    /// About 8 minutes per hardware setting on two cores.
     Full,
+    /// The presets at their natural lengths (minutes per pair on a CPU).
+    Natural,
 }
 
 /// What to run.
@@ -25,7 +29,7 @@ pub struct Plan {
     pub workloads: Vec<Preset>,
     /// Methods.
     pub methods: Vec<MethodSettings>,
-    /// Quick or full.
+    /// Quick, full or natural.
     pub size: Size,
     /// Seed of the workload generator.
     pub seed: u64,
@@ -47,14 +51,56 @@ impl Plan {
 
     /// Number of runs.
     pub fn runs(&self) -> usize {
-        self.workloads.len() * self.methods.len()
+        self.workloads
+            .iter()
+            .map(|&p| workloads_for(p, self.size, self.seed).len())
+            .sum::<usize>()
+            * self.methods.len()
     }
 }
 
-/// The workload a preset gives at a size: requests, how they arrive, output caps.
-pub fn workload_for(preset: Preset, size: Size, seed: u64) -> Workload {
+/// The quick shape of a preset: (requests, output cap, prompt cap in characters, arrival).
+/// The presets' shapes (shared prefixes, long versus short prompts and outputs) at a fraction
+/// of their size. Long documents arrive one by one while earlier ones decode, the case chunked
+/// prefill is for.
+fn quick_shape(preset: Preset) -> (usize, u32, usize, Arrival) {
+    match preset {
+        Preset::Chat => (6, 16, usize::MAX, Arrival::AllAtOnce),
+        Preset::MultiTurn => (4, 8, usize::MAX, Arrival::AllAtOnce),
+        Preset::FewShot => (4, 6, usize::MAX, Arrival::AllAtOnce),
+        Preset::Summarise => (3, 16, 1000, Arrival::Poisson { rate_per_s: 1.5 }),
+        Preset::Reasoning => (2, 32, usize::MAX, Arrival::AllAtOnce),
+    }
+}
+
+fn capped(
+    preset: Preset,
+    n: usize,
+    cap: u32,
+    chars: usize,
+    arrival: Arrival,
+    seed: u64,
+) -> Workload {
+    let mut w = generate(preset, n, arrival, seed);
+    for r in &mut w.requests {
+        r.max_new_tokens = r.max_new_tokens.min(cap);
+        for m in &mut r.messages {
+            if m.content.len() > chars {
+                let mut end = chars;
+                while !m.content.is_char_boundary(end) {
+                    end -= 1;
+                }
+                m.content.truncate(end);
+            }
+        }
+    }
+    w
+}
+
+/// The workloads a preset gives at a size.
+pub fn workloads_for(preset: Preset, size: Size, seed: u64) -> Vec<Workload> {
     match size {
-        Size::Full => {
+        Size::Natural => {
             let (n, arrival) = match preset {
                 Preset::Chat => (32, Arrival::AllAtOnce),
                 Preset::MultiTurn => (16, Arrival::AllAtOnce),
@@ -62,34 +108,25 @@ pub fn workload_for(preset: Preset, size: Size, seed: u64) -> Workload {
                 Preset::Summarise => (8, Arrival::Poisson { rate_per_s: 0.5 }),
                 Preset::Reasoning => (8, Arrival::AllAtOnce),
             };
-            generate(preset, n, arrival, seed)
+            vec![generate(preset, n, arrival, seed)]
         }
         Size::Quick => {
-            // (requests, output cap, prompt cap in characters, arrival): the presets' shapes
-            // (shared prefixes, long versus short prompts and outputs) at a fraction of their
-            // size. Long documents arrive one by one while earlier ones decode, the case
-            // chunked prefill is for.
-            let (n, cap, chars, arrival) = match preset {
-                Preset::Chat => (6, 16, usize::MAX, Arrival::AllAtOnce),
-                Preset::MultiTurn => (4, 8, usize::MAX, Arrival::AllAtOnce),
-                Preset::FewShot => (4, 6, usize::MAX, Arrival::AllAtOnce),
-                Preset::Summarise => (3, 16, 1000, Arrival::Poisson { rate_per_s: 1.5 }),
-                Preset::Reasoning => (2, 32, usize::MAX, Arrival::AllAtOnce),
+            let (n, cap, chars, arrival) = quick_shape(preset);
+            vec![capped(preset, n, cap, chars, arrival, seed)]
+        }
+        Size::Full => {
+            let (n, cap, chars, arrival) = quick_shape(preset);
+            // Requests arriving one by one where the quick shape has them all at once, and
+            // the other way round.
+            let other = match arrival {
+                Arrival::AllAtOnce => Arrival::Poisson { rate_per_s: 2.0 },
+                Arrival::Poisson { .. } => Arrival::AllAtOnce,
             };
-            let mut w = generate(preset, n, arrival, seed);
-            for r in &mut w.requests {
-                r.max_new_tokens = r.max_new_tokens.min(cap);
-                for m in &mut r.messages {
-                    if m.content.len() > chars {
-                        let mut end = chars;
-                        while !m.content.is_char_boundary(end) {
-                            end -= 1;
-                        }
-                        m.content.truncate(end);
-                    }
-                }
-            }
-            w
+            vec![
+                capped(preset, n, cap, chars, arrival.clone(), seed),
+                capped(preset, 2 * n, cap, chars, arrival, seed + 1),
+                capped(preset, n, cap, chars, other, seed + 2),
+            ]
         }
     }
 }
@@ -203,10 +240,14 @@ pub fn run_plan(
 ) -> Result<Vec<BenchRun>> {
     let mut runs = Vec::with_capacity(plan.runs());
     let mut done_before = 0;
-    for &preset in &plan.workloads {
-        let workload = workload_for(preset, plan.size, plan.seed);
+    let workloads = plan.workloads.iter().flat_map(|&p| {
+        workloads_for(p, plan.size, plan.seed)
+            .into_iter()
+            .map(move |w| (p, w))
+    });
+    for (preset, workload) in workloads {
         let requests = requests_for(engine, &workload)?;
-        let descriptor = describe(Some(preset.name()), &requests, workload.arrival);
+        let descriptor = describe(Some(preset.name()), &requests, workload.arrival.clone());
         for method in &plan.methods {
             let report = engine
                 .run_with_progress(&requests, method, &mut |n| on_progress(done_before + n))?;
@@ -229,6 +270,7 @@ pub fn run_plan(
 pub fn total_requests(plan: &Plan) -> usize {
     plan.workloads
         .iter()
-        .map(|p| workload_for(*p, plan.size, plan.seed).requests.len() * plan.methods.len())
+        .flat_map(|&p| workloads_for(p, plan.size, plan.seed))
+        .map(|w| w.requests.len() * plan.methods.len())
         .sum()
 }

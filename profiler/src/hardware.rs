@@ -114,7 +114,28 @@ fn cores_per_sm(major: u32, minor: u32) -> Option<u32> {
     }
 }
 
-/// Facts about the CPU from /proc, limited to `threads`.
+/// Most engine threads per logical CPU honoured by [`engine_threads`].
+pub const MAX_THREADS_PER_CPU: usize = 4;
+
+/// The engine threads for a `--threads` request: every logical CPU by default. More threads
+/// than CPUs are honoured (up to [`MAX_THREADS_PER_CPU`] per CPU): oversubscription is a
+/// genuinely different, slower setting, and the profile must say what the engine really runs.
+pub fn engine_threads(requested: Option<usize>) -> usize {
+    let logical = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let threads = requested
+        .unwrap_or(logical)
+        .clamp(1, MAX_THREADS_PER_CPU * logical);
+    if threads > logical {
+        tracing::warn!(
+            threads,
+            logical,
+            "more engine threads than logical CPUs (oversubscribed)"
+        );
+    }
+    threads
+}
+
+/// Facts about the CPU from /proc, with `threads` engine threads (see [`engine_threads`]).
 pub fn cpu_spec(threads: Option<usize>) -> HardwareSpec {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let field = |name: &str| {
@@ -172,7 +193,7 @@ pub fn cpu_spec(threads: Option<usize>) -> HardwareSpec {
                 .and_then(|r| r.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         })
         .map_or(0, |kb| kb.saturating_mul(1024));
-    let threads = threads.unwrap_or(logical).clamp(1, logical);
+    let threads = engine_threads(threads);
     HardwareSpec {
         device: DeviceKind::Cpu,
         backend: "cpu".into(),
@@ -264,9 +285,15 @@ mod tests {
         let m = one.measured.as_ref().unwrap();
         assert!(m.matmul_gflops > 0.1, "{m:?}");
         assert!(m.mem_bandwidth_gbs > 0.1, "{m:?}");
-        // A thread limit above the machine is clamped; a different limit is another cell.
-        let all = cpu_spec(Some(10_000));
-        assert_eq!(all.compute_units, cpu.logical_cpus);
+        // Oversubscription is honoured up to 4 threads per CPU; a different count is another
+        // cell.
+        let logical = std::thread::available_parallelism().unwrap().get() as u32;
+        assert_eq!(
+            cpu_spec(Some(logical as usize + 1)).compute_units,
+            logical + 1
+        );
+        assert_eq!(cpu_spec(Some(10_000)).compute_units, 4 * logical);
+        assert_eq!(cpu_spec(None).compute_units, logical);
         if cpu.logical_cpus > 1 {
             let two = probe_cpu(&ProbeOptions {
                 threads: Some(2),

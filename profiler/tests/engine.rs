@@ -285,3 +285,34 @@ fn requests_that_cannot_run_get_clear_errors() {
     .to_string();
     assert!(missing.contains("cannot open"), "{missing}");
 }
+
+#[test]
+fn embeddings_are_unit_vectors_that_place_related_texts_closer() {
+    let texts: Vec<String> = [
+        "Hardware: GPU NVIDIA H100, 132 compute units, 80 GiB of memory.",
+        "Hardware: GPU NVIDIA A100, 108 compute units, 40 GiB of memory.",
+        "Method: prefix caching reuses the key-value blocks of shared prompt prefixes.",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    let v = engine().embed(&texts, 512).unwrap();
+    assert_eq!(v.len(), 3);
+    let dim = engine().model().config.hidden;
+    let cos = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+    for e in &v {
+        assert_eq!(e.len(), dim);
+        assert!((cos(e, e) - 1.0).abs() < 1e-4);
+    }
+    assert!(
+        cos(&v[0], &v[1]) > cos(&v[0], &v[2]),
+        "{} vs {}",
+        cos(&v[0], &v[1]),
+        cos(&v[0], &v[2])
+    );
+    // Deterministic, and cut at the token limit rather than failing.
+    assert_eq!(engine().embed(&texts[..1], 512).unwrap()[0], v[0]);
+    let long = vec!["word ".repeat(5000)];
+    assert_eq!(engine().embed(&long, 64).unwrap()[0].len(), dim);
+    assert!(engine().embed(&[String::new()], 64).is_err());
+}

@@ -74,6 +74,7 @@ pub fn workload(preset: &str, requests: u32) -> WorkloadDescriptor {
         prefix_sharing: 0.3,
         arrival: Arrival::AllAtOnce,
         temperature: 0.0,
+        extra: Default::default(),
     }
 }
 

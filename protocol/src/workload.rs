@@ -1,5 +1,7 @@
 //! The shape of a batch of requests: what the meta-predictor conditions on.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ProtocolError, Result};
@@ -101,6 +103,9 @@ pub struct WorkloadDescriptor {
     pub arrival: Arrival,
     /// Sampling temperature (0 = greedy).
     pub temperature: f64,
+    /// Further numeric facts about the workload, by name (for example the columns of an
+    /// imported benchmark table). Empty for the engine's own workloads.
+    pub extra: BTreeMap<String, f64>,
 }
 
 impl WorkloadDescriptor {
@@ -124,6 +129,7 @@ impl WorkloadDescriptor {
             prefix_sharing: prefix_sharing(prompts),
             arrival,
             temperature,
+            extra: BTreeMap::new(),
         }
     }
 
@@ -147,6 +153,13 @@ impl WorkloadDescriptor {
         self.max_new_tokens.validate("workload.max_new_tokens")?;
         validate::in_range("workload.prefix_sharing", self.prefix_sharing, 0.0, 1.0)?;
         validate::in_range("workload.temperature", self.temperature, 0.0, 10.0)?;
+        validate::count("workload.extra", self.extra.len(), validate::MAX_ENTRIES)?;
+        for (k, v) in &self.extra {
+            validate::key("workload.extra", k)?;
+            if !v.is_finite() {
+                return Err(ProtocolError::invalid("workload.extra", "non-finite value"));
+            }
+        }
         if let Arrival::Poisson { rate_per_s } = self.arrival {
             validate::in_range("workload.arrival.rate_per_s", rate_per_s, 1e-6, 1e6)?;
         }

@@ -5,3 +5,23 @@
 //!
 //! It is pure logic: no network, no store. Its inputs are tensors of
 //! [`metainf_protocol::PerfRecord`]s built in memory or loaded from files.
+
+pub mod dataset;
+pub mod embed;
+pub mod error;
+pub mod eval;
+pub mod features;
+pub mod import;
+mod mlp;
+pub mod predictor;
+pub mod select;
+pub mod selectors;
+
+pub use dataset::{Cell, Tensor};
+pub use embed::{Embedder, EmbeddingCache, PromptStyle};
+pub use error::{Result, SchedulerError};
+pub use eval::{Budget, EvalConfig, EvalReport, Split, evaluate};
+pub use features::{Encoding, FeatureConfig, FeatureSpace};
+pub use predictor::{GbdtParams, MetaPredictor, Prediction};
+pub use select::{Choice, Decision, Host, Query, SelectError, select};
+pub use selectors::SelectorKind;

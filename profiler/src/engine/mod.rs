@@ -217,10 +217,7 @@ impl RunReport {
 impl Engine {
     /// Loads the GGUF at `path`.
     pub fn load(path: &Path, options: EngineOptions) -> Result<Self> {
-        let threads = options
-            .threads
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-            .max(1);
+        let threads = crate::hardware::engine_threads(options.threads);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("metainf-engine-{i}"))
@@ -244,6 +241,23 @@ impl Engine {
     /// Threads the engine uses.
     pub fn threads(&self) -> usize {
         self.threads
+    }
+
+    /// Embeds each text (see [`LlamaModel::embed_tokens`]); texts longer than
+    /// `max_tokens` tokens are cut there.
+    pub fn embed(&self, texts: &[String], max_tokens: usize) -> Result<Vec<Vec<f32>>> {
+        let tok = self.model.tokenizer();
+        let limit = max_tokens.clamp(1, self.model.config.context_length);
+        self.pool.install(|| {
+            texts
+                .iter()
+                .map(|t| {
+                    let mut ids = tok.encode(t)?;
+                    ids.truncate(limit);
+                    self.model.embed_tokens(&ids)
+                })
+                .collect()
+        })
     }
 
     /// Runs `requests` to completion under `method`, honouring their arrival times.

@@ -392,6 +392,85 @@ impl LlamaModel {
         kv: &mut KvPool,
     ) -> Result<Vec<Vec<f32>>> {
         let c = &self.config;
+        let h = c.hidden;
+        let x = self.hidden(tokens, tables, kv)?;
+        let wanted: Vec<usize> = tokens
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.logits)
+            .map(|(i, _)| i)
+            .collect();
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut last = Vec::with_capacity(wanted.len() * h);
+        for &i in &wanted {
+            last.extend_from_slice(&x[i * h..(i + 1) * h]);
+        }
+        let mut last_normed = vec![0f32; last.len()];
+        rms_norm(&last, &self.norm, c.rms_eps, &mut last_normed);
+        let mut logits = Vec::new();
+        self.output.as_ref().unwrap_or(&self.embed).matmul(
+            self.isa,
+            &last_normed,
+            wanted.len(),
+            &mut logits,
+        );
+        Ok(logits.chunks(c.vocab).map(<[f32]>::to_vec).collect())
+    }
+
+    /// A text embedding: the mean over `tokens` (one sequence, at most the context) of the
+    /// final RMS-normed hidden states, scaled to unit length. Runs in the current rayon pool.
+    pub fn embed_tokens(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let c = &self.config;
+        if tokens.is_empty() {
+            return Err(ProfilerError::Model("cannot embed an empty text".into()));
+        }
+        let block_size = 16;
+        let blocks = tokens.len().div_ceil(block_size);
+        let block_bytes = c.kv_bytes_per_token() * block_size;
+        let mut kv = KvPool::new(
+            block_size,
+            blocks * block_bytes,
+            c.layers,
+            c.kv_heads,
+            c.head_dim,
+        );
+        let table: Vec<u32> = (0..blocks)
+            .map(|_| {
+                kv.allocate()
+                    .ok_or_else(|| ProfilerError::Model("embedding KV pool too small".into()))
+            })
+            .collect::<Result<_>>()?;
+        let step: Vec<StepToken> = tokens
+            .iter()
+            .enumerate()
+            .map(|(pos, &token)| StepToken {
+                token,
+                pos,
+                seq: 0,
+                logits: false,
+            })
+            .collect();
+        let x = self.hidden(&step, &[&table], &mut kv)?;
+        let mut normed = vec![0f32; x.len()];
+        rms_norm(&x, &self.norm, c.rms_eps, &mut normed);
+        let mut mean = vec![0f32; c.hidden];
+        for row in normed.chunks(c.hidden) {
+            for (m, v) in mean.iter_mut().zip(row) {
+                *m += v;
+            }
+        }
+        let norm = mean.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+        for m in &mut mean {
+            *m /= norm;
+        }
+        Ok(mean)
+    }
+
+    /// The residual stream after the last layer, `tokens.len() × hidden`.
+    fn hidden(&self, tokens: &[StepToken], tables: &[&[u32]], kv: &mut KvPool) -> Result<Vec<f32>> {
+        let c = &self.config;
         let (h, d) = (c.hidden, c.head_dim);
         let t = tokens.len();
         for tok in tokens {
@@ -491,29 +570,7 @@ impl LlamaModel {
             layer.w_down.matmul(self.isa, &act, t, &mut proj);
             add_in_place(&mut x, &proj);
         }
-        let wanted: Vec<usize> = tokens
-            .iter()
-            .enumerate()
-            .filter(|(_, t)| t.logits)
-            .map(|(i, _)| i)
-            .collect();
-        if wanted.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut last = Vec::with_capacity(wanted.len() * h);
-        for &i in &wanted {
-            last.extend_from_slice(&x[i * h..(i + 1) * h]);
-        }
-        let mut last_normed = vec![0f32; last.len()];
-        rms_norm(&last, &self.norm, c.rms_eps, &mut last_normed);
-        let mut logits = Vec::new();
-        self.output.as_ref().unwrap_or(&self.embed).matmul(
-            self.isa,
-            &last_normed,
-            wanted.len(),
-            &mut logits,
-        );
-        Ok(logits.chunks(c.vocab).map(<[f32]>::to_vec).collect())
+        Ok(x)
     }
 }
 

@@ -1,0 +1,165 @@
+//! The node's side of the scheduler: the text embedder backed by the engine, loading tensors
+//! from the store or from files (JSONL records, CSV tables), and CSV import into the store.
+
+use std::io::{BufRead, Read};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use metainf_profiler::engine::{Engine, EngineOptions};
+use metainf_protocol::{PerfRecord, SignedRecord};
+use metainf_scheduler::import::{ColumnMap, csv_records};
+use metainf_scheduler::{Embedder, SchedulerError};
+
+use crate::daemon::Node;
+use crate::error::{NodeError, Result};
+use crate::store::{PutOutcome, Store};
+use crate::tensor::ImportReport;
+
+/// Longest description embedded, in tokens.
+const MAX_EMBED_TOKENS: usize = 512;
+
+/// Text embeddings from a GGUF model run by the engine: the mean of its final hidden states.
+pub struct ModelEmbedder {
+    engine: Mutex<Engine>,
+    id: String,
+}
+
+impl ModelEmbedder {
+    /// Loads the model at `path` with `threads` engine threads.
+    pub fn load(path: &Path, threads: Option<usize>) -> Result<Self> {
+        let descriptor =
+            metainf_profiler::model::describe(path).map_err(|e| NodeError::Model(e.to_string()))?;
+        let engine = Engine::load(path, EngineOptions { threads })
+            .map_err(|e| NodeError::Model(e.to_string()))?;
+        Ok(Self {
+            engine: Mutex::new(engine),
+            id: format!("gguf-mean-pool/{}", descriptor.weights_digest),
+        })
+    }
+}
+
+impl Embedder for ModelEmbedder {
+    fn id(&self) -> String {
+        self.id.clone()
+    }
+
+    fn embed(&self, texts: &[String]) -> metainf_scheduler::Result<Vec<Vec<f32>>> {
+        let engine = self
+            .engine
+            .lock()
+            .map_err(|_| SchedulerError::Embed("the engine lock is poisoned".into()))?;
+        engine
+            .embed(texts, MAX_EMBED_TOKENS)
+            .map_err(|e| SchedulerError::Embed(e.to_string()))
+    }
+}
+
+/// Every record of the store that decodes (corrupt entries are logged by the store and
+/// skipped).
+pub fn store_records(store: &Store) -> Result<Vec<PerfRecord>> {
+    let mut out = Vec::new();
+    store.for_each_record::<NodeError>(|r| {
+        if let Ok(r) = r {
+            out.push(r.record);
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Line numbers of rejected lines, with the reason.
+pub type Rejected = Vec<(u64, String)>;
+
+/// Records of a JSONL file of signed records, each verified; invalid lines are returned with
+/// their numbers.
+pub fn jsonl_records(path: &Path) -> Result<(Vec<PerfRecord>, Rejected)> {
+    let file = std::fs::File::open(path).map_err(|e| NodeError::io("cannot open", path, e))?;
+    let reader = std::io::BufReader::new(file);
+    let mut records = Vec::new();
+    let mut invalid = Vec::new();
+    for (i, line) in reader.lines().enumerate() {
+        let n = i as u64 + 1;
+        let line = line.map_err(|e| NodeError::io("cannot read", path, e))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<SignedRecord>(&line)
+            .map_err(|e| format!("not a signed record: {e}"))
+            .and_then(|r| r.verify().map_err(|e| format!("rejected: {e}")))
+        {
+            Ok(v) => records.push(v.record().clone()),
+            Err(reason) => invalid.push((n, reason)),
+        }
+    }
+    Ok((records, invalid))
+}
+
+/// Where a tensor comes from.
+#[derive(Clone, Debug)]
+pub enum TensorSource {
+    /// A file: `.csv` (needs a column map) or JSON lines of signed records.
+    File(PathBuf),
+    /// The store in a data directory.
+    Store(PathBuf),
+}
+
+/// Loads the records of a source. A CSV needs `map`; its records are attributed to a throwaway
+/// origin (they are evaluated, not stored).
+pub fn load_records(source: &TensorSource, map: Option<&ColumnMap>) -> Result<Vec<PerfRecord>> {
+    match source {
+        TensorSource::Store(dir) => store_records(&Store::open_read_only(dir)?),
+        TensorSource::File(path) if path.extension().is_some_and(|e| e == "csv") => {
+            let map = map.ok_or_else(|| {
+                NodeError::Scheduler(SchedulerError::invalid_input(
+                    "a CSV tensor needs --map hardware=COL,model=COL,method=COL,metric=COL",
+                ))
+            })?;
+            let file =
+                std::fs::File::open(path).map_err(|e| NodeError::io("cannot open", path, e))?;
+            let origin = metainf_protocol::Keypair::generate_ed25519()
+                .public()
+                .to_peer_id();
+            Ok(csv_records(file, map, origin, 1, crate::bench::now_ms())?)
+        }
+        TensorSource::File(path) => {
+            let (records, invalid) = jsonl_records(path)?;
+            for (line, reason) in invalid.iter().take(5) {
+                tracing::warn!("{}:{line}: {reason}", path.display());
+            }
+            if !invalid.is_empty() {
+                tracing::warn!(
+                    "skipped {} invalid lines of {}",
+                    invalid.len(),
+                    path.display()
+                );
+            }
+            Ok(records)
+        }
+    }
+}
+
+/// Reads a CSV table through `map`, signs every row as a record of this node
+/// (source `imported`) and stores them. Rows are all-or-nothing: a bad row fails the import
+/// before anything is stored.
+pub fn import_csv(node: &Node, input: impl Read, map: &ColumnMap) -> Result<ImportReport> {
+    let origin = node.peer_id();
+    let first = node.store().origin_state(&origin)?.max + 1;
+    let records = csv_records(input, map, origin, first, crate::bench::now_ms())?;
+    let mut report = ImportReport {
+        lines: records.len() as u64,
+        ..ImportReport::default()
+    };
+    let verified = records
+        .into_iter()
+        .map(|r| SignedRecord::sign(r, node.key()).and_then(SignedRecord::verify))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| NodeError::Engine(format!("cannot sign an imported record: {e}")))?;
+    for outcome in node.store().put(verified)? {
+        match outcome {
+            PutOutcome::Stored => report.stored += 1,
+            PutOutcome::Duplicate => report.duplicates += 1,
+            _ => report.conflicts += 1,
+        }
+    }
+    Ok(report)
+}

@@ -1,0 +1,212 @@
+//! The performance tensor P[workload, method, hardware] (and model) built from records.
+//!
+//! A *cell* is one (hardware, model, workload) combination; it holds the measured runtime of
+//! every method tried there. Selection happens per cell: which method (and, with hosts, which
+//! hardware) runs that workload fastest.
+
+use std::collections::HashMap;
+
+use metainf_protocol::{
+    ContentId, HardwareProfile, MethodConfig, ModelDescriptor, PerfRecord, WorkloadDescriptor,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+
+/// One (hardware, model, workload) cell of the tensor.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Cell {
+    /// Index into [`Tensor::hardware`].
+    pub hardware: usize,
+    /// Index into [`Tensor::models`].
+    pub model: usize,
+    /// Index into [`Tensor::workloads`].
+    pub workload: usize,
+    /// Runtime in seconds per method (index into [`Tensor::methods`]); `None` where the method
+    /// was not measured here. Repeated measurements are combined by their geometric mean.
+    pub runtime_s: Vec<Option<f64>>,
+}
+
+impl Cell {
+    /// Methods measured in this cell.
+    pub fn measured(&self) -> impl Iterator<Item = (usize, f64)> + '_ {
+        self.runtime_s
+            .iter()
+            .enumerate()
+            .filter_map(|(m, r)| r.map(|r| (m, r)))
+    }
+
+    /// The fastest measured method and its runtime.
+    pub fn best(&self) -> Option<(usize, f64)> {
+        self.measured().min_by(|a, b| a.1.total_cmp(&b.1))
+    }
+
+    /// Mean runtime over the measured methods.
+    pub fn mean_runtime(&self) -> Option<f64> {
+        let (n, sum) = self
+            .measured()
+            .fold((0usize, 0.0), |(n, s), (_, r)| (n + 1, s + r));
+        (n > 0).then(|| sum / n as f64)
+    }
+}
+
+/// The performance tensor: distinct entities and the cells that combine them.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Tensor {
+    /// Hardware profiles.
+    pub hardware: Vec<HardwareProfile>,
+    /// Models.
+    pub models: Vec<ModelDescriptor>,
+    /// Workloads.
+    pub workloads: Vec<WorkloadDescriptor>,
+    /// Methods.
+    pub methods: Vec<MethodConfig>,
+    /// Cells, in the order first seen.
+    pub cells: Vec<Cell>,
+}
+
+/// Interns entities by content id.
+struct Interner<T> {
+    index: HashMap<ContentId, usize>,
+    items: Vec<T>,
+}
+
+impl<T: Clone> Interner<T> {
+    fn new() -> Self {
+        Self {
+            index: HashMap::new(),
+            items: Vec::new(),
+        }
+    }
+
+    fn intern(&mut self, id: ContentId, item: &T) -> usize {
+        *self.index.entry(id).or_insert_with(|| {
+            self.items.push(item.clone());
+            self.items.len() - 1
+        })
+    }
+}
+
+impl Tensor {
+    /// Builds the tensor from records (benchmarks, jobs and imports alike). The runtime of a
+    /// record is its wall time; records of the same (cell, method) are averaged
+    /// geometrically.
+    pub fn from_records<'a>(records: impl IntoIterator<Item = &'a PerfRecord>) -> Result<Self> {
+        let mut hardware = Interner::new();
+        let mut models = Interner::new();
+        let mut workloads = Interner::new();
+        let mut methods = Interner::new();
+        // (hardware, model, workload) -> cell index; per cell and method: (sum of logs, count).
+        let mut cell_index: HashMap<(usize, usize, usize), usize> = HashMap::new();
+        let mut sums: Vec<HashMap<usize, (f64, u32)>> = Vec::new();
+        let mut keys: Vec<(usize, usize, usize)> = Vec::new();
+        for r in records {
+            let ids = r.cell()?;
+            let h = hardware.intern(ids.hardware, &r.hardware);
+            let m = models.intern(ids.model, &r.model);
+            let w = workloads.intern(ids.workload, &r.workload);
+            let k = methods.intern(ids.method, &r.method);
+            let c = *cell_index.entry((h, m, w)).or_insert_with(|| {
+                keys.push((h, m, w));
+                sums.push(HashMap::new());
+                keys.len() - 1
+            });
+            let runtime = r.metrics.wall_time_s.max(1e-9);
+            let e = sums[c].entry(k).or_insert((0.0, 0));
+            e.0 += runtime.ln();
+            e.1 += 1;
+        }
+        let n_methods = methods.items.len();
+        let cells = keys
+            .into_iter()
+            .zip(sums)
+            .map(|((h, m, w), per_method)| {
+                let mut runtime_s = vec![None; n_methods];
+                for (k, (sum, n)) in per_method {
+                    runtime_s[k] = Some((sum / f64::from(n)).exp());
+                }
+                Cell {
+                    hardware: h,
+                    model: m,
+                    workload: w,
+                    runtime_s,
+                }
+            })
+            .collect();
+        Ok(Self {
+            hardware: hardware.items,
+            models: models.items,
+            workloads: workloads.items,
+            methods: methods.items,
+            cells,
+        })
+    }
+
+    /// Number of measured (cell, method) entries.
+    pub fn observations(&self) -> usize {
+        self.cells.iter().map(|c| c.measured().count()).sum()
+    }
+
+    /// Cells where at least `min_methods` methods were measured: the ones a selection can be
+    /// scored on.
+    pub fn comparable_cells(&self, min_methods: usize) -> Vec<usize> {
+        (0..self.cells.len())
+            .filter(|&c| self.cells[c].measured().count() >= min_methods.max(1))
+            .collect()
+    }
+
+    /// A short, human label of a cell: "preset/requests @ hardware (units) · model".
+    pub fn cell_label(&self, c: usize) -> String {
+        let cell = &self.cells[c];
+        let w = &self.workloads[cell.workload];
+        let h = &self.hardware[cell.hardware].spec;
+        format!(
+            "{}×{} @ {} ({} units) · {}",
+            w.preset.as_deref().unwrap_or("workload"),
+            w.requests,
+            h.name,
+            h.compute_units,
+            self.models[cell.model].name
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use metainf_protocol::Keypair;
+    use metainf_protocol::fixtures::record;
+
+    #[test]
+    fn records_fold_into_cells_with_geometric_means() {
+        let key = Keypair::generate_ed25519();
+        // 2 hardware × 5 workloads × 8 methods.
+        let mut records: Vec<PerfRecord> = (0..80).map(|v| record(&key, v + 1, v)).collect();
+        // A repeat of the first record's cell and method, four times slower.
+        let mut repeat = records[0].clone();
+        repeat.seq = 1000;
+        repeat.metrics.wall_time_s *= 4.0;
+        repeat.metrics.throughput_tok_s /= 4.0;
+        records.push(repeat);
+        let t = Tensor::from_records(&records).unwrap();
+        assert_eq!(t.hardware.len(), 2);
+        assert_eq!(t.workloads.len(), 5);
+        assert_eq!(t.methods.len(), 8);
+        assert_eq!(t.cells.len(), 10);
+        assert_eq!(t.observations(), 80);
+        assert_eq!(t.comparable_cells(8).len(), 10);
+        let first = &t.cells[0];
+        let m0 = t
+            .methods
+            .iter()
+            .position(|m| *m == records[0].method)
+            .unwrap();
+        let expected = records[0].metrics.wall_time_s * 2.0;
+        assert!((first.runtime_s[m0].unwrap() - expected).abs() < 1e-9 * expected);
+        let (best, rt) = first.best().unwrap();
+        assert!(first.measured().all(|(_, r)| r >= rt));
+        assert!(first.runtime_s[best].is_some());
+    }
+}

@@ -1,0 +1,498 @@
+//! The evaluation harness: the paper's Table 4 columns (selection accuracy, macro F1,
+//! acceleration ratio), Fig. 3's mean rank of the true best, and regret against the oracle,
+//! for every selector, on random splits or with whole hardware profiles, models or workloads
+//! held out (the zero-shot setting of Table 5).
+//!
+//! Honest by construction: per fold, the feature space (vocabularies, SVD) and every learner
+//! are fitted on the training cells only; test cells are scored once, by the fold that holds
+//! them out.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::str::FromStr;
+use std::time::Instant;
+
+use rand::seq::SliceRandom;
+use rand::{SeedableRng, rngs::StdRng};
+use serde::{Deserialize, Serialize};
+
+use crate::dataset::Tensor;
+use crate::embed::EmbeddingCache;
+use crate::error::{Result, SchedulerError};
+use crate::features::{FeatureConfig, FeatureSpace};
+use crate::selectors::{SelectorKind, TrainSet};
+
+/// How cells are split into folds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Split {
+    /// Cells shuffled into folds.
+    #[default]
+    Random,
+    /// Whole hardware profiles held out.
+    Hardware,
+    /// Whole models held out.
+    Model,
+    /// Whole workloads held out.
+    Workload,
+}
+
+impl FromStr for Split {
+    type Err = SchedulerError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "random" => Ok(Self::Random),
+            "hardware" => Ok(Self::Hardware),
+            "model" => Ok(Self::Model),
+            "workload" => Ok(Self::Workload),
+            other => Err(SchedulerError::invalid(
+                "split",
+                format!("`{other}` (expected random, hardware, model or workload)"),
+            )),
+        }
+    }
+}
+
+/// Pricing for the budget column: cost = price per compute-unit hour × compute units ×
+/// runtime.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Budget {
+    /// Most a cell's job may cost.
+    pub limit: f64,
+    /// Price of one compute unit (thread or SM) for an hour.
+    pub price_per_unit_hour: f64,
+}
+
+/// What to evaluate.
+#[derive(Clone, Debug)]
+pub struct EvalConfig {
+    /// How folds are made.
+    pub split: Split,
+    /// Number of folds (grouped splits use at most one fold per group).
+    pub folds: usize,
+    /// Seed of the random split.
+    pub seed: u64,
+    /// Features.
+    pub features: FeatureConfig,
+    /// Selectors to compare.
+    pub selectors: Vec<SelectorKind>,
+    /// Optional budget.
+    pub budget: Option<Budget>,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        Self {
+            split: Split::Random,
+            folds: 5,
+            seed: 42,
+            features: FeatureConfig::default(),
+            selectors: SelectorKind::ALL.to_vec(),
+            budget: None,
+        }
+    }
+}
+
+/// One selector's row of the table.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SelectorScore {
+    /// Selector name.
+    pub selector: String,
+    /// Share of test cells where the chosen method was the true best.
+    pub accuracy: f64,
+    /// Macro-averaged F1 over the best-method classes.
+    pub macro_f1: f64,
+    /// Mean over cells of (mean runtime of all methods) / (runtime of the chosen method).
+    pub acceleration: f64,
+    /// Mean 1-based rank of the true best in the selector's ordering.
+    pub mean_rank: f64,
+    /// Mean over cells of runtime(chosen) / runtime(best) − 1.
+    pub regret: f64,
+    /// Share of cells where the chosen method is within 5 % of the best runtime: accuracy
+    /// that does not count measurement noise between near-ties as a miss.
+    pub near_best: f64,
+    /// With a budget: share of cells where a choice was made and its measured cost fits.
+    pub feasible: Option<f64>,
+    /// Seconds spent fitting and scoring, over all folds.
+    pub seconds: f64,
+    /// Why the selector failed, if it did in any fold (its other columns then cover the
+    /// folds where it worked).
+    pub error: Option<String>,
+}
+
+/// The evaluation's result.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvalReport {
+    /// The split.
+    pub split: Split,
+    /// Folds actually run.
+    pub folds: usize,
+    /// Test cells scored (each once).
+    pub cells: usize,
+    /// Methods in the tensor.
+    pub methods: usize,
+    /// Distinct best methods among the test cells.
+    pub distinct_best: usize,
+    /// Features used.
+    pub features: FeatureConfig,
+    /// One row per selector, then the oracle.
+    pub rows: Vec<SelectorScore>,
+}
+
+/// Splits `cells` into folds of test cells.
+pub fn folds(
+    tensor: &Tensor,
+    cells: &[usize],
+    split: Split,
+    k: usize,
+    seed: u64,
+) -> Vec<Vec<usize>> {
+    let k = k.max(2);
+    let group = |c: usize| -> usize {
+        let cell = &tensor.cells[c];
+        match split {
+            Split::Random => c,
+            Split::Hardware => cell.hardware,
+            Split::Model => cell.model,
+            Split::Workload => cell.workload,
+        }
+    };
+    let mut groups: Vec<usize> = cells
+        .iter()
+        .map(|&c| group(c))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let mut rng = StdRng::seed_from_u64(seed);
+    groups.shuffle(&mut rng);
+    let k = k.min(groups.len());
+    let mut out = vec![Vec::new(); k];
+    let fold_of: BTreeMap<usize, usize> = groups
+        .iter()
+        .enumerate()
+        .map(|(i, g)| (*g, i % k))
+        .collect();
+    for &c in cells {
+        out[fold_of[&group(c)]].push(c);
+    }
+    out.retain(|f| !f.is_empty());
+    out
+}
+
+#[derive(Default)]
+struct Tally {
+    correct: usize,
+    n: usize,
+    accel: f64,
+    rank: f64,
+    regret: f64,
+    near: usize,
+    feasible: usize,
+    pairs: Vec<(usize, usize)>,
+    seconds: f64,
+    error: Option<String>,
+}
+
+impl Tally {
+    fn score(&self, name: &str, budget: bool) -> SelectorScore {
+        let n = self.n.max(1) as f64;
+        SelectorScore {
+            selector: name.to_owned(),
+            accuracy: self.correct as f64 / n,
+            macro_f1: macro_f1(&self.pairs),
+            acceleration: self.accel / n,
+            mean_rank: self.rank / n,
+            regret: self.regret / n,
+            near_best: self.near as f64 / n,
+            feasible: budget.then(|| self.feasible as f64 / n),
+            seconds: self.seconds,
+            error: self.error.clone(),
+        }
+    }
+}
+
+/// Macro F1 over the classes that occur as truth or prediction.
+pub fn macro_f1(pairs: &[(usize, usize)]) -> f64 {
+    let classes: BTreeSet<usize> = pairs.iter().flat_map(|&(t, p)| [t, p]).collect();
+    if classes.is_empty() {
+        return 0.0;
+    }
+    let f1s: Vec<f64> = classes
+        .iter()
+        .map(|&c| {
+            let tp = pairs.iter().filter(|&&(t, p)| t == c && p == c).count() as f64;
+            let fp = pairs.iter().filter(|&&(t, p)| t != c && p == c).count() as f64;
+            let fne = pairs.iter().filter(|&&(t, p)| t == c && p != c).count() as f64;
+            if tp == 0.0 {
+                0.0
+            } else {
+                2.0 * tp / (2.0 * tp + fp + fne)
+            }
+        })
+        .collect();
+    f1s.iter().sum::<f64>() / f1s.len() as f64
+}
+
+/// Whether a selector's scores are predicted ln runtimes (so a cost can be predicted).
+fn predicts_runtime(kind: SelectorKind) -> bool {
+    !matches!(
+        kind,
+        SelectorKind::GlobalBest
+            | SelectorKind::Isac
+            | SelectorKind::ArgoSmart
+            | SelectorKind::Alors
+    )
+}
+
+/// Runs the evaluation.
+pub fn evaluate(
+    tensor: &Tensor,
+    config: &EvalConfig,
+    cache: Option<&EmbeddingCache>,
+) -> Result<EvalReport> {
+    let comparable = tensor.comparable_cells(2);
+    if comparable.len() < 2 {
+        return Err(SchedulerError::Data(format!(
+            "{} cells with at least two measured methods; evaluation needs 2 or more",
+            comparable.len()
+        )));
+    }
+    let fold_list = folds(tensor, &comparable, config.split, config.folds, config.seed);
+    if fold_list.len() < 2 {
+        return Err(SchedulerError::Data(format!(
+            "the {:?} split gives {} group(s); holding one out needs at least 2",
+            config.split,
+            fold_list.len()
+        )));
+    }
+    let cost = |c: usize, rt: f64| -> f64 {
+        config.budget.map_or(0.0, |b| {
+            let units = tensor.hardware[tensor.cells[c].hardware].spec.compute_units;
+            b.price_per_unit_hour * f64::from(units) * rt / 3600.0
+        })
+    };
+    let mut tallies: Vec<Tally> = config.selectors.iter().map(|_| Tally::default()).collect();
+    let mut oracle = Tally::default();
+    let mut distinct_best = BTreeSet::new();
+    for test in &fold_list {
+        let test_set: BTreeSet<usize> = test.iter().copied().collect();
+        // Training: every cell not held out (cells with one method still teach runtimes).
+        let train: Vec<usize> = (0..tensor.cells.len())
+            .filter(|c| !test_set.contains(c))
+            .filter(|&c| match config.split {
+                Split::Random => true,
+                // Grouped splits hold the whole group out, comparable or not.
+                _ => !test.iter().any(|&t| {
+                    let (a, b) = (&tensor.cells[t], &tensor.cells[c]);
+                    match config.split {
+                        Split::Hardware => a.hardware == b.hardware,
+                        Split::Model => a.model == b.model,
+                        Split::Workload => a.workload == b.workload,
+                        Split::Random => false,
+                    }
+                }),
+            })
+            .collect();
+        if train.is_empty() {
+            continue;
+        }
+        let space = FeatureSpace::fit(tensor, &train, config.features, cache)?;
+        let contexts = space.tensor_contexts(tensor, cache)?;
+        let methods = space.tensor_methods(tensor, cache)?;
+        let set = TrainSet {
+            tensor,
+            cells: &train,
+            contexts: &contexts,
+            methods: &methods,
+        };
+        for &c in test {
+            let cell = &tensor.cells[c];
+            if let (Some((best, best_rt)), Some(mean)) = (cell.best(), cell.mean_runtime()) {
+                distinct_best.insert(best);
+                oracle.n += 1;
+                oracle.correct += 1;
+                oracle.accel += mean / best_rt;
+                oracle.rank += 1.0;
+                oracle.near += 1;
+                oracle.pairs.push((best, best));
+                if config.budget.is_some_and(|b| cost(c, best_rt) <= b.limit) {
+                    oracle.feasible += 1;
+                }
+            }
+        }
+        for (kind, tally) in config.selectors.iter().zip(&mut tallies) {
+            let start = Instant::now();
+            let scored = kind.fit_score(&set, test);
+            tally.seconds += start.elapsed().as_secs_f64();
+            let scores = match scored {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(selector = kind.name(), "skipped in a fold: {e}");
+                    tally.error.get_or_insert_with(|| e.to_string());
+                    continue;
+                }
+            };
+            for (&c, s) in test.iter().zip(&scores) {
+                let cell = &tensor.cells[c];
+                let (Some((best, best_rt)), Some(mean)) = (cell.best(), cell.mean_runtime()) else {
+                    continue;
+                };
+                let mut order: Vec<(usize, f64)> = cell.measured().collect();
+                order.sort_by(|a, b| s[a.0].total_cmp(&s[b.0]));
+                let budgeted = config.budget.filter(|_| predicts_runtime(*kind));
+                let chosen = match budgeted {
+                    Some(b) => order
+                        .iter()
+                        .find(|(m, _)| cost(c, s[*m].exp()) <= b.limit)
+                        .copied(),
+                    None => order.first().copied(),
+                };
+                let rank = order.iter().position(|(m, _)| *m == best).unwrap_or(0) + 1;
+                tally.n += 1;
+                tally.rank += rank as f64;
+                let Some((chosen, chosen_rt)) = chosen.or_else(|| order.first().copied()) else {
+                    continue;
+                };
+                tally.correct += usize::from(chosen == best);
+                tally.accel += mean / chosen_rt;
+                tally.regret += chosen_rt / best_rt - 1.0;
+                tally.near += usize::from(chosen_rt <= 1.05 * best_rt);
+                tally.pairs.push((best, chosen));
+                if let Some(b) = config.budget {
+                    let made = budgeted.is_none()
+                        || order
+                            .iter()
+                            .any(|(m, _)| *m == chosen && cost(c, s[*m].exp()) <= b.limit);
+                    if made && cost(c, chosen_rt) <= b.limit {
+                        tally.feasible += 1;
+                    }
+                }
+            }
+        }
+    }
+    let budget = config.budget.is_some();
+    let mut rows: Vec<SelectorScore> = config
+        .selectors
+        .iter()
+        .zip(&tallies)
+        .map(|(k, t)| t.score(k.name(), budget))
+        .collect();
+    rows.push(oracle.score("Oracle", budget));
+    Ok(EvalReport {
+        split: config.split,
+        folds: fold_list.len(),
+        cells: oracle.n,
+        methods: tensor.methods.len(),
+        distinct_best: distinct_best.len(),
+        features: config.features,
+        rows,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use metainf_protocol::{Keypair, PerfRecord, fixtures};
+
+    /// 2 hardware × 5 workloads × 8 methods where the best method depends on the workload:
+    /// prefix caching wins where prompts are shared, continuous batching elsewhere.
+    fn structured() -> Tensor {
+        let key = Keypair::generate_ed25519();
+        let records: Vec<PerfRecord> = (0..80)
+            .map(|v| {
+                let mut r = fixtures::record(&key, v + 1, v);
+                let shared = matches!(
+                    r.workload.preset.as_deref(),
+                    Some("few-shot" | "multi-turn")
+                );
+                r.workload.prefix_sharing = if shared { 0.8 } else { 0.05 };
+                let units = f64::from(r.hardware.spec.compute_units);
+                let mut rt = 10.0 / units;
+                if r.method.short_name() == "pc" && shared {
+                    rt *= 0.5;
+                }
+                if r.method.short_name() == "cb" && !shared {
+                    rt *= 0.6;
+                }
+                r.metrics.wall_time_s = rt;
+                r.metrics.throughput_tok_s = r.metrics.output_tokens as f64 / rt;
+                r
+            })
+            .collect();
+        Tensor::from_records(&records).unwrap()
+    }
+
+    #[test]
+    fn folds_cover_each_cell_once_and_group_splits_hold_groups_out() {
+        let t = structured();
+        let cells: Vec<usize> = (0..t.cells.len()).collect();
+        for split in [Split::Random, Split::Hardware, Split::Workload] {
+            let f = folds(&t, &cells, split, 5, 1);
+            let mut all: Vec<usize> = f.iter().flatten().copied().collect();
+            all.sort_unstable();
+            assert_eq!(all, cells, "{split:?}");
+        }
+        let hw = folds(&t, &cells, Split::Hardware, 5, 1);
+        assert_eq!(hw.len(), 2);
+        for fold in &hw {
+            let h: BTreeSet<usize> = fold.iter().map(|&c| t.cells[c].hardware).collect();
+            assert_eq!(h.len(), 1);
+        }
+    }
+
+    #[test]
+    fn learners_beat_global_best_when_the_best_method_depends_on_the_workload() {
+        let t = structured();
+        let config = EvalConfig {
+            selectors: vec![SelectorKind::MetaInf, SelectorKind::GlobalBest],
+            ..EvalConfig::default()
+        };
+        let report = evaluate(&t, &config, None).unwrap();
+        assert_eq!(report.cells, 10);
+        assert_eq!(report.distinct_best, 2);
+        let meta = &report.rows[0];
+        let global = &report.rows[1];
+        let oracle = &report.rows[2];
+        assert_eq!(oracle.accuracy, 1.0);
+        assert!(meta.accuracy >= 0.9, "{meta:?}");
+        assert!(global.accuracy <= 0.6, "{global:?}");
+        assert!(meta.acceleration > global.acceleration);
+        assert!(meta.regret < global.regret);
+        assert!(meta.mean_rank < global.mean_rank);
+        assert!(oracle.acceleration >= meta.acceleration - 1e-12);
+        // Held-out hardware: the 2-unit machine was never seen, the workload effect carries.
+        let held = evaluate(
+            &t,
+            &EvalConfig {
+                split: Split::Hardware,
+                ..config.clone()
+            },
+            None,
+        )
+        .unwrap();
+        assert_eq!(held.folds, 2);
+        assert!(held.rows[0].accuracy >= 0.9, "{:?}", held.rows[0]);
+    }
+
+    #[test]
+    fn budget_column_counts_feasible_choices() {
+        let t = structured();
+        // 1 unit: ~10 s → 10/3600 per unit-hour price 1 ≈ 0.0028; 2 units: 5 s × 2 ≈ 0.0028.
+        let config = EvalConfig {
+            selectors: vec![SelectorKind::MetaInf],
+            budget: Some(Budget {
+                limit: 0.0025,
+                price_per_unit_hour: 1.0,
+            }),
+            ..EvalConfig::default()
+        };
+        let report = evaluate(&t, &config, None).unwrap();
+        let f = report.rows[0].feasible.unwrap();
+        // Only the accelerated methods (0.5× or 0.6×) fit, and each cell has one.
+        assert!(f > 0.8, "{:?}", report.rows[0]);
+        assert_eq!(report.rows[1].feasible, Some(1.0));
+        assert!(macro_f1(&[(0, 0), (1, 1)]) == 1.0 && macro_f1(&[(0, 1), (1, 0)]) == 0.0);
+    }
+}

@@ -1,0 +1,441 @@
+//! Algorithm 2, over hosts as well as methods: score every (host, method) pair with the
+//! predictor, add the host's predicted queue wait, price the runtime, drop the pairs over the
+//! budget, and choose by the objective. The decision carries the ranked alternatives with
+//! their predictions so a user can see why.
+
+use metainf_protocol::{
+    HardwareProfile, MethodConfig, ModelDescriptor, Objective, WorkloadDescriptor,
+};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::embed::EmbeddingCache;
+use crate::error::Result;
+use crate::predictor::{MetaPredictor, Prediction};
+
+/// A host that could run the job.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Host {
+    /// Its name (the node's peer id).
+    pub name: String,
+    /// Its hardware.
+    pub hardware: HardwareProfile,
+    /// Price per hour of compute.
+    pub price_per_hour: f64,
+    /// Jobs waiting in its queue.
+    pub queue_depth: u32,
+    /// Jobs running on it now.
+    pub running_jobs: u32,
+    /// Average power draw while running, watts, where known (energy objective).
+    pub power_w: Option<f64>,
+}
+
+/// What to decide.
+#[derive(Clone, Debug)]
+pub struct Query<'a> {
+    /// The job's workload.
+    pub workload: &'a WorkloadDescriptor,
+    /// The model.
+    pub model: &'a ModelDescriptor,
+    /// The candidate hosts.
+    pub hosts: &'a [Host],
+    /// The candidate methods.
+    pub methods: &'a [MethodConfig],
+    /// Most the client will pay; `None` is no limit.
+    pub budget: Option<f64>,
+    /// What to minimise among the feasible pairs.
+    pub objective: Objective,
+    /// Optimism under uncertainty: pairs are ranked by their runtime scaled by
+    /// exp(−explore × uncertainty), so little-known pairs get tried. 0 ranks by the mean.
+    pub explore: f64,
+}
+
+/// One scored (host, method) pair.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Choice {
+    /// Index into the query's hosts.
+    pub host: usize,
+    /// The host's name.
+    pub host_name: String,
+    /// The method.
+    pub method: MethodConfig,
+    /// Predicted execution time, seconds.
+    pub runtime_s: f64,
+    /// Predicted wait in the host's queue, seconds.
+    pub wait_s: f64,
+    /// Predicted cost: price × runtime.
+    pub cost: f64,
+    /// Predicted energy, joules, where the host's power is known.
+    pub energy_j: Option<f64>,
+    /// Uncertainty of the runtime (standard deviation of ln runtime over the ensemble).
+    pub log_std: f64,
+}
+
+impl Choice {
+    /// Predicted time until the result: wait plus runtime.
+    pub fn latency_s(&self) -> f64 {
+        self.wait_s + self.runtime_s
+    }
+}
+
+/// Most alternatives a decision lists.
+pub const MAX_ALTERNATIVES: usize = 16;
+
+/// The router's answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    /// The chosen pair.
+    pub chosen: Choice,
+    /// The best feasible pairs, best first (the chosen one included), at most
+    /// [`MAX_ALTERNATIVES`].
+    pub ranked: Vec<Choice>,
+    /// Pairs within the budget.
+    pub feasible: usize,
+    /// Pairs dropped for exceeding the budget.
+    pub over_budget: usize,
+}
+
+/// Why no pair could be chosen.
+#[derive(Clone, Debug, PartialEq, Error)]
+pub enum SelectError {
+    /// No host or no method to choose from.
+    #[error("no candidate {0}")]
+    NoCandidates(&'static str),
+    /// Every pair costs more than the budget.
+    #[error(
+        "no host and method fit the budget of {budget}: the cheapest is {} on {} at a predicted cost of {:.6} ({:.2} s)",
+        cheapest.method, cheapest.host_name, cheapest.cost, cheapest.runtime_s
+    )]
+    OverBudget {
+        /// The budget.
+        budget: f64,
+        /// The cheapest pair.
+        cheapest: Box<Choice>,
+    },
+}
+
+/// Predicts runtimes for the router. [`MetaPredictor`] is the production model.
+pub trait RuntimeModel {
+    /// Predictions indexed `[host][method]`.
+    fn predict_grid(
+        &self,
+        workload: &WorkloadDescriptor,
+        model: &ModelDescriptor,
+        hardware: &[&HardwareProfile],
+        methods: &[MethodConfig],
+    ) -> Result<Vec<Vec<Prediction>>>;
+}
+
+/// A [`MetaPredictor`] with the embedding cache its features may need.
+pub struct Predictor<'a> {
+    /// The trained model.
+    pub model: &'a MetaPredictor,
+    /// Embeddings for text features (unused with numeric features).
+    pub cache: Option<&'a EmbeddingCache>,
+}
+
+impl RuntimeModel for Predictor<'_> {
+    fn predict_grid(
+        &self,
+        workload: &WorkloadDescriptor,
+        model: &ModelDescriptor,
+        hardware: &[&HardwareProfile],
+        methods: &[MethodConfig],
+    ) -> Result<Vec<Vec<Prediction>>> {
+        self.model
+            .predict_grid(workload, model, hardware, methods, self.cache)
+    }
+}
+
+/// Scores every pair and chooses (Algorithm 2).
+///
+/// Hosts with the same hardware share one prediction (fleets have many identical machines).
+/// A host's predicted wait is the jobs ahead of it (queued and running) times this job's
+/// predicted runtime there: the router knows the queue length, not the queued jobs.
+pub fn select(model: &dyn RuntimeModel, query: &Query<'_>) -> Result<Decision> {
+    if query.hosts.is_empty() {
+        return Err(SelectError::NoCandidates("hosts").into());
+    }
+    if query.methods.is_empty() {
+        return Err(SelectError::NoCandidates("methods").into());
+    }
+    // Distinct hardware, by content id.
+    let mut distinct: Vec<&HardwareProfile> = Vec::new();
+    let mut ids = Vec::new();
+    let mut host_hw = Vec::with_capacity(query.hosts.len());
+    for h in query.hosts {
+        let id = h.hardware.id()?;
+        let idx = match ids.iter().position(|i| *i == id) {
+            Some(i) => i,
+            None => {
+                ids.push(id);
+                distinct.push(&h.hardware);
+                ids.len() - 1
+            }
+        };
+        host_hw.push(idx);
+    }
+    let grid = model.predict_grid(query.workload, query.model, &distinct, query.methods)?;
+    // Score every pair on plain numbers; only the ranked few become `Choice`s (which clone
+    // names and methods).
+    struct Scored {
+        host: usize,
+        method: usize,
+        runtime_s: f64,
+        wait_s: f64,
+        cost: f64,
+        energy_j: Option<f64>,
+        log_std: f64,
+    }
+    let mut all = Vec::with_capacity(query.hosts.len() * query.methods.len());
+    for (hi, host) in query.hosts.iter().enumerate() {
+        let ahead = f64::from(host.queue_depth) + f64::from(host.running_jobs);
+        for (mi, p) in grid[host_hw[hi]].iter().enumerate() {
+            let runtime_s = p.runtime_s();
+            all.push(Scored {
+                host: hi,
+                method: mi,
+                runtime_s,
+                wait_s: ahead * runtime_s,
+                cost: host.price_per_hour.max(0.0) * runtime_s / 3600.0,
+                energy_j: host.power_w.map(|w| w * runtime_s),
+                log_std: p.log_std,
+            });
+        }
+    }
+    let choice = |s: &Scored| Choice {
+        host: s.host,
+        host_name: query.hosts[s.host].name.clone(),
+        method: query.methods[s.method].clone(),
+        runtime_s: s.runtime_s,
+        wait_s: s.wait_s,
+        cost: s.cost,
+        energy_j: s.energy_j,
+        log_std: s.log_std,
+    };
+    let total = all.len();
+    let (mut feasible, over): (Vec<Scored>, Vec<Scored>) = all
+        .into_iter()
+        .partition(|c| query.budget.is_none_or(|b| c.cost <= b));
+    if feasible.is_empty() {
+        let cheapest = over
+            .iter()
+            .min_by(|a, b| {
+                a.cost
+                    .total_cmp(&b.cost)
+                    .then(a.runtime_s.total_cmp(&b.runtime_s))
+            })
+            .ok_or(SelectError::NoCandidates("pairs"))?;
+        return Err(SelectError::OverBudget {
+            budget: query.budget.unwrap_or(0.0),
+            cheapest: Box::new(choice(cheapest)),
+        }
+        .into());
+    }
+    let optimism = |log_std: f64| (-query.explore.max(0.0) * log_std).exp();
+    let key = |s: &Scored| -> (f64, f64) {
+        let o = optimism(s.log_std);
+        let latency = s.wait_s + s.runtime_s;
+        match query.objective {
+            Objective::Runtime => (latency * o, s.cost),
+            Objective::Cost => (s.cost * o, latency),
+            // Unknown energy sorts after every known one.
+            Objective::Energy => (s.energy_j.map_or(f64::INFINITY, |e| e * o), latency),
+        }
+    };
+    let feasible_count = feasible.len();
+    let mut keyed: Vec<((f64, f64), Scored)> = feasible.drain(..).map(|s| (key(&s), s)).collect();
+    let by_key = |a: &((f64, f64), Scored), b: &((f64, f64), Scored)| {
+        a.0.0.total_cmp(&b.0.0).then(a.0.1.total_cmp(&b.0.1))
+    };
+    let top = MAX_ALTERNATIVES.min(keyed.len());
+    if keyed.len() > top {
+        keyed.select_nth_unstable_by(top - 1, by_key);
+        keyed.truncate(top);
+    }
+    keyed.sort_by(by_key);
+    let ranked: Vec<Choice> = keyed.iter().map(|(_, s)| choice(s)).collect();
+    Ok(Decision {
+        chosen: ranked[0].clone(),
+        feasible: feasible_count,
+        over_budget: total - feasible_count,
+        ranked,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::error::SchedulerError;
+    use metainf_protocol::fixtures;
+
+    /// Runtime = 10 s / compute units, halved by continuous batching (unit test only).
+    struct Table;
+    impl RuntimeModel for Table {
+        fn predict_grid(
+            &self,
+            _: &WorkloadDescriptor,
+            _: &ModelDescriptor,
+            hardware: &[&HardwareProfile],
+            methods: &[MethodConfig],
+        ) -> Result<Vec<Vec<Prediction>>> {
+            Ok(hardware
+                .iter()
+                .map(|h| {
+                    methods
+                        .iter()
+                        .map(|m| {
+                            let mut rt = 10.0 / f64::from(h.spec.compute_units);
+                            if m.has("continuous_batching") {
+                                rt /= 2.0;
+                            }
+                            Prediction {
+                                log_runtime: f64::ln(rt),
+                                log_std: 0.1,
+                            }
+                        })
+                        .collect()
+                })
+                .collect())
+        }
+    }
+
+    fn host(name: &str, units: u32, price: f64, queue: u32) -> Host {
+        Host {
+            name: name.into(),
+            hardware: fixtures::cpu_hardware(units),
+            price_per_hour: price,
+            queue_depth: queue,
+            running_jobs: 0,
+            power_w: None,
+        }
+    }
+
+    #[test]
+    fn chooses_fastest_within_budget_and_explains() {
+        let w = fixtures::workload("chat", 8);
+        let m = fixtures::smollm2();
+        let methods = MethodConfig::standard_methods();
+        // 4 units at 36/h: cb 1.25 s costs 0.0125; 1 unit at 3.6/h: cb 5 s costs 0.005.
+        let hosts = vec![host("big", 4, 36.0, 0), host("small", 1, 3.6, 0)];
+        let mut q = Query {
+            workload: &w,
+            model: &m,
+            hosts: &hosts,
+            methods: &methods,
+            budget: None,
+            objective: Objective::Runtime,
+            explore: 0.0,
+        };
+        let d = select(&Table, &q).unwrap();
+        assert_eq!(d.chosen.host_name, "big");
+        assert!(d.chosen.method.has("continuous_batching"));
+        assert_eq!(d.ranked.len(), 16);
+        assert_eq!(d.feasible, 16);
+        assert!(
+            d.ranked
+                .windows(2)
+                .all(|p| p[0].latency_s() <= p[1].latency_s())
+        );
+        // A budget that only the small host meets.
+        q.budget = Some(0.01);
+        let d = select(&Table, &q).unwrap();
+        assert_eq!(d.chosen.host_name, "small");
+        assert!(d.chosen.cost <= 0.01);
+        assert!(d.over_budget > 0);
+        // The cost objective.
+        q.budget = None;
+        q.objective = Objective::Cost;
+        let d = select(&Table, &q).unwrap();
+        assert_eq!(d.chosen.host_name, "small");
+        // A queue in front of the big host: 2 jobs ahead of 1.25 s each (3.75 s < 5 s).
+        let busy = vec![host("big", 4, 36.0, 2), host("small", 1, 3.6, 0)];
+        q.hosts = &busy;
+        q.objective = Objective::Runtime;
+        let d = select(&Table, &q).unwrap();
+        assert_eq!(d.chosen.host_name, "big");
+        assert!((d.chosen.wait_s - 2.5).abs() < 1e-9);
+        let busier = vec![host("big", 4, 36.0, 4), host("small", 1, 3.6, 0)];
+        q.hosts = &busier;
+        assert_eq!(select(&Table, &q).unwrap().chosen.host_name, "small");
+    }
+
+    #[test]
+    fn impossible_budget_names_the_cheapest_option() {
+        let w = fixtures::workload("chat", 8);
+        let m = fixtures::smollm2();
+        let methods = MethodConfig::standard_methods();
+        let hosts = vec![host("big", 4, 36.0, 0), host("small", 1, 3.6, 0)];
+        let q = Query {
+            workload: &w,
+            model: &m,
+            hosts: &hosts,
+            methods: &methods,
+            budget: Some(1e-6),
+            objective: Objective::Runtime,
+            explore: 0.0,
+        };
+        let err = select(&Table, &q).unwrap_err();
+        let SchedulerError::Select(SelectError::OverBudget { cheapest, .. }) = &err else {
+            panic!("{err}");
+        };
+        assert_eq!(cheapest.host_name, "small");
+        assert!(err.to_string().contains("cheapest is cb"), "{err}");
+        let none = Query { hosts: &[], ..q };
+        assert!(select(&Table, &none).is_err());
+    }
+
+    /// Host with 1 unit: 10 s, certain; 2 units: 12 s, uncertain (unit test only).
+    struct Uncertain;
+    impl RuntimeModel for Uncertain {
+        fn predict_grid(
+            &self,
+            _: &WorkloadDescriptor,
+            _: &ModelDescriptor,
+            hardware: &[&HardwareProfile],
+            methods: &[MethodConfig],
+        ) -> Result<Vec<Vec<Prediction>>> {
+            Ok(hardware
+                .iter()
+                .map(|h| {
+                    let (rt, std) = if h.spec.compute_units == 1 {
+                        (10.0, 0.0)
+                    } else {
+                        (12.0, 0.5)
+                    };
+                    vec![
+                        Prediction {
+                            log_runtime: f64::ln(rt),
+                            log_std: std,
+                        };
+                        methods.len()
+                    ]
+                })
+                .collect())
+        }
+    }
+
+    #[test]
+    fn exploration_tries_the_uncertain_pair() {
+        let w = fixtures::workload("chat", 8);
+        let m = fixtures::smollm2();
+        let methods = vec![MethodConfig::baseline()];
+        let hosts = vec![host("known", 1, 1.0, 0), host("unknown", 2, 1.0, 0)];
+        let mut q = Query {
+            workload: &w,
+            model: &m,
+            hosts: &hosts,
+            methods: &methods,
+            budget: None,
+            objective: Objective::Runtime,
+            explore: 0.0,
+        };
+        assert_eq!(select(&Uncertain, &q).unwrap().chosen.host_name, "known");
+        q.explore = 1.0;
+        let d = select(&Uncertain, &q).unwrap();
+        assert_eq!(d.chosen.host_name, "unknown");
+        assert!((d.chosen.runtime_s - 12.0).abs() < 1e-9);
+    }
+}

@@ -1,0 +1,554 @@
+//! Every selector the evaluation compares: MetaInf's boosted trees and the paper's baselines
+//! (Global Best, ISAC, ARGOSMART, ALORS, Ridge, Random Forest, SVR, KNN, MLP).
+//!
+//! A selector scores every method of a cell, lower is better (predicted log runtime for the
+//! regressors, a relative log runtime for the others), from training cells only.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+
+use smartcore::cluster::kmeans::{KMeans, KMeansParameters};
+use smartcore::ensemble::random_forest_regressor::{
+    RandomForestRegressor, RandomForestRegressorParameters,
+};
+use smartcore::linalg::basic::arrays::Array;
+use smartcore::linalg::basic::matrix::DenseMatrix;
+use smartcore::linalg::traits::cholesky::CholeskyDecomposable;
+use smartcore::linalg::traits::svd::SVDDecomposable;
+use smartcore::neighbors::knn_regressor::{KNNRegressor, KNNRegressorParameters};
+use smartcore::svm::Kernels;
+use smartcore::svm::svr::{SVR, SVRParameters};
+
+use crate::dataset::Tensor;
+use crate::error::{Result, SchedulerError};
+use crate::predictor::{GbdtParams, TwoStage, training_rows};
+
+/// What a selector learns from.
+#[derive(Clone, Copy, Debug)]
+pub struct TrainSet<'a> {
+    /// The whole tensor.
+    pub tensor: &'a Tensor,
+    /// Cells it may learn from.
+    pub cells: &'a [usize],
+    /// Context features of every cell of the tensor.
+    pub contexts: &'a [Vec<f64>],
+    /// Features of every method of the tensor.
+    pub methods: &'a [Vec<f64>],
+}
+
+/// The selectors of the evaluation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SelectorKind {
+    /// MetaInf: boosted trees on (context, method) features.
+    MetaInf,
+    /// The method fastest on average over the training cells.
+    GlobalBest,
+    /// Cluster the training contexts (k-means), best method per cluster.
+    Isac,
+    /// Nearest training context, its best method.
+    ArgoSmart,
+    /// Factorise the cell × method matrix, regress features to the latent factors.
+    Alors,
+    /// Ridge regression on (context, method) features.
+    Ridge,
+    /// Random forest regression.
+    RandomForest,
+    /// Support-vector regression (RBF kernel).
+    Svr,
+    /// k-nearest-neighbour regression.
+    Knn,
+    /// A two-layer perceptron.
+    Mlp,
+}
+
+impl SelectorKind {
+    /// All selectors, MetaInf first.
+    pub const ALL: [SelectorKind; 10] = [
+        SelectorKind::MetaInf,
+        SelectorKind::GlobalBest,
+        SelectorKind::Isac,
+        SelectorKind::ArgoSmart,
+        SelectorKind::Alors,
+        SelectorKind::Ridge,
+        SelectorKind::RandomForest,
+        SelectorKind::Svr,
+        SelectorKind::Knn,
+        SelectorKind::Mlp,
+    ];
+
+    /// Display name, as in the paper's tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            SelectorKind::MetaInf => "MetaInf",
+            SelectorKind::GlobalBest => "Global Best",
+            SelectorKind::Isac => "ISAC",
+            SelectorKind::ArgoSmart => "ARGOSMART",
+            SelectorKind::Alors => "ALORS",
+            SelectorKind::Ridge => "Ridge",
+            SelectorKind::RandomForest => "Random Forest",
+            SelectorKind::Svr => "SVR",
+            SelectorKind::Knn => "KNN",
+            SelectorKind::Mlp => "MLP",
+        }
+    }
+
+    /// Scores (lower is better) of every tensor method in each query cell.
+    pub fn fit_score(self, train: &TrainSet<'_>, queries: &[usize]) -> Result<Vec<Vec<f64>>> {
+        if train.cells.is_empty() {
+            return Err(SchedulerError::Data("no training cells".into()));
+        }
+        // smartcore asserts on some inputs (SVR on a few rows of imported tables did); a
+        // learner that panics is an error of that learner, never a crash of the node.
+        let run = std::panic::AssertUnwindSafe(|| match self {
+            SelectorKind::GlobalBest => Ok(global_best(train, queries)),
+            SelectorKind::Isac => isac(train, queries),
+            SelectorKind::ArgoSmart => argosmart(train, queries),
+            SelectorKind::Alors => alors(train, queries),
+            _ => regression(self, train, queries),
+        });
+        std::panic::catch_unwind(run).unwrap_or_else(|panic| {
+            let reason = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(SchedulerError::model(
+                self.name(),
+                format!("the learner failed: {reason}"),
+            ))
+        })
+    }
+}
+
+impl FromStr for SelectorKind {
+    type Err = SchedulerError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let norm: String = s
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .collect::<String>()
+            .to_lowercase();
+        SelectorKind::ALL
+            .into_iter()
+            .find(|k| {
+                k.name()
+                    .chars()
+                    .filter(char::is_ascii_alphanumeric)
+                    .collect::<String>()
+                    .to_lowercase()
+                    == norm
+            })
+            .ok_or_else(|| SchedulerError::invalid("selector", format!("unknown `{s}`")))
+    }
+}
+
+/// Relative log runtimes of a cell: ln(rt) minus the cell's mean ln(rt), `None` where missing.
+fn relative(tensor: &Tensor, c: usize) -> Vec<Option<f64>> {
+    let cell = &tensor.cells[c];
+    let logs: Vec<Option<f64>> = cell.runtime_s.iter().map(|r| r.map(f64::ln)).collect();
+    let known: Vec<f64> = logs.iter().flatten().copied().collect();
+    let mean = known.iter().sum::<f64>() / known.len().max(1) as f64;
+    logs.into_iter().map(|l| l.map(|l| l - mean)).collect()
+}
+
+/// Mean relative log runtime per method over `cells` (missing methods: 0).
+fn mean_relative(tensor: &Tensor, cells: impl Iterator<Item = usize>) -> Vec<f64> {
+    let n = tensor.methods.len();
+    let mut sum = vec![0.0; n];
+    let mut count = vec![0u32; n];
+    for c in cells {
+        for (m, r) in relative(tensor, c).into_iter().enumerate() {
+            if let Some(r) = r {
+                sum[m] += r;
+                count[m] += 1;
+            }
+        }
+    }
+    sum.iter()
+        .zip(&count)
+        .map(|(s, &k)| if k > 0 { s / f64::from(k) } else { 0.0 })
+        .collect()
+}
+
+fn global_best(train: &TrainSet<'_>, queries: &[usize]) -> Vec<Vec<f64>> {
+    let scores = mean_relative(train.tensor, train.cells.iter().copied());
+    vec![scores; queries.len()]
+}
+
+/// z-score standardisation fitted on training rows.
+struct Standardizer {
+    mean: Vec<f64>,
+    std: Vec<f64>,
+}
+
+impl Standardizer {
+    fn fit(rows: &[&[f64]]) -> Self {
+        let d = rows.first().map_or(0, |r| r.len());
+        let n = rows.len().max(1) as f64;
+        let mut mean = vec![0.0; d];
+        for r in rows {
+            for (m, v) in mean.iter_mut().zip(r.iter()) {
+                *m += v / n;
+            }
+        }
+        let mut var = vec![0.0; d];
+        for r in rows {
+            for ((s, v), m) in var.iter_mut().zip(r.iter()).zip(&mean) {
+                *s += (v - m).powi(2) / n;
+            }
+        }
+        let std = var
+            .into_iter()
+            .map(|v| if v > 1e-12 { v.sqrt() } else { 1.0 })
+            .collect();
+        Self { mean, std }
+    }
+
+    fn apply(&self, row: &[f64]) -> Vec<f64> {
+        row.iter()
+            .zip(&self.mean)
+            .zip(&self.std)
+            .map(|((v, m), s)| (v - m) / s)
+            .collect()
+    }
+}
+
+fn matrix(rows: &[Vec<f64>], model: &str) -> Result<DenseMatrix<f64>> {
+    DenseMatrix::from_2d_vec(&rows.to_vec()).map_err(|e| SchedulerError::model(model, e))
+}
+
+fn isac(train: &TrainSet<'_>, queries: &[usize]) -> Result<Vec<Vec<f64>>> {
+    let refs: Vec<&[f64]> = train
+        .cells
+        .iter()
+        .map(|&c| train.contexts[c].as_slice())
+        .collect();
+    let z = Standardizer::fit(&refs);
+    let x: Vec<Vec<f64>> = refs.iter().map(|r| z.apply(r)).collect();
+    let fallback = mean_relative(train.tensor, train.cells.iter().copied());
+    // About one cluster per five training cells, at least 2 and at most 8.
+    let k = (train.cells.len() / 5).clamp(2, 8).min(train.cells.len());
+    if k < 2 {
+        return Ok(vec![fallback; queries.len()]);
+    }
+    let xm = matrix(&x, "ISAC")?;
+    let km: KMeans<f64, usize, DenseMatrix<f64>, Vec<usize>> = KMeans::fit(
+        &xm,
+        KMeansParameters::default().with_k(k).with_max_iter(100),
+    )
+    .map_err(|e| SchedulerError::model("ISAC", e))?;
+    let labels = km
+        .predict(&xm)
+        .map_err(|e| SchedulerError::model("ISAC", e))?;
+    let mut per_cluster: HashMap<usize, Vec<usize>> = HashMap::new();
+    for (&c, &l) in train.cells.iter().zip(&labels) {
+        per_cluster.entry(l).or_default().push(c);
+    }
+    let scores: HashMap<usize, Vec<f64>> = per_cluster
+        .into_iter()
+        .map(|(l, cells)| (l, mean_relative(train.tensor, cells.into_iter())))
+        .collect();
+    let q: Vec<Vec<f64>> = queries
+        .iter()
+        .map(|&c| z.apply(&train.contexts[c]))
+        .collect();
+    let qm = matrix(&q, "ISAC")?;
+    let ql = km
+        .predict(&qm)
+        .map_err(|e| SchedulerError::model("ISAC", e))?;
+    Ok(ql
+        .iter()
+        .map(|l| scores.get(l).cloned().unwrap_or_else(|| fallback.clone()))
+        .collect())
+}
+
+fn argosmart(train: &TrainSet<'_>, queries: &[usize]) -> Result<Vec<Vec<f64>>> {
+    let refs: Vec<&[f64]> = train
+        .cells
+        .iter()
+        .map(|&c| train.contexts[c].as_slice())
+        .collect();
+    let z = Standardizer::fit(&refs);
+    let x: Vec<Vec<f64>> = refs.iter().map(|r| z.apply(r)).collect();
+    let fallback = mean_relative(train.tensor, train.cells.iter().copied());
+    Ok(queries
+        .iter()
+        .map(|&q| {
+            let qv = z.apply(&train.contexts[q]);
+            let nearest = x
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (i, r.iter().zip(&qv).map(|(a, b)| (a - b).powi(2)).sum()))
+                .min_by(|a: &(usize, f64), b| a.1.total_cmp(&b.1))
+                .map(|(i, _)| train.cells[i]);
+            match nearest {
+                Some(n) => relative(train.tensor, n)
+                    .into_iter()
+                    .zip(&fallback)
+                    .map(|(r, f)| r.unwrap_or(*f))
+                    .collect(),
+                None => fallback.clone(),
+            }
+        })
+        .collect())
+}
+
+/// Ridge regression `(XᵀX + αI) w = Xᵀy` with an unpenalised intercept (X centred); `y` may
+/// have several columns. Returns (weights d × t, intercepts t, feature means).
+struct RidgeFit {
+    w: Vec<Vec<f64>>,
+    b: Vec<f64>,
+    mean: Vec<f64>,
+}
+
+impl RidgeFit {
+    fn fit(x: &[Vec<f64>], y: &[Vec<f64>], alpha: f64) -> Result<Self> {
+        let n = x.len();
+        let d = x.first().map_or(0, Vec::len);
+        let t = y.first().map_or(0, Vec::len);
+        if n == 0 || d == 0 || t == 0 {
+            return Err(SchedulerError::Data("ridge needs rows".into()));
+        }
+        let mean: Vec<f64> = (0..d)
+            .map(|j| x.iter().map(|r| r[j]).sum::<f64>() / n as f64)
+            .collect();
+        let ymean: Vec<f64> = (0..t)
+            .map(|j| y.iter().map(|r| r[j]).sum::<f64>() / n as f64)
+            .collect();
+        let mut xtx = vec![vec![0.0; d]; d];
+        let mut xty = vec![vec![0.0; t]; d];
+        for (row, yr) in x.iter().zip(y) {
+            let xc: Vec<f64> = row.iter().zip(&mean).map(|(v, m)| v - m).collect();
+            for i in 0..d {
+                for j in i..d {
+                    xtx[i][j] += xc[i] * xc[j];
+                }
+                for k in 0..t {
+                    xty[i][k] += xc[i] * (yr[k] - ymean[k]);
+                }
+            }
+        }
+        for i in 0..d {
+            let (upper, lower) = xtx.split_at_mut(i);
+            for (j, row) in upper.iter().enumerate() {
+                lower[0][j] = row[i];
+            }
+            lower[0][i] += alpha;
+        }
+        let a = matrix(&xtx, "Ridge")?;
+        let b = matrix(&xty, "Ridge")?;
+        let w = a
+            .cholesky_solve_mut(b)
+            .map_err(|e| SchedulerError::model("Ridge", e))?;
+        let w: Vec<Vec<f64>> = (0..d)
+            .map(|i| (0..t).map(|k| *w.get((i, k))).collect())
+            .collect();
+        let b = (0..t)
+            .map(|k| ymean[k] - (0..d).map(|i| w[i][k] * mean[i]).sum::<f64>())
+            .collect();
+        Ok(Self { w, b, mean })
+    }
+
+    fn predict(&self, row: &[f64]) -> Vec<f64> {
+        let _ = &self.mean;
+        (0..self.b.len())
+            .map(|k| self.b[k] + row.iter().zip(&self.w).map(|(v, w)| v * w[k]).sum::<f64>())
+            .collect()
+    }
+}
+
+fn alors(train: &TrainSet<'_>, queries: &[usize]) -> Result<Vec<Vec<f64>>> {
+    let n_methods = train.tensor.methods.len();
+    let fallback = mean_relative(train.tensor, train.cells.iter().copied());
+    // The training matrix of relative log runtimes, gaps filled with the method's mean.
+    let r: Vec<Vec<f64>> = train
+        .cells
+        .iter()
+        .map(|&c| {
+            relative(train.tensor, c)
+                .into_iter()
+                .zip(&fallback)
+                .map(|(v, f)| v.unwrap_or(*f))
+                .collect()
+        })
+        .collect();
+    let rank = 3.min(n_methods).min(train.cells.len());
+    if rank == 0 {
+        return Ok(vec![fallback; queries.len()]);
+    }
+    // R = U S Vᵀ; a cell's latent factors are its row of U S, a method's its row of V.
+    let rm = matrix(&r, "ALORS")?;
+    let svd = if train.cells.len() >= n_methods {
+        rm.svd().map_err(|e| SchedulerError::model("ALORS", e))?
+    } else {
+        return Ok(vec![fallback; queries.len()]);
+    };
+    let mut order: Vec<usize> = (0..svd.s.len()).collect();
+    order.sort_by(|&a, &b| svd.s[b].total_cmp(&svd.s[a]));
+    let top: Vec<usize> = order.into_iter().take(rank).collect();
+    let latent: Vec<Vec<f64>> = (0..train.cells.len())
+        .map(|i| top.iter().map(|&k| *svd.U.get((i, k)) * svd.s[k]).collect())
+        .collect();
+    let v: Vec<Vec<f64>> = (0..n_methods)
+        .map(|m| top.iter().map(|&k| *svd.V.get((m, k))).collect())
+        .collect();
+    let refs: Vec<&[f64]> = train
+        .cells
+        .iter()
+        .map(|&c| train.contexts[c].as_slice())
+        .collect();
+    let z = Standardizer::fit(&refs);
+    let x: Vec<Vec<f64>> = refs.iter().map(|r| z.apply(r)).collect();
+    let ridge = RidgeFit::fit(&x, &latent, 1.0)?;
+    Ok(queries
+        .iter()
+        .map(|&q| {
+            let u = ridge.predict(&z.apply(&train.contexts[q]));
+            v.iter()
+                .map(|vm| vm.iter().zip(&u).map(|(a, b)| a * b).sum())
+                .collect()
+        })
+        .collect())
+}
+
+/// The regressors: rows (context ++ method) → ln runtime.
+fn regression(
+    kind: SelectorKind,
+    train: &TrainSet<'_>,
+    queries: &[usize],
+) -> Result<Vec<Vec<f64>>> {
+    let (rows, y) = training_rows(train.tensor, train.cells, train.contexts, train.methods);
+    if rows.is_empty() {
+        return Err(SchedulerError::Data("no measured training entries".into()));
+    }
+    let n_methods = train.methods.len();
+    let query_rows: Vec<Vec<f64>> = queries
+        .iter()
+        .flat_map(|&c| {
+            train.methods.iter().map(move |m| {
+                let mut row = train.contexts[c].clone();
+                row.extend_from_slice(m);
+                row
+            })
+        })
+        .collect();
+    let flat: Vec<f64> = if kind == SelectorKind::MetaInf {
+        let model = TwoStage::fit(
+            train.tensor,
+            train.cells,
+            train.contexts,
+            train.methods,
+            GbdtParams::default(),
+        )?;
+        let contexts: Vec<Vec<f64>> = queries.iter().map(|&c| train.contexts[c].clone()).collect();
+        model
+            .predict(&contexts, train.methods)
+            .into_iter()
+            .flatten()
+            .map(|p| p.log_runtime)
+            .collect()
+    } else {
+        let refs: Vec<&[f64]> = rows.iter().map(Vec::as_slice).collect();
+        let z = Standardizer::fit(&refs);
+        let x: Vec<Vec<f64>> = rows.iter().map(|r| z.apply(r)).collect();
+        let q: Vec<Vec<f64>> = query_rows.iter().map(|r| z.apply(r)).collect();
+        let name = kind.name();
+        match kind {
+            SelectorKind::Ridge => {
+                let yy: Vec<Vec<f64>> = y.iter().map(|v| vec![*v]).collect();
+                let fit = RidgeFit::fit(&x, &yy, 1.0)?;
+                q.iter().map(|r| fit.predict(r)[0]).collect()
+            }
+            SelectorKind::RandomForest => {
+                let xm = matrix(&x, name)?;
+                let rf = RandomForestRegressor::fit(
+                    &xm,
+                    &y,
+                    RandomForestRegressorParameters::default()
+                        .with_n_trees(100)
+                        .with_max_depth(12)
+                        .with_seed(7),
+                )
+                .map_err(|e| SchedulerError::model(name, e))?;
+                rf.predict(&matrix(&q, name)?)
+                    .map_err(|e| SchedulerError::model(name, e))?
+            }
+            SelectorKind::Svr => {
+                let xm = matrix(&x, name)?;
+                let gamma = 1.0 / x.first().map_or(1, Vec::len).max(1) as f64;
+                let params = SVRParameters::default()
+                    .with_c(10.0)
+                    .with_eps(0.05)
+                    .with_kernel(Kernels::rbf().with_gamma(gamma));
+                let svr = SVR::fit(&xm, &y, &params).map_err(|e| SchedulerError::model(name, e))?;
+                let qm = matrix(&q, name)?;
+                svr.predict(&qm)
+                    .map_err(|e| SchedulerError::model(name, e))?
+            }
+            SelectorKind::Knn => {
+                let xm = matrix(&x, name)?;
+                let k = 5.min(x.len());
+                let knn = KNNRegressor::fit(&xm, &y, KNNRegressorParameters::default().with_k(k))
+                    .map_err(|e| SchedulerError::model(name, e))?;
+                knn.predict(&matrix(&q, name)?)
+                    .map_err(|e| SchedulerError::model(name, e))?
+            }
+            SelectorKind::Mlp => crate::mlp::fit_predict(&x, &y, &q, 7)?,
+            _ => return Err(SchedulerError::model(name, "not a regressor")),
+        }
+    };
+    Ok(flat.chunks(n_methods.max(1)).map(<[f64]>::to_vec).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::features::{FeatureConfig, FeatureSpace};
+    use metainf_protocol::{Keypair, fixtures};
+
+    #[test]
+    fn every_selector_scores_every_method_of_every_query() {
+        let key = Keypair::generate_ed25519();
+        let mut records: Vec<_> = (0..80).map(|v| fixtures::record(&key, v + 1, v)).collect();
+        // Make "cb" clearly fastest everywhere.
+        for r in &mut records {
+            if r.method.short_name() == "cb" {
+                r.metrics.wall_time_s = 0.2;
+                r.metrics.throughput_tok_s = r.metrics.output_tokens as f64 / 0.2;
+            }
+        }
+        let t = Tensor::from_records(&records).unwrap();
+        let all: Vec<usize> = (0..t.cells.len()).collect();
+        let fs = FeatureSpace::fit(&t, &all, FeatureConfig::default(), None).unwrap();
+        let contexts = fs.tensor_contexts(&t, None).unwrap();
+        let methods = fs.tensor_methods(&t, None).unwrap();
+        let (train, test) = all.split_at(7);
+        let set = TrainSet {
+            tensor: &t,
+            cells: train,
+            contexts: &contexts,
+            methods: &methods,
+        };
+        let cb = t
+            .methods
+            .iter()
+            .position(|m| m.short_name() == "cb")
+            .unwrap();
+        for kind in SelectorKind::ALL {
+            let scores = kind.fit_score(&set, test).unwrap();
+            assert_eq!(scores.len(), test.len(), "{}", kind.name());
+            for s in &scores {
+                assert_eq!(s.len(), 8);
+                assert!(s.iter().all(|v| v.is_finite()), "{}: {s:?}", kind.name());
+                let best = (0..8).min_by(|&a, &b| s[a].total_cmp(&s[b])).unwrap();
+                if !matches!(kind, SelectorKind::Svr | SelectorKind::Knn) {
+                    assert_eq!(best, cb, "{} chose {}", kind.name(), t.methods[best]);
+                }
+            }
+            assert_eq!(kind.name().parse::<SelectorKind>().unwrap(), kind);
+        }
+    }
+}
