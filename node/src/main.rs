@@ -162,6 +162,10 @@ enum Command {
         /// or a CSV table read through --map.
         #[arg(long, value_name = "FILE")]
         tensor: Option<PathBuf>,
+        /// What the tensor holds, lower is better: wall (job wall time, the paper's inference
+        /// time), ttft-p50 or itl-p95.
+        #[arg(long, default_value = "wall")]
+        metric: metainf_scheduler::Metric,
         /// How test cells are held out: random, or whole hardware profiles, models or
         /// workloads (zero-shot).
         #[arg(long, default_value = "random")]
@@ -321,6 +325,7 @@ fn dispatch(command: Command, config: &Config) -> Result<ExitCode> {
         }
         Command::Eval {
             tensor,
+            metric,
             split,
             folds,
             seed,
@@ -360,7 +365,7 @@ fn dispatch(command: Command, config: &Config) -> Result<ExitCode> {
                     price_per_unit_hour,
                 }),
             };
-            eval_command(config, &source, map.as_ref(), &eval, json)
+            eval_command(config, &source, map.as_ref(), metric, &eval, json)
         }
     }
 }
@@ -369,13 +374,14 @@ fn eval_command(
     config: &Config,
     source: &TensorSource,
     map: Option<&ColumnMap>,
+    metric: metainf_scheduler::Metric,
     eval: &EvalConfig,
     json: bool,
 ) -> Result<ExitCode> {
     let records = load_records(source, map)?;
-    let tensor = metainf_scheduler::Tensor::from_records(&records)?;
+    let tensor = metainf_scheduler::Tensor::from_records_with(&records, metric)?;
     eprintln!(
-        "tensor: {} records, {} cells ({} hardware, {} models, {} workloads, {} methods)",
+        "tensor of {metric:?}: {} records, {} cells ({} hardware, {} models, {} workloads, {} methods)",
         records.len(),
         tensor.cells.len(),
         tensor.hardware.len(),

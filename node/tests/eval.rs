@@ -109,6 +109,26 @@ fn eval_scores_every_selector_on_files_and_on_the_store() {
         "{table}"
     );
 
+    // Another metric of the same records.
+    let out = run_ok(
+        bin()
+            .args([
+                "eval",
+                "--json",
+                "--metric",
+                "itl-p95",
+                "--selectors",
+                "global-best",
+                "--tensor",
+            ])
+            .arg(&tensor)
+            .arg("--data-dir")
+            .arg(&data),
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["cells"], 10);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tensor of ItlP95"));
+
     // Text features from the real default model (descriptions embedded, SVD per fold).
     let out = run_ok(
         bin()
@@ -232,4 +252,43 @@ fn csv_tables_import_as_signed_records_and_evaluate() {
         .unwrap();
     assert!(!err.status.success());
     assert!(String::from_utf8_lossy(&err.stderr).contains("no column `speed`"));
+}
+
+#[test]
+fn the_committed_tensor_of_this_project_evaluates_as_benchmarks_md_says() {
+    // `data/tensor-2vcpu.jsonl`: `bench --full` at 1, 2 and 3 threads (scripts/sweep.sh).
+    let tensor = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/tensor-2vcpu.jsonl");
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_ok(
+        bin()
+            .args([
+                "eval",
+                "--json",
+                "--metric",
+                "ttft-p50",
+                "--split",
+                "hardware",
+                "--selectors",
+                "metainf,global-best",
+                "--tensor",
+            ])
+            .arg(&tensor)
+            .arg("--data-dir")
+            .arg(dir.path()),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("360 records, 45 cells (3 hardware, 1 models, 15 workloads, 8 methods)"),
+        "{stderr}"
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["folds"], 3);
+    let meta = row(&report, "MetaInf");
+    let global = row(&report, "Global Best");
+    // Zero-shot on unseen hardware, MetaInf ranks the methods better than one global choice.
+    assert!(
+        meta["regret"].as_f64().unwrap() < global["regret"].as_f64().unwrap(),
+        "{report}"
+    );
+    assert!(meta["mean_rank"].as_f64().unwrap() < global["mean_rank"].as_f64().unwrap());
 }

@@ -50,6 +50,47 @@ impl Cell {
     }
 }
 
+/// Which measurement of a record the tensor holds (lower is better for all of them).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Metric {
+    /// Wall time of the whole job: what a batch job waits for (the paper's inference time).
+    #[default]
+    WallTime,
+    /// Median time to first token: what an interactive user waits for.
+    TtftP50,
+    /// 95th percentile of the inter-token latency: how smooth streaming is.
+    ItlP95,
+}
+
+impl Metric {
+    /// The metric's value in a record, in seconds (`None` where it was not measured).
+    pub fn of(self, r: &PerfRecord) -> Option<f64> {
+        let v = match self {
+            Metric::WallTime => r.metrics.wall_time_s,
+            Metric::TtftP50 => r.metrics.ttft_ms.p50 / 1000.0,
+            Metric::ItlP95 => r.metrics.itl_ms.p95 / 1000.0,
+        };
+        (v.is_finite() && v > 0.0).then_some(v)
+    }
+}
+
+impl std::str::FromStr for Metric {
+    type Err = crate::SchedulerError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "wall" | "wall-time" => Ok(Self::WallTime),
+            "ttft" | "ttft-p50" => Ok(Self::TtftP50),
+            "itl" | "itl-p95" => Ok(Self::ItlP95),
+            other => Err(crate::SchedulerError::invalid(
+                "metric",
+                format!("`{other}` (expected wall, ttft-p50 or itl-p95)"),
+            )),
+        }
+    }
+}
+
 /// The performance tensor: distinct entities and the cells that combine them.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Tensor {
@@ -92,6 +133,15 @@ impl Tensor {
     /// record is its wall time; records of the same (cell, method) are averaged
     /// geometrically.
     pub fn from_records<'a>(records: impl IntoIterator<Item = &'a PerfRecord>) -> Result<Self> {
+        Self::from_records_with(records, Metric::WallTime)
+    }
+
+    /// As [`Tensor::from_records`], holding `metric` instead of the wall time; records without
+    /// that measurement are left out.
+    pub fn from_records_with<'a>(
+        records: impl IntoIterator<Item = &'a PerfRecord>,
+        metric: Metric,
+    ) -> Result<Self> {
         let mut hardware = Interner::new();
         let mut models = Interner::new();
         let mut workloads = Interner::new();
@@ -101,6 +151,9 @@ impl Tensor {
         let mut sums: Vec<HashMap<usize, (f64, u32)>> = Vec::new();
         let mut keys: Vec<(usize, usize, usize)> = Vec::new();
         for r in records {
+            let Some(value) = metric.of(r) else {
+                continue;
+            };
             let ids = r.cell()?;
             let h = hardware.intern(ids.hardware, &r.hardware);
             let m = models.intern(ids.model, &r.model);
@@ -111,7 +164,7 @@ impl Tensor {
                 sums.push(HashMap::new());
                 keys.len() - 1
             });
-            let runtime = r.metrics.wall_time_s.max(1e-9);
+            let runtime = value.max(1e-9);
             let e = sums[c].entry(k).or_insert((0.0, 0));
             e.0 += runtime.ln();
             e.1 += 1;
@@ -205,6 +258,12 @@ mod tests {
             .unwrap();
         let expected = records[0].metrics.wall_time_s * 2.0;
         assert!((first.runtime_s[m0].unwrap() - expected).abs() < 1e-9 * expected);
+        // Another metric: the same cells holding TTFT (50 ms in every fixture record).
+        let ttft = Tensor::from_records_with(&records, Metric::TtftP50).unwrap();
+        assert_eq!(ttft.cells.len(), 10);
+        assert!((ttft.cells[0].runtime_s[m0].unwrap() - 0.05).abs() < 1e-12);
+        assert_eq!("itl-p95".parse::<Metric>().unwrap(), Metric::ItlP95);
+        assert!("speed".parse::<Metric>().is_err());
         let (best, rt) = first.best().unwrap();
         assert!(first.measured().all(|(_, r)| r >= rt));
         assert!(first.runtime_s[best].is_some());

@@ -17,7 +17,7 @@ pub mod predictor;
 pub mod select;
 pub mod selectors;
 
-pub use dataset::{Cell, Tensor};
+pub use dataset::{Cell, Metric, Tensor};
 pub use embed::{Embedder, EmbeddingCache, PromptStyle};
 pub use error::{Result, SchedulerError};
 pub use eval::{Budget, EvalConfig, EvalReport, Split, evaluate};
