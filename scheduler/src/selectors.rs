@@ -218,14 +218,20 @@ fn matrix(rows: &[Vec<f64>], model: &str) -> Result<DenseMatrix<f64>> {
     DenseMatrix::from_2d_vec(&rows.to_vec()).map_err(|e| SchedulerError::model(model, e))
 }
 
-fn isac(train: &TrainSet<'_>, queries: &[usize]) -> Result<Vec<Vec<f64>>> {
+/// The training cells' contexts, standardised, and the standardiser for queries.
+fn standardized_contexts(train: &TrainSet<'_>) -> (Standardizer, Vec<Vec<f64>>) {
     let refs: Vec<&[f64]> = train
         .cells
         .iter()
         .map(|&c| train.contexts[c].as_slice())
         .collect();
     let z = Standardizer::fit(&refs);
-    let x: Vec<Vec<f64>> = refs.iter().map(|r| z.apply(r)).collect();
+    let x = refs.iter().map(|r| z.apply(r)).collect();
+    (z, x)
+}
+
+fn isac(train: &TrainSet<'_>, queries: &[usize]) -> Result<Vec<Vec<f64>>> {
+    let (z, x) = standardized_contexts(train);
     let fallback = mean_relative(train.tensor, train.cells.iter().copied());
     // About one cluster per five training cells, at least 2 and at most 8.
     let k = (train.cells.len() / 5).clamp(2, 8).min(train.cells.len());
@@ -264,13 +270,7 @@ fn isac(train: &TrainSet<'_>, queries: &[usize]) -> Result<Vec<Vec<f64>>> {
 }
 
 fn argosmart(train: &TrainSet<'_>, queries: &[usize]) -> Result<Vec<Vec<f64>>> {
-    let refs: Vec<&[f64]> = train
-        .cells
-        .iter()
-        .map(|&c| train.contexts[c].as_slice())
-        .collect();
-    let z = Standardizer::fit(&refs);
-    let x: Vec<Vec<f64>> = refs.iter().map(|r| z.apply(r)).collect();
+    let (z, x) = standardized_contexts(train);
     let fallback = mean_relative(train.tensor, train.cells.iter().copied());
     Ok(queries
         .iter()
@@ -393,13 +393,7 @@ fn alors(train: &TrainSet<'_>, queries: &[usize]) -> Result<Vec<Vec<f64>>> {
     let v: Vec<Vec<f64>> = (0..n_methods)
         .map(|m| top.iter().map(|&k| *svd.V.get((m, k))).collect())
         .collect();
-    let refs: Vec<&[f64]> = train
-        .cells
-        .iter()
-        .map(|&c| train.contexts[c].as_slice())
-        .collect();
-    let z = Standardizer::fit(&refs);
-    let x: Vec<Vec<f64>> = refs.iter().map(|r| z.apply(r)).collect();
+    let (z, x) = standardized_contexts(train);
     let ridge = RidgeFit::fit(&x, &latent, 1.0)?;
     Ok(queries
         .iter()

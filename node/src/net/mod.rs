@@ -531,6 +531,8 @@ pub fn start(
         pulls: HashMap::new(),
         pull_queue: VecDeque::new(),
         pulling: HashSet::new(),
+        direct_addrs: HashMap::new(),
+        direct_attempts: HashMap::new(),
     };
     Ok((client, event_loop))
 }
@@ -581,6 +583,11 @@ pub struct EventLoop {
     pull_queue: VecDeque<(PeerId, PeerId, u64)>,
     /// (peer, origin) pairs with a pull queued or in flight.
     pulling: HashSet<(PeerId, PeerId)>,
+    /// Each connected peer's own listen addresses that do not go through a relay (from
+    /// identify), for a direct dial when a hole punch fails.
+    direct_addrs: HashMap<PeerId, Vec<Multiaddr>>,
+    /// When a direct dial to a relayed-only peer was last started.
+    direct_attempts: HashMap<PeerId, std::time::Instant>,
 }
 
 impl EventLoop {
@@ -598,11 +605,54 @@ impl EventLoop {
                 () = shutdown.cancelled() => break,
                 Some(command) = self.commands.recv() => self.on_command(command),
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
-                _ = heartbeat.tick() => self.send_heartbeat(),
+                _ = heartbeat.tick() => {
+                    self.send_heartbeat();
+                    self.upgrade_relayed();
+                }
                 _ = anti_entropy.tick() => self.start_sync_round(),
             }
         }
         info!("network stopped");
+    }
+
+    /// One plain dial, from a fresh port, to a peer's own (non-relay) listen addresses. The
+    /// peer may be directly reachable after all (a public address, the same network), which
+    /// DCUtR's hole punch does not always find (it runs once, racing identify); behind real
+    /// NATs the dial fails and the relayed connection stays.
+    fn dial_direct(&mut self, peer: PeerId) {
+        let addrs = self.direct_addrs.get(&peer).cloned().unwrap_or_default();
+        if addrs.is_empty() {
+            return;
+        }
+        self.direct_attempts.insert(peer, std::time::Instant::now());
+        let opts = DialOpts::peer_id(peer)
+            .addresses(addrs)
+            .condition(PeerCondition::Always)
+            .allocate_new_port()
+            .build();
+        if let Err(e) = self.swarm.dial(opts) {
+            debug!(%peer, error = %e, "direct dial not started");
+        }
+    }
+
+    /// Retries a direct connection to peers reached only through a relay, at most once per
+    /// `DIRECT_RETRY`.
+    fn upgrade_relayed(&mut self) {
+        const DIRECT_RETRY: Duration = Duration::from_secs(30);
+        let relayed_only: Vec<PeerId> = self
+            .connections
+            .iter()
+            .filter(|(_, c)| !c.is_empty() && c.values().all(|relayed| *relayed))
+            .map(|(p, _)| *p)
+            .filter(|p| {
+                self.direct_attempts
+                    .get(p)
+                    .is_none_or(|t| t.elapsed() >= DIRECT_RETRY)
+            })
+            .collect();
+        for peer in relayed_only {
+            self.dial_direct(peer);
+        }
     }
 
     fn on_command(&mut self, command: Command) {
@@ -781,6 +831,8 @@ impl EventLoop {
                 ..
             } => {
                 self.connections.remove(&peer_id);
+                self.direct_addrs.remove(&peer_id);
+                self.direct_attempts.remove(&peer_id);
                 debug!(peer = %peer_id, "disconnected");
                 self.pull_queue.retain(|(p, _, _)| *p != peer_id);
                 self.pulling.retain(|(p, _)| *p != peer_id);
@@ -836,6 +888,17 @@ impl EventLoop {
                     .report_message_validation_result(&message_id, &propagation_source, acceptance);
             }
             BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                let direct: Vec<Multiaddr> = info
+                    .listen_addrs
+                    .iter()
+                    .filter(|a| {
+                        !a.iter()
+                            .any(|p| p == libp2p::multiaddr::Protocol::P2pCircuit)
+                    })
+                    .take(8)
+                    .cloned()
+                    .collect();
+                self.direct_addrs.insert(peer_id, direct);
                 for addr in info.listen_addrs {
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                 }
@@ -855,7 +918,8 @@ impl EventLoop {
             }) => match result {
                 Ok(_) => info!(peer = %remote_peer_id, "hole punch succeeded: direct connection"),
                 Err(e) => {
-                    debug!(peer = %remote_peer_id, error = %e, "hole punch failed; staying relayed")
+                    debug!(peer = %remote_peer_id, error = %e, "hole punch failed; trying a direct dial");
+                    self.dial_direct(remote_peer_id);
                 }
             },
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
