@@ -195,7 +195,23 @@ struct Tally {
 
 impl Tally {
     fn score(&self, name: &str, budget: bool) -> SelectorScore {
-        let n = self.n.max(1) as f64;
+        if self.n == 0 {
+            // Failed in every fold: no numbers rather than zeros (NaN prints as "NaN" and
+            // serialises as null).
+            return SelectorScore {
+                selector: name.to_owned(),
+                accuracy: f64::NAN,
+                macro_f1: f64::NAN,
+                acceleration: f64::NAN,
+                mean_rank: f64::NAN,
+                regret: f64::NAN,
+                near_best: f64::NAN,
+                feasible: budget.then_some(f64::NAN),
+                seconds: self.seconds,
+                error: self.error.clone(),
+            };
+        }
+        let n = self.n as f64;
         SelectorScore {
             selector: name.to_owned(),
             accuracy: self.correct as f64 / n,
