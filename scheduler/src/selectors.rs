@@ -469,6 +469,19 @@ fn regression(
                     .map_err(|e| SchedulerError::model(name, e))?
             }
             SelectorKind::Svr => {
+                // smartcore 0.7's SVR sizes each support vector by the number of *rows*
+                // (`Vec::from_iterator(row, n)` in `Optimizer::new`): with fewer rows than
+                // features the vectors are cut short and prediction panics.
+                let cols = x.first().map_or(0, Vec::len);
+                if x.len() <= cols {
+                    return Err(SchedulerError::model(
+                        name,
+                        format!(
+                            "{} training rows for {cols} features; smartcore's SVR needs more rows than features",
+                            x.len()
+                        ),
+                    ));
+                }
                 let xm = matrix(&x, name)?;
                 let gamma = 1.0 / x.first().map_or(1, Vec::len).max(1) as f64;
                 let params = SVRParameters::default()
