@@ -271,9 +271,9 @@ mod tests {
     use crate::error::SchedulerError;
     use metainf_protocol::fixtures;
 
-    /// Runtime = 10 s / compute units, halved by continuous batching (unit test only).
-    struct Table;
-    impl RuntimeModel for Table {
+    /// A model from a function of (hardware, method) → (runtime s, log std) (unit test only).
+    struct FnModel<F>(F);
+    impl<F: Fn(&HardwareProfile, &MethodConfig) -> (f64, f64)> RuntimeModel for FnModel<F> {
         fn predict_grid(
             &self,
             _: &WorkloadDescriptor,
@@ -287,13 +287,10 @@ mod tests {
                     methods
                         .iter()
                         .map(|m| {
-                            let mut rt = 10.0 / f64::from(h.spec.compute_units);
-                            if m.has("continuous_batching") {
-                                rt /= 2.0;
-                            }
+                            let (rt, log_std) = (self.0)(h, m);
                             Prediction {
-                                log_runtime: f64::ln(rt),
-                                log_std: 0.1,
+                                log_runtime: rt.ln(),
+                                log_std,
                             }
                         })
                         .collect()
@@ -301,6 +298,30 @@ mod tests {
                 .collect())
         }
     }
+
+    type Rule = fn(&HardwareProfile, &MethodConfig) -> (f64, f64);
+
+    /// Runtime = 10 s / compute units, halved by continuous batching.
+    #[allow(non_upper_case_globals)]
+    const Table: FnModel<Rule> = FnModel(|h, m| {
+        let rt = 10.0 / f64::from(h.spec.compute_units);
+        let cb = if m.has("continuous_batching") {
+            0.5
+        } else {
+            1.0
+        };
+        (rt * cb, 0.1)
+    });
+
+    /// Host with 1 unit: 10 s, certain; 2 units: 12 s, uncertain.
+    #[allow(non_upper_case_globals)]
+    const Uncertain: FnModel<Rule> = FnModel(|h, _| {
+        if h.spec.compute_units == 1 {
+            (10.0, 0.0)
+        } else {
+            (12.0, 0.5)
+        }
+    });
 
     fn host(name: &str, units: u32, price: f64, queue: u32) -> Host {
         Host {
@@ -385,36 +406,6 @@ mod tests {
         assert!(err.to_string().contains("cheapest is cb"), "{err}");
         let none = Query { hosts: &[], ..q };
         assert!(select(&Table, &none).is_err());
-    }
-
-    /// Host with 1 unit: 10 s, certain; 2 units: 12 s, uncertain (unit test only).
-    struct Uncertain;
-    impl RuntimeModel for Uncertain {
-        fn predict_grid(
-            &self,
-            _: &WorkloadDescriptor,
-            _: &ModelDescriptor,
-            hardware: &[&HardwareProfile],
-            methods: &[MethodConfig],
-        ) -> Result<Vec<Vec<Prediction>>> {
-            Ok(hardware
-                .iter()
-                .map(|h| {
-                    let (rt, std) = if h.spec.compute_units == 1 {
-                        (10.0, 0.0)
-                    } else {
-                        (12.0, 0.5)
-                    };
-                    vec![
-                        Prediction {
-                            log_runtime: f64::ln(rt),
-                            log_std: std,
-                        };
-                        methods.len()
-                    ]
-                })
-                .collect())
-        }
     }
 
     #[test]
