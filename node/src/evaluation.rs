@@ -1,7 +1,7 @@
 //! The node's side of the scheduler: the text embedder backed by the engine, loading tensors
 //! from the store or from files (JSONL records, CSV tables), and CSV import into the store.
 
-use std::io::{BufRead, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -12,7 +12,7 @@ use metainf_scheduler::{Embedder, SchedulerError};
 
 use crate::daemon::Node;
 use crate::error::{NodeError, Result};
-use crate::store::{PutOutcome, Store};
+use crate::store::Store;
 use crate::tensor::ImportReport;
 
 /// Longest description embedded, in tokens.
@@ -70,27 +70,16 @@ pub fn store_records(store: &Store) -> Result<Vec<PerfRecord>> {
 /// Line numbers of rejected lines, with the reason.
 pub type Rejected = Vec<(u64, String)>;
 
-/// Records of a JSONL file of signed records, each verified; invalid lines are returned with
-/// their numbers.
+/// Records of a JSONL file of signed records, read and verified as `tensor import` does;
+/// invalid lines are returned with their numbers.
 pub fn jsonl_records(path: &Path) -> Result<(Vec<PerfRecord>, Rejected)> {
     let file = std::fs::File::open(path).map_err(|e| NodeError::io("cannot open", path, e))?;
-    let reader = std::io::BufReader::new(file);
     let mut records = Vec::new();
-    let mut invalid = Vec::new();
-    for (i, line) in reader.lines().enumerate() {
-        let n = i as u64 + 1;
-        let line = line.map_err(|e| NodeError::io("cannot read", path, e))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        match serde_json::from_str::<SignedRecord>(&line)
-            .map_err(|e| format!("not a signed record: {e}"))
-            .and_then(|r| r.verify().map_err(|e| format!("rejected: {e}")))
-        {
-            Ok(v) => records.push(v.record().clone()),
-            Err(reason) => invalid.push((n, reason)),
-        }
-    }
+    let (_, invalid) = crate::tensor::read_verified(&mut std::io::BufReader::new(file), |v| {
+        records.push(v.into_signed().record);
+        Ok::<(), std::io::Error>(())
+    })
+    .map_err(|e| NodeError::io("cannot read", path, e))?;
     Ok((records, invalid))
 }
 
@@ -149,17 +138,11 @@ pub fn import_csv(node: &Node, input: impl Read, map: &ColumnMap) -> Result<Impo
         lines: records.len() as u64,
         ..ImportReport::default()
     };
-    let verified = records
+    let mut verified = records
         .into_iter()
         .map(|r| SignedRecord::sign(r, node.key()).and_then(SignedRecord::verify))
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| NodeError::Engine(format!("cannot sign an imported record: {e}")))?;
-    for outcome in node.store().put(verified)? {
-        match outcome {
-            PutOutcome::Stored => report.stored += 1,
-            PutOutcome::Duplicate => report.duplicates += 1,
-            _ => report.conflicts += 1,
-        }
-    }
+    crate::tensor::store_batch(node.store(), &mut verified, &mut report)?;
     Ok(report)
 }

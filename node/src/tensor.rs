@@ -61,12 +61,15 @@ pub enum ExportError {
     Io(#[from] std::io::Error),
 }
 
-/// Reads JSON lines, verifies each record and stores the valid ones in batches. Invalid lines
-/// are reported with their number and skipped; a failing store write stops the import with an
-/// error (what was acknowledged before stays).
-pub fn import(store: &Store, input: &mut dyn BufRead) -> Result<ImportReport, ImportError> {
-    let mut report = ImportReport::default();
-    let mut batch: Vec<VerifiedRecord> = Vec::with_capacity(IMPORT_BATCH);
+/// Reads JSON lines of signed records with the line-size bound, verifies each, and passes the
+/// valid ones to `on_record`. Returns the non-empty lines read and the refused ones (line
+/// number, reason). An error of `on_record` stops the read.
+pub fn read_verified<E: From<std::io::Error>>(
+    input: &mut dyn BufRead,
+    mut on_record: impl FnMut(VerifiedRecord) -> Result<(), E>,
+) -> Result<(u64, Vec<(u64, String)>), E> {
+    let mut lines = 0u64;
+    let mut invalid = Vec::new();
     let mut line_no = 0u64;
     let mut buf = Vec::new();
     loop {
@@ -77,37 +80,51 @@ pub fn import(store: &Store, input: &mut dyn BufRead) -> Result<ImportReport, Im
         }
         line_no += 1;
         if status == LineStatus::TooLong {
-            report.lines += 1;
-            report
-                .invalid
-                .push((line_no, format!("line longer than {MAX_LINE_BYTES} bytes")));
+            lines += 1;
+            invalid.push((line_no, format!("line longer than {MAX_LINE_BYTES} bytes")));
             continue;
         }
         let text = buf.trim_ascii();
         if text.is_empty() {
             continue;
         }
-        report.lines += 1;
+        lines += 1;
         let parsed = serde_json::from_slice::<SignedRecord>(text)
             .map_err(|e| format!("not a signed record: {e}"))
             .and_then(|r| r.verify().map_err(|e| format!("rejected: {e}")));
         match parsed {
-            Ok(v) => batch.push(v),
-            Err(reason) => report.invalid.push((line_no, reason)),
-        }
-        if batch.len() >= IMPORT_BATCH {
-            flush(store, &mut batch, &mut report)?;
+            Ok(v) => on_record(v)?,
+            Err(reason) => invalid.push((line_no, reason)),
         }
     }
-    flush(store, &mut batch, &mut report)?;
+    Ok((lines, invalid))
+}
+
+/// Reads JSON lines, verifies each record and stores the valid ones in batches. Invalid lines
+/// are reported with their number and skipped; a failing store write stops the import with an
+/// error (what was acknowledged before stays).
+pub fn import(store: &Store, input: &mut dyn BufRead) -> Result<ImportReport, ImportError> {
+    let mut report = ImportReport::default();
+    let mut batch: Vec<VerifiedRecord> = Vec::with_capacity(IMPORT_BATCH);
+    let (lines, invalid) = read_verified(input, |v| {
+        batch.push(v);
+        if batch.len() >= IMPORT_BATCH {
+            store_batch(store, &mut batch, &mut report)?;
+        }
+        Ok::<(), ImportError>(())
+    })?;
+    store_batch(store, &mut batch, &mut report)?;
+    report.lines = lines;
+    report.invalid = invalid;
     Ok(report)
 }
 
-fn flush(
+/// Stores a batch of verified records, counting the outcomes into `report`.
+pub(crate) fn store_batch(
     store: &Store,
     batch: &mut Vec<VerifiedRecord>,
     report: &mut ImportReport,
-) -> Result<(), ImportError> {
+) -> Result<(), StoreError> {
     if batch.is_empty() {
         return Ok(());
     }

@@ -336,15 +336,15 @@ impl EmbeddingCache {
     /// Vectors for `texts`, embedding only those not cached yet.
     pub fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>> {
         let keys: Vec<ContentId> = texts.iter().map(|t| self.key(t)).collect();
-        let missing: Vec<String> = {
+        let (missing_keys, missing): (Vec<ContentId>, Vec<String>) = {
             let cache = self.lock();
             let mut seen = std::collections::HashSet::new();
             texts
                 .iter()
                 .zip(&keys)
                 .filter(|(_, k)| !cache.contains_key(k) && seen.insert(**k))
-                .map(|(t, _)| t.clone())
-                .collect()
+                .map(|(t, k)| (*k, t.clone()))
+                .unzip()
         };
         if !missing.is_empty() {
             let vectors = self.embedder.embed(&missing)?;
@@ -355,10 +355,7 @@ impl EmbeddingCache {
                     missing.len()
                 )));
             }
-            let mut cache = self.lock();
-            for (t, v) in missing.iter().zip(vectors) {
-                cache.insert(self.key(t), v);
-            }
+            self.lock().extend(missing_keys.into_iter().zip(vectors));
         }
         let cache = self.lock();
         keys.iter()

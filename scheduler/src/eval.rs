@@ -36,6 +36,19 @@ pub enum Split {
     Workload,
 }
 
+impl Split {
+    /// The group a cell is held out with: itself, or its hardware, model or workload.
+    fn group(self, tensor: &Tensor, c: usize) -> usize {
+        let cell = &tensor.cells[c];
+        match self {
+            Split::Random => c,
+            Split::Hardware => cell.hardware,
+            Split::Model => cell.model,
+            Split::Workload => cell.workload,
+        }
+    }
+}
+
 impl FromStr for Split {
     type Err = SchedulerError;
 
@@ -148,15 +161,7 @@ pub fn folds(
     seed: u64,
 ) -> Vec<Vec<usize>> {
     let k = k.max(2);
-    let group = |c: usize| -> usize {
-        let cell = &tensor.cells[c];
-        match split {
-            Split::Random => c,
-            Split::Hardware => cell.hardware,
-            Split::Model => cell.model,
-            Split::Workload => cell.workload,
-        }
-    };
+    let group = |c: usize| split.group(tensor, c);
     let mut groups: Vec<usize> = cells
         .iter()
         .map(|&c| group(c))
@@ -291,23 +296,14 @@ pub fn evaluate(
     let mut oracle = Tally::default();
     let mut distinct_best = BTreeSet::new();
     for test in &fold_list {
-        let test_set: BTreeSet<usize> = test.iter().copied().collect();
-        // Training: every cell not held out (cells with one method still teach runtimes).
+        // Training: every cell outside the held-out groups (cells with one method still teach
+        // runtimes; a grouped split holds its whole group out, comparable or not).
+        let held_out: BTreeSet<usize> = test
+            .iter()
+            .map(|&c| config.split.group(tensor, c))
+            .collect();
         let train: Vec<usize> = (0..tensor.cells.len())
-            .filter(|c| !test_set.contains(c))
-            .filter(|&c| match config.split {
-                Split::Random => true,
-                // Grouped splits hold the whole group out, comparable or not.
-                _ => !test.iter().any(|&t| {
-                    let (a, b) = (&tensor.cells[t], &tensor.cells[c]);
-                    match config.split {
-                        Split::Hardware => a.hardware == b.hardware,
-                        Split::Model => a.model == b.model,
-                        Split::Workload => a.workload == b.workload,
-                        Split::Random => false,
-                    }
-                }),
-            })
+            .filter(|&c| !held_out.contains(&config.split.group(tensor, c)))
             .collect();
         if train.is_empty() {
             continue;
@@ -355,18 +351,21 @@ pub fn evaluate(
                 };
                 let mut order: Vec<(usize, f64)> = cell.measured().collect();
                 order.sort_by(|a, b| s[a.0].total_cmp(&s[b.0]));
+                // With a budget, a runtime-predicting selector takes its best pair predicted to
+                // fit; when none is, it declines (and falls back to its best pair for the other
+                // columns). The others choose as without a budget.
                 let budgeted = config.budget.filter(|_| predicts_runtime(*kind));
-                let chosen = match budgeted {
-                    Some(b) => order
+                let fitting = budgeted.and_then(|b| {
+                    order
                         .iter()
                         .find(|(m, _)| cost(c, s[*m].exp()) <= b.limit)
-                        .copied(),
-                    None => order.first().copied(),
-                };
+                        .copied()
+                });
+                let made = budgeted.is_none() || fitting.is_some();
                 let rank = order.iter().position(|(m, _)| *m == best).unwrap_or(0) + 1;
                 tally.n += 1;
                 tally.rank += rank as f64;
-                let Some((chosen, chosen_rt)) = chosen.or_else(|| order.first().copied()) else {
+                let Some((chosen, chosen_rt)) = fitting.or_else(|| order.first().copied()) else {
                     continue;
                 };
                 tally.correct += usize::from(chosen == best);
@@ -374,14 +373,11 @@ pub fn evaluate(
                 tally.regret += chosen_rt / best_rt - 1.0;
                 tally.near += usize::from(chosen_rt <= 1.05 * best_rt);
                 tally.pairs.push((best, chosen));
-                if let Some(b) = config.budget {
-                    let made = budgeted.is_none()
-                        || order
-                            .iter()
-                            .any(|(m, _)| *m == chosen && cost(c, s[*m].exp()) <= b.limit);
-                    if made && cost(c, chosen_rt) <= b.limit {
-                        tally.feasible += 1;
-                    }
+                if config
+                    .budget
+                    .is_some_and(|b| made && cost(c, chosen_rt) <= b.limit)
+                {
+                    tally.feasible += 1;
                 }
             }
         }

@@ -271,9 +271,9 @@ impl Gbdt {
     pub fn predict(&self, rows: &[Vec<f64>]) -> Vec<Prediction> {
         let mut data = Vec::with_capacity(rows.len() * self.cols);
         for r in rows {
-            let mut row = r.clone();
-            row.resize(self.cols, 0.0);
-            data.extend_from_slice(&row);
+            let end = data.len() + self.cols;
+            data.extend(r.iter().take(self.cols));
+            data.resize(end, 0.0);
         }
         self.predict_flat(&data)
     }

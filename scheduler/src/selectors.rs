@@ -104,6 +104,7 @@ impl SelectorKind {
             SelectorKind::Isac => isac(train, queries),
             SelectorKind::ArgoSmart => argosmart(train, queries),
             SelectorKind::Alors => alors(train, queries),
+            SelectorKind::MetaInf => meta_inf(train, queries),
             _ => regression(self, train, queries),
         });
         std::panic::catch_unwind(run).unwrap_or_else(|panic| {
@@ -295,11 +296,10 @@ fn argosmart(train: &TrainSet<'_>, queries: &[usize]) -> Result<Vec<Vec<f64>>> {
 }
 
 /// Ridge regression `(XᵀX + αI) w = Xᵀy` with an unpenalised intercept (X centred); `y` may
-/// have several columns. Returns (weights d × t, intercepts t, feature means).
+/// have several columns: weights d × t and intercepts t.
 struct RidgeFit {
     w: Vec<Vec<f64>>,
     b: Vec<f64>,
-    mean: Vec<f64>,
 }
 
 impl RidgeFit {
@@ -347,11 +347,10 @@ impl RidgeFit {
         let b = (0..t)
             .map(|k| ymean[k] - (0..d).map(|i| w[i][k] * mean[i]).sum::<f64>())
             .collect();
-        Ok(Self { w, b, mean })
+        Ok(Self { w, b })
     }
 
     fn predict(&self, row: &[f64]) -> Vec<f64> {
-        let _ = &self.mean;
         (0..self.b.len())
             .map(|k| self.b[k] + row.iter().zip(&self.w).map(|(v, w)| v * w[k]).sum::<f64>())
             .collect()
@@ -406,7 +405,24 @@ fn alors(train: &TrainSet<'_>, queries: &[usize]) -> Result<Vec<Vec<f64>>> {
         .collect())
 }
 
-/// The regressors: rows (context ++ method) → ln runtime.
+/// MetaInf: the two-stage boosted trees the router uses, predicted ln runtimes as scores.
+fn meta_inf(train: &TrainSet<'_>, queries: &[usize]) -> Result<Vec<Vec<f64>>> {
+    let model = TwoStage::fit(
+        train.tensor,
+        train.cells,
+        train.contexts,
+        train.methods,
+        GbdtParams::default(),
+    )?;
+    let contexts: Vec<Vec<f64>> = queries.iter().map(|&c| train.contexts[c].clone()).collect();
+    Ok(model
+        .predict(&contexts, train.methods)
+        .into_iter()
+        .map(|row| row.into_iter().map(|p| p.log_runtime).collect())
+        .collect())
+}
+
+/// The smartcore regressors and the MLP: rows (context ++ method) → ln runtime.
 fn regression(
     kind: SelectorKind,
     train: &TrainSet<'_>,
@@ -427,22 +443,7 @@ fn regression(
             })
         })
         .collect();
-    let flat: Vec<f64> = if kind == SelectorKind::MetaInf {
-        let model = TwoStage::fit(
-            train.tensor,
-            train.cells,
-            train.contexts,
-            train.methods,
-            GbdtParams::default(),
-        )?;
-        let contexts: Vec<Vec<f64>> = queries.iter().map(|&c| train.contexts[c].clone()).collect();
-        model
-            .predict(&contexts, train.methods)
-            .into_iter()
-            .flatten()
-            .map(|p| p.log_runtime)
-            .collect()
-    } else {
+    let flat: Vec<f64> = {
         let refs: Vec<&[f64]> = rows.iter().map(Vec::as_slice).collect();
         let z = Standardizer::fit(&refs);
         let x: Vec<Vec<f64>> = rows.iter().map(|r| z.apply(r)).collect();
