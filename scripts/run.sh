@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Sets up and starts a metainf node with its data in ./.metainf/node (Ctrl-C stops it).
-# On the first start it answers one prompt with the default model and benchmarks the engine's
-# acceleration methods (`bench --quick`, about two minutes), so the node has signed records to
-# share. Arguments are passed to `metainf-node run`, e.g. `scripts/run.sh --log-format json`.
+# Sets up and starts a metainf node with its data in ./.metainf/node, sends it a real job
+# through its HTTP API (OpenAI-compatible, streamed) and keeps it serving until Ctrl-C.
+# On the first start it benchmarks the engine's acceleration methods (`bench --quick`, about two
+# minutes), so the node has signed records to share and to route with. Arguments are passed to
+# `metainf-node run`, e.g. `scripts/run.sh --log-format json --api-listen 0.0.0.0:8080`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -14,11 +15,24 @@ cache_rocksdb
 export METAINF_DATA_DIR="${METAINF_DATA_DIR:-$PWD/.metainf/node}"
 bin="$CARGO_TARGET_DIR/debug/metainf-node"
 if [ ! -f "$METAINF_DATA_DIR/benchmarked" ]; then
-  echo "== a job on the default model"
-  "$bin" generate "What is the capital of France?"
   echo "== first start: benchmarking the acceleration methods on this machine"
   "$bin" bench --quick
   touch "$METAINF_DATA_DIR/benchmarked"
 fi
-echo "== starting the node"
-exec "$bin" run "$@"
+api="${METAINF_API_LISTEN:-127.0.0.1:8080}"
+export METAINF_API_LISTEN="$api"
+echo "== starting the node (HTTP API on http://$api)"
+"$bin" run "$@" &
+node=$!
+trap 'kill -TERM "$node" 2>/dev/null; wait "$node"' INT TERM
+for _ in $(seq 1 300); do
+  "$bin" status --node "http://$api" >/dev/null 2>&1 && break
+  kill -0 "$node" 2>/dev/null || { wait "$node"; exit 1; }
+  sleep 0.2
+done
+echo "== a job on the default model, through the API (metainf-node submit --stream)"
+"$bin" submit --node "http://$api" --stream --max-tokens 64 --prompt "What is the capital of France?"
+echo "== serving; try: curl http://$api/v1/chat/completions -H 'content-type: application/json' \\"
+echo "     -d '{\"model\":\"SmolLM2-135M-Instruct\",\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"}]}'"
+echo "   Ctrl-C stops the node."
+wait "$node"

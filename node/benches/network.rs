@@ -61,7 +61,7 @@ async fn start(
         anti_entropy_interval_s: 3600,
         ..NetworkConfig::default()
     };
-    let hardware = fixtures::cpu_hardware(1).id().unwrap();
+    let hardware = fixtures::cpu_hardware(1);
     let key = Keypair::generate_ed25519();
     let (client, event_loop) = net::start(key, store.clone(), hardware, config).unwrap();
     tokio::spawn(event_loop.run(token.clone()));

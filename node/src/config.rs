@@ -50,6 +50,10 @@ pub struct Config {
     pub network: NetworkConfig,
     /// The inference engine.
     pub engine: EngineConfig,
+    /// The HTTP API.
+    pub api: crate::api::ApiConfig,
+    /// Job routing and execution.
+    pub jobs: crate::jobs::JobsConfig,
 }
 
 /// The inference engine's settings.
@@ -107,6 +111,8 @@ pub struct Overrides {
     pub models: Vec<PathBuf>,
     /// `--threads`.
     pub threads: Option<usize>,
+    /// `--api-listen`.
+    pub api_listen: Option<std::net::SocketAddr>,
 }
 
 impl Config {
@@ -155,6 +161,9 @@ impl Config {
         }
         if let Some(threads) = overrides.threads {
             config.engine.threads = Some(threads);
+        }
+        if let Some(addr) = overrides.api_listen {
+            config.api.listen = addr;
         }
         Ok(config)
     }
@@ -207,6 +216,8 @@ mod tests {
         // The example documents the defaults.
         assert_eq!(c.network, crate::net::NetworkConfig::default());
         assert_eq!(c.engine, EngineConfig::default());
+        assert_eq!(c.api, crate::api::ApiConfig::default());
+        assert_eq!(c.jobs, crate::jobs::JobsConfig::default());
     }
 
     #[test]

@@ -8,11 +8,12 @@ use std::path::{Path, PathBuf};
 use libp2p::PeerId;
 use libp2p::identity::Keypair;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::error::{NodeError, Result};
 use crate::identity;
+use crate::jobs::{Executor, JobService, ServedModel};
 use crate::net;
 use crate::store::Store;
 
@@ -69,27 +70,77 @@ impl Node {
         &self.store
     }
 
-    /// Runs until `shutdown` is cancelled, then flushes the store.
+    /// Runs until `shutdown` is cancelled, then flushes the store: probes the hardware, loads
+    /// the served models, joins the network, serves jobs from peers and the HTTP API.
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
-        let network = if self.config.network.enabled {
-            // The spec identifies the hardware cell; `metainf-node profile` measures it.
-            let probe = metainf_profiler::ProbeOptions {
-                measure: false,
+        let threads = self.config.engine.threads;
+        let profile = tokio::task::spawn_blocking(move || {
+            metainf_profiler::probe(&metainf_profiler::ProbeOptions {
+                threads,
                 ..Default::default()
-            };
-            let hardware = metainf_profiler::probe(&probe)
-                .map_err(|e| NodeError::Hardware(e.to_string()))?
-                .id()
-                .map_err(|e| NodeError::Hardware(e.to_string()))?;
+            })
+        })
+        .await
+        .map_err(|e| NodeError::Hardware(e.to_string()))?
+        .map_err(|e| NodeError::Hardware(e.to_string()))?;
+        let paths = match self.config.engine.model_paths() {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(error = %e, "serving no model: this node routes jobs to its peers only");
+                Vec::new()
+            }
+        };
+        let served = tokio::task::spawn_blocking(move || {
+            paths
+                .iter()
+                .map(|p| {
+                    ServedModel::load(p, threads)
+                        .map_err(|e| NodeError::Model(format!("{}: {e}", p.display())))
+                })
+                .collect::<Result<Vec<_>>>()
+        })
+        .await
+        .map_err(|e| NodeError::Model(e.to_string()))??;
+        for m in &served {
+            info!(model = %m.descriptor.name, quantization = %m.descriptor.quantization, "serving");
+        }
+        let executor = Executor::start(served, self.config.jobs.queue_capacity);
+        let network = if self.config.network.enabled {
             let (client, event_loop) = net::start(
                 self.key.clone(),
                 self.store.clone(),
-                hardware,
+                profile.clone(),
                 self.config.network.clone(),
             )
             .map_err(|e| NodeError::Network(e.to_string()))?;
             let token = shutdown.child_token();
             Some((client, tokio::spawn(event_loop.run(token))))
+        } else {
+            None
+        };
+        let service = JobService::start(
+            self.key.clone(),
+            self.store.clone(),
+            network.as_ref().map(|(c, _)| c.clone()),
+            executor,
+            profile,
+            self.config.network.price_per_hour,
+            self.config.jobs.clone(),
+            shutdown.child_token(),
+        )
+        .await?;
+        let api = if self.config.api.enabled {
+            let listener = tokio::net::TcpListener::bind(self.config.api.listen)
+                .await
+                .map_err(|e| {
+                    NodeError::Api(format!("cannot listen on {}: {e}", self.config.api.listen))
+                })?;
+            Some(tokio::spawn(crate::api::serve(
+                listener,
+                service.clone(),
+                self.config.api.max_body_bytes,
+                shutdown.child_token(),
+            )))
         } else {
             None
         };
@@ -104,6 +155,11 @@ impl Node {
         );
         shutdown.cancelled().await;
         info!("shutting down");
+        if let Some(api) = api {
+            // Open event streams would hold a graceful shutdown forever.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), api).await;
+        }
+        drop(service);
         if let Some((_client, task)) = network {
             let _ = task.await;
         }

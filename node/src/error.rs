@@ -60,6 +60,9 @@ pub enum NodeError {
     /// A model is missing or cannot be loaded.
     #[error("model: {0}")]
     Model(String),
+    /// The HTTP API could not start.
+    #[error("HTTP API: {0}")]
+    Api(String),
     /// The engine or a benchmark failed.
     #[error("engine: {0}")]
     Engine(String),

@@ -5,12 +5,15 @@
 //! every part can be driven by tests. Scheduling logic lives in `metainf-scheduler`, model math
 //! in `metainf-profiler`, wire types in `metainf-protocol`.
 
+pub mod api;
 pub mod bench;
+pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod error;
 pub mod evaluation;
 pub mod identity;
+pub mod jobs;
 pub mod logging;
 pub mod net;
 pub mod store;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use metainf_node::client::{ApiClient, SubmitOptions};
 use metainf_node::config::{Config, LogFormat, Overrides};
 use metainf_node::daemon::{IDENTITY_FILE, Node, STORE_DIR, prepare_data_dir};
 use metainf_node::evaluation::{ModelEmbedder, TensorSource, import_csv, load_records};
@@ -16,6 +17,7 @@ use metainf_scheduler::import::ColumnMap;
 use metainf_scheduler::{
     Budget, EmbeddingCache, EvalConfig, FeatureConfig, SelectorKind, evaluate,
 };
+use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 /// A node of the metainf network: profiles its hardware, shares signed performance records
@@ -88,6 +90,10 @@ struct Cli {
     #[arg(long, global = true, env = "METAINF_THREADS", value_name = "N")]
     threads: Option<usize>,
 
+    /// Address of the HTTP API [default: 127.0.0.1:8080].
+    #[arg(long, global = true, env = "METAINF_API_LISTEN", value_name = "ADDR")]
+    api_listen: Option<std::net::SocketAddr>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -147,12 +153,86 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// List the peers this node has heard from, with their last heartbeat. Works while the
-    /// node runs.
+    /// List the peers this node has heard from, with their last heartbeat: from the running
+    /// node's API with --node, else from the data directory's store.
     Peers {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Ask the node at this URL (e.g. http://127.0.0.1:8080).
+        #[arg(long, value_name = "URL")]
+        node: Option<String>,
+    },
+    /// Send a job to a node: one chat prompt (--prompt), or a batch job of the prompts in a
+    /// JSONL file (--file: a JSON string, {"prompt": …} or {"messages": […]} per line). The
+    /// network routes it to the host and method predicted fastest within the budget.
+    Submit {
+        /// The node's HTTP API.
+        #[arg(
+            long,
+            env = "METAINF_NODE",
+            default_value = "http://127.0.0.1:8080",
+            value_name = "URL"
+        )]
+        node: String,
+        /// A user message.
+        #[arg(long, conflicts_with = "file", required_unless_present = "file")]
+        prompt: Option<String>,
+        /// A JSONL file of prompts, run as one batch job.
+        #[arg(long, value_name = "JOBS.jsonl")]
+        file: Option<PathBuf>,
+        /// Model name [default: the first the node lists].
+        #[arg(long = "model-name", value_name = "NAME")]
+        model_name: Option<String>,
+        /// Most tokens generated per prompt.
+        #[arg(long, default_value_t = 128)]
+        max_tokens: u32,
+        /// Sampling temperature; 0 is greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        /// Most the job may cost, in the network's price unit.
+        #[arg(long)]
+        budget: Option<f64>,
+        /// What to minimise within the budget: runtime, cost or energy.
+        #[arg(long)]
+        objective: Option<String>,
+        /// Run with exactly this method (none, cb, pc, cp, cb+pc, ...).
+        #[arg(long)]
+        method: Option<String>,
+        /// Run on exactly this host (peer id).
+        #[arg(long)]
+        host: Option<String>,
+        /// Print tokens as they are generated (--prompt only).
+        #[arg(long, conflicts_with = "file")]
+        stream: bool,
+        /// Print the whole response as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the jobs a node accepted, newest first.
+    Jobs {
+        /// The node's HTTP API.
+        #[arg(
+            long,
+            env = "METAINF_NODE",
+            default_value = "http://127.0.0.1:8080",
+            value_name = "URL"
+        )]
+        node: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A node's state: hardware, models, queue, peers, records, predictor.
+    Status {
+        /// The node's HTTP API.
+        #[arg(
+            long,
+            env = "METAINF_NODE",
+            default_value = "http://127.0.0.1:8080",
+            value_name = "URL"
+        )]
+        node: String,
     },
     /// Evaluate MetaInf's predictor and the paper's baselines on a performance tensor: selection
     /// accuracy, macro F1, acceleration ratio (Table 4), mean rank of the true best (Fig. 3)
@@ -263,6 +343,7 @@ fn main() -> ExitCode {
             price_per_hour: cli.price_per_hour,
             models: cli.models.clone(),
             threads: cli.threads,
+            api_listen: cli.api_listen,
         },
     ) {
         Ok(c) => c,
@@ -296,7 +377,42 @@ fn dispatch(command: Command, config: &Config) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Tensor { command } => tensor_command(command, config),
-        Command::Peers { json } => peers_command(json, config),
+        Command::Peers {
+            json,
+            node: Some(node),
+        } => client_command(ClientCommand::Peers { node, json }),
+        Command::Peers { json, node: None } => peers_command(json, config),
+        Command::Submit {
+            node,
+            prompt,
+            file,
+            model_name,
+            max_tokens,
+            temperature,
+            budget,
+            objective,
+            method,
+            host,
+            stream,
+            json,
+        } => client_command(ClientCommand::Submit {
+            node,
+            prompt,
+            file,
+            options: SubmitOptions {
+                model: model_name,
+                max_tokens,
+                temperature,
+                budget,
+                objective,
+                method,
+                host,
+            },
+            stream,
+            json,
+        }),
+        Command::Jobs { node, json } => client_command(ClientCommand::Jobs { node, json }),
+        Command::Status { node } => client_command(ClientCommand::Status { node }),
         Command::Profile { json } => profile_command(config.engine.threads, json),
         Command::Generate {
             prompt,
@@ -882,6 +998,144 @@ fn generate_command(
 }
 
 /// Pretty JSON and a newline on `out`: the `--json` output of every command.
+enum ClientCommand {
+    Peers {
+        node: String,
+        json: bool,
+    },
+    Submit {
+        node: String,
+        prompt: Option<String>,
+        file: Option<PathBuf>,
+        options: SubmitOptions,
+        stream: bool,
+        json: bool,
+    },
+    Jobs {
+        node: String,
+        json: bool,
+    },
+    Status {
+        node: String,
+    },
+}
+
+fn client_command(command: ClientCommand) -> Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let mut out = std::io::stdout().lock();
+        match command {
+            ClientCommand::Peers { node, json } => {
+                let v = ApiClient::new(&node)?.get("/v1/peers").await?;
+                if json {
+                    return write_json(&mut out, &v["peers"]);
+                }
+                writeln!(
+                    out,
+                    "{:<54} {:>6} {:>8} {:>7} {:>8}  {}",
+                    "peer", "alive", "price/h", "queue", "threads", "models"
+                )?;
+                for p in v["peers"].as_array().into_iter().flatten() {
+                    writeln!(
+                        out,
+                        "{:<54} {:>6} {:>8} {:>7} {:>8}  {}",
+                        p["peer"].as_str().unwrap_or("?"),
+                        if p["alive"].as_bool() == Some(true) {
+                            "yes"
+                        } else {
+                            "no"
+                        },
+                        p["price_per_hour"]
+                            .as_f64()
+                            .map_or("-".into(), |x| format!("{x:.3}")),
+                        format!("{}/{}", p["queue_depth"], p["queue_capacity"]),
+                        p["hardware"]["compute_units"],
+                        p["models"].as_array().map_or(String::new(), |m| m
+                            .iter()
+                            .filter_map(Value::as_str)
+                            .collect::<Vec<_>>()
+                            .join(",")),
+                    )?;
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            ClientCommand::Submit {
+                node,
+                prompt,
+                file,
+                options,
+                stream,
+                json,
+            } => {
+                let client = ApiClient::new(&node)?;
+                if let Some(file) = file {
+                    let job = client.batch(&file, &options).await?;
+                    if json {
+                        return write_json(&mut out, &job);
+                    }
+                    for (i, r) in job["results"].as_array().into_iter().flatten().enumerate() {
+                        writeln!(out, "[{i}] {}", r["text"].as_str().unwrap_or(""))?;
+                    }
+                    eprintln!(
+                        "ran on {} with {} in {:.2} s",
+                        job["host"].as_str().unwrap_or("?"),
+                        job["method"].as_str().unwrap_or("?"),
+                        job["metrics"]["wall_time_s"].as_f64().unwrap_or(f64::NAN)
+                    );
+                    return Ok(ExitCode::SUCCESS);
+                }
+                let prompt = prompt.unwrap_or_default();
+                let metainf = client.chat(&prompt, &options, stream, &mut out).await?;
+                if json {
+                    return write_json(&mut out, &metainf);
+                }
+                eprintln!(
+                    "ran on {} with {}: predicted {:.2} s, measured {:.2} s, cost {:.6}",
+                    metainf["host"].as_str().unwrap_or("?"),
+                    metainf["method"].as_str().unwrap_or("?"),
+                    metainf["predicted_runtime_s"].as_f64().unwrap_or(f64::NAN),
+                    metainf["measured_runtime_s"].as_f64().unwrap_or(f64::NAN),
+                    metainf["cost"].as_f64().unwrap_or(f64::NAN),
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            ClientCommand::Jobs { node, json } => {
+                let v = ApiClient::new(&node)?.get("/v1/jobs").await?;
+                if json {
+                    return write_json(&mut out, &v["data"]);
+                }
+                writeln!(
+                    out,
+                    "{:<32} {:>8} {:>7} {:<10} {:>9}  host",
+                    "job", "status", "prompts", "method", "runtime"
+                )?;
+                for j in v["data"].as_array().into_iter().flatten() {
+                    writeln!(
+                        out,
+                        "{:<32} {:>8} {:>7} {:<10} {:>9}  {}",
+                        j["id"].as_str().unwrap_or("?"),
+                        j["status"].as_str().unwrap_or("?"),
+                        j["prompts"],
+                        j["method"].as_str().unwrap_or("-"),
+                        j["metrics"]["wall_time_s"]
+                            .as_f64()
+                            .map_or("-".into(), |t| format!("{t:.2}s")),
+                        j["host"].as_str().unwrap_or("-"),
+                    )?;
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            ClientCommand::Status { node } => {
+                let v = ApiClient::new(&node)?.get("/v1/status").await?;
+                write_json(&mut out, &v)
+            }
+        }
+    })
+}
+
 fn write_json(out: &mut impl Write, value: &impl serde::Serialize) -> Result<ExitCode> {
     serde_json::to_writer_pretty(&mut *out, value)?;
     writeln!(out)?;

@@ -56,7 +56,7 @@ fn config_on(
 
 async fn start(dir: &Path, key: Keypair, config: NetworkConfig) -> TestNode {
     let store = Store::open(dir.join("store")).unwrap();
-    let hardware = fixtures::cpu_hardware(1).id().unwrap();
+    let hardware = fixtures::cpu_hardware(1);
     let (client, event_loop) = net::start(key, store.clone(), hardware, config).unwrap();
     let token = CancellationToken::new();
     let task = tokio::spawn(event_loop.run(token.clone()));

@@ -13,6 +13,9 @@ pub enum ProfilerError {
     /// A measurement could not be taken.
     #[error("measurement failed: {0}")]
     Measure(String),
+    /// The run was cancelled by its observer.
+    #[error("the run was cancelled")]
+    Cancelled,
 }
 
 /// Result alias of the profiler.

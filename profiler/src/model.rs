@@ -27,6 +27,24 @@ pub fn default_model_path() -> Option<std::path::PathBuf> {
     Some(cache.join("models").join(DEFAULT_MODEL_FILE))
 }
 
+/// The name a model file is served under: its file name without `.gguf` and without a
+/// trailing quantization tag (`SmolLM2-135M-Instruct.Q4_1.gguf` → `SmolLM2-135M-Instruct`).
+pub fn served_name(path: &Path) -> Option<String> {
+    let stem = path.file_stem()?.to_string_lossy().into_owned();
+    let is_quant = |tag: &str| {
+        let t = tag.to_ascii_uppercase();
+        ["Q", "IQ", "F16", "F32", "BF16"].iter().any(|p| {
+            t.strip_prefix(p)
+                .is_some_and(|rest| p.len() > 2 || rest.starts_with(|c: char| c.is_ascii_digit()))
+        })
+    };
+    let name = match stem.rsplit_once(['.', '-']) {
+        Some((base, tag)) if !base.is_empty() && is_quant(tag) => base.to_owned(),
+        _ => stem,
+    };
+    (!name.is_empty()).then_some(name)
+}
+
 /// Reads the GGUF at `path` and describes it. The weights digest is BLAKE3 over the whole file,
 /// so two files with the same name but other weights are different models.
 pub fn describe(path: &Path) -> Result<ModelDescriptor> {
@@ -50,10 +68,11 @@ pub fn describe(path: &Path) -> Result<ModelDescriptor> {
             "architecture {architecture:?} is not supported (Llama-architecture GGUFs only)"
         )));
     }
-    let name = text("general.name").unwrap_or_else(|| {
-        path.file_stem()
-            .map_or_else(|| "model".to_owned(), |s| s.to_string_lossy().into_owned())
-    });
+    // Served under its file's name, as inference servers do (clients ask for
+    // `SmolLM2-135M-Instruct`, not the GGUF's free-form `general.name`).
+    let name = served_name(path)
+        .or_else(|| text("general.name"))
+        .unwrap_or_else(|| "model".into());
     let context_length = content
         .metadata
         .get("llama.context_length")
@@ -116,5 +135,23 @@ mod tests {
         let err = describe(&dir.join("missing.gguf")).unwrap_err().to_string();
         assert!(err.contains("cannot open"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod served_name_tests {
+    use super::*;
+
+    #[test]
+    fn models_are_served_under_their_file_name_without_the_quantization() {
+        let name = |p: &str| served_name(Path::new(p)).unwrap();
+        assert_eq!(
+            name("/m/SmolLM2-135M-Instruct.Q4_1.gguf"),
+            "SmolLM2-135M-Instruct"
+        );
+        assert_eq!(name("llama-3-8b-Q4_K_M.gguf"), "llama-3-8b");
+        assert_eq!(name("tiny.f16.gguf"), "tiny");
+        assert_eq!(name("Qwen2-0.5B.gguf"), "Qwen2-0.5B");
+        assert_eq!(name("model.gguf"), "model");
     }
 }

@@ -4,9 +4,12 @@ use libp2p_identity::PeerId;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ProtocolError, Result};
-use crate::hardware::HardwareId;
-use crate::model::ModelId;
+use crate::hardware::{HardwareId, HardwareProfile};
+use crate::model::ModelDescriptor;
 use crate::validate;
+
+/// Most models one heartbeat lists.
+pub const MAX_HEARTBEAT_MODELS: usize = 16;
 
 /// A node's current state, gossiped periodically. A peer silent past a timeout counts as gone.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -21,14 +24,17 @@ pub struct Heartbeat {
     pub running_jobs: u32,
     /// Capacity of the queue.
     pub queue_capacity: u32,
-    /// Models the node serves.
-    pub models: Vec<ModelId>,
+    /// Models the node serves (at most [`MAX_HEARTBEAT_MODELS`]).
+    pub models: Vec<ModelDescriptor>,
     /// Price per hour of compute, in the network's price unit.
     pub price_per_hour: f64,
     /// Free device memory, bytes.
     pub free_memory_bytes: u64,
     /// The node's hardware cell.
     pub hardware: HardwareId,
+    /// The node's hardware profile (its spec hashes to `hardware`), so that routers can
+    /// predict for hosts that have not published a record yet.
+    pub profile: Option<HardwareProfile>,
     /// Highest sequence number of the node's own records.
     pub records_seq: u64,
 }
@@ -36,7 +42,19 @@ pub struct Heartbeat {
 impl Heartbeat {
     /// Checks sizes and ranges.
     pub fn validate(&self) -> Result<()> {
-        validate::count("heartbeat.models", self.models.len(), validate::MAX_ENTRIES)?;
+        validate::count("heartbeat.models", self.models.len(), MAX_HEARTBEAT_MODELS)?;
+        for m in &self.models {
+            m.validate()?;
+        }
+        if let Some(p) = &self.profile {
+            p.validate()?;
+            if p.id()? != self.hardware {
+                return Err(ProtocolError::invalid(
+                    "heartbeat.profile",
+                    "does not hash to the announced hardware id",
+                ));
+            }
+        }
         validate::finite_nonneg("heartbeat.price_per_hour", self.price_per_hour)?;
         if self.queue_depth > self.queue_capacity {
             return Err(ProtocolError::invalid(

@@ -14,6 +14,8 @@
 //!   memory stays bounded however far behind a node is.
 //! - **Kademlia** (server mode): peer routing, bootstrap, provider records for served models.
 
+mod frame;
+mod jobs;
 mod sync;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -31,15 +33,16 @@ use libp2p::{
     Multiaddr, PeerId, Swarm, autonat, dcutr, identify, mdns, noise, ping, relay, tcp, yamux,
 };
 use metainf_protocol::{
-    ContentId, HardwareId, Heartbeat, MAX_RECORD_BYTES, ModelId, SignedRecord, VerifiedRecord,
-    codec,
+    ContentId, HardwareId, HardwareProfile, Heartbeat, JobId, MAX_RECORD_BYTES, ModelDescriptor,
+    ModelId, SignedRecord, VerifiedRecord, codec,
 };
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::store::{PeerEntry, PutOutcome, Store};
+pub use jobs::{DeltaAck, JobCall, JobDelta, JobReply};
 pub use sync::{MAX_PAGE, SyncRequest, SyncResponse};
 
 /// Gossip topic of performance records.
@@ -47,7 +50,7 @@ pub const RECORDS_TOPIC: &str = "metainf/records/1";
 /// Gossip topic of heartbeats.
 pub const HEARTBEATS_TOPIC: &str = "metainf/heartbeats/1";
 /// Largest heartbeat message.
-pub const MAX_HEARTBEAT_BYTES: usize = 8 * 1024;
+pub const MAX_HEARTBEAT_BYTES: usize = 32 * 1024;
 
 /// Network settings (the `[network]` section of the configuration).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -126,6 +129,52 @@ pub enum NetError {
     /// Storing failed.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    /// A request to a peer failed: it could not be reached, closed the connection or timed
+    /// out.
+    #[error("peer {peer}: {reason}")]
+    Peer {
+        /// The peer.
+        peer: PeerId,
+        /// What happened.
+        reason: String,
+    },
+}
+
+/// What this node offers, announced in its heartbeats: kept current by the job service.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Offer {
+    /// Models it serves.
+    pub models: Vec<ModelDescriptor>,
+    /// Jobs waiting in its queue.
+    pub queue_depth: u32,
+    /// Jobs running now.
+    pub running_jobs: u32,
+    /// Capacity of its queue.
+    pub queue_capacity: u32,
+}
+
+/// A job call from a peer, to be answered through [`InboundJob::respond`].
+#[derive(Debug)]
+pub struct InboundJob {
+    /// The peer that forwarded it.
+    pub peer: PeerId,
+    /// What to run.
+    pub call: JobCall,
+    channel: request_response::ResponseChannel<JobReply>,
+    tx: mpsc::Sender<Command>,
+}
+
+impl InboundJob {
+    /// Sends the answer back to the peer (a peer that has gone is ignored).
+    pub async fn respond(self, reply: JobReply) {
+        let _ = self
+            .tx
+            .send(Command::RespondJob {
+                channel: self.channel,
+                reply: Box::new(reply),
+            })
+            .await;
+    }
 }
 
 /// This node's reachability, as AutoNAT concluded from peers dialling it back.
@@ -169,6 +218,8 @@ struct Behaviour {
     kad: kad::Behaviour<MemoryStore>,
     gossipsub: gossipsub::Behaviour,
     sync: request_response::Behaviour<sync::SyncCodec>,
+    jobs: request_response::Behaviour<jobs::JobCodec>,
+    deltas: request_response::Behaviour<jobs::DeltaCodec>,
     mdns: Toggle<mdns::tokio::Behaviour>,
     autonat: Toggle<autonat::Behaviour>,
     relay: Toggle<relay::client::Behaviour>,
@@ -212,6 +263,31 @@ enum Command {
         reply: oneshot::Sender<HashSet<PeerId>>,
     },
     SyncNow,
+    SetOffer {
+        offer: watch::Receiver<Offer>,
+    },
+    ServeJobs {
+        inbound: mpsc::Sender<InboundJob>,
+    },
+    CallJob {
+        peer: PeerId,
+        call: Box<JobCall>,
+        deltas: Option<mpsc::Sender<JobDelta>>,
+        reply: oneshot::Sender<Result<JobReply, NetError>>,
+    },
+    RespondJob {
+        channel: request_response::ResponseChannel<JobReply>,
+        reply: Box<JobReply>,
+    },
+    SendDelta {
+        peer: PeerId,
+        delta: JobDelta,
+        reply: oneshot::Sender<Result<DeltaAck, NetError>>,
+    },
+    RespondDelta {
+        channel: request_response::ResponseChannel<DeltaAck>,
+        ack: DeltaAck,
+    },
     PageStored {
         peer: PeerId,
         origin: PeerId,
@@ -302,10 +378,47 @@ impl Client {
 
     /// Starts an anti-entropy round with every connected peer now.
     pub async fn sync_now(&self) -> Result<(), NetError> {
-        self.tx
-            .send(Command::SyncNow)
-            .await
-            .map_err(|_| NetError::Closed)
+        self.send(Command::SyncNow).await
+    }
+
+    async fn send(&self, command: Command) -> Result<(), NetError> {
+        self.tx.send(command).await.map_err(|_| NetError::Closed)
+    }
+
+    /// Announces in every heartbeat what `offer` holds at the time.
+    pub async fn set_offer(&self, offer: watch::Receiver<Offer>) -> Result<(), NetError> {
+        self.send(Command::SetOffer { offer }).await
+    }
+
+    /// Hands job calls from peers to `inbound`. Until this is called, or while `inbound` is
+    /// full, peers get [`JobReply::Busy`].
+    pub async fn serve_jobs(&self, inbound: mpsc::Sender<InboundJob>) -> Result<(), NetError> {
+        self.send(Command::ServeJobs { inbound }).await
+    }
+
+    /// Runs a job on `peer` and waits for its answer; text deltas of a streaming job go to
+    /// `deltas`. Fails with [`NetError::Peer`] when the peer cannot be reached or the
+    /// connection closes before the answer.
+    pub async fn call_job(
+        &self,
+        peer: PeerId,
+        call: JobCall,
+        deltas: Option<mpsc::Sender<JobDelta>>,
+    ) -> Result<JobReply, NetError> {
+        self.ask(|reply| Command::CallJob {
+            peer,
+            call: Box::new(call),
+            deltas,
+            reply,
+        })
+        .await?
+    }
+
+    /// Sends a text delta of a streaming job back to the node that forwarded it, and waits
+    /// for its acknowledgement.
+    pub async fn send_delta(&self, peer: PeerId, delta: JobDelta) -> Result<DeltaAck, NetError> {
+        self.ask(|reply| Command::SendDelta { peer, delta, reply })
+            .await?
     }
 }
 
@@ -396,6 +509,18 @@ fn build_swarm(key: Keypair, config: &NetworkConfig) -> Result<Swarm<Behaviour>,
                     request_response::Config::default()
                         .with_request_timeout(Duration::from_secs(60)),
                 ),
+                // The job service enforces each job's own deadline; this only bounds a
+                // request whose answer never comes on a live connection.
+                jobs: request_response::Behaviour::new(
+                    [(jobs::JOB_PROTOCOL, ProtocolSupport::Full)],
+                    request_response::Config::default()
+                        .with_request_timeout(Duration::from_secs(6 * 3600)),
+                ),
+                deltas: request_response::Behaviour::new(
+                    [(jobs::DELTA_PROTOCOL, ProtocolSupport::Full)],
+                    request_response::Config::default()
+                        .with_request_timeout(Duration::from_secs(120)),
+                ),
                 mdns: Toggle::from(mdns),
                 autonat: Toggle::from(
                     nat.then(|| autonat::Behaviour::new(peer_id, autonat_config)),
@@ -454,10 +579,13 @@ fn peer_score() -> (gossipsub::PeerScoreParams, gossipsub::PeerScoreThresholds) 
 pub fn start(
     key: Keypair,
     store: Store,
-    hardware: HardwareId,
+    profile: HardwareProfile,
     config: NetworkConfig,
 ) -> Result<(Client, EventLoop), NetError> {
     let peer_id = key.public().to_peer_id();
+    let hardware = profile
+        .id()
+        .map_err(|e| NetError::Setup(format!("hardware profile: {e}")))?;
     let mut swarm = build_swarm(key, &config)?;
     let bootstrap_peers: HashSet<PeerId> =
         config.bootstrap.iter().filter_map(last_peer_id).collect();
@@ -520,6 +648,12 @@ pub fn start(
         store,
         config,
         hardware,
+        profile,
+        offer: None,
+        inbound_jobs: None,
+        job_calls: HashMap::new(),
+        delta_sinks: HashMap::new(),
+        delta_sends: HashMap::new(),
         commands: rx,
         self_tx: tx,
         records,
@@ -567,6 +701,17 @@ pub struct EventLoop {
     store: Store,
     config: NetworkConfig,
     hardware: HardwareId,
+    profile: HardwareProfile,
+    /// What the heartbeats announce.
+    offer: Option<watch::Receiver<Offer>>,
+    /// Where job calls from peers go.
+    inbound_jobs: Option<mpsc::Sender<InboundJob>>,
+    /// Outstanding job calls: request → (job, answer).
+    job_calls: HashMap<OutboundRequestId, (JobId, oneshot::Sender<Result<JobReply, NetError>>)>,
+    /// Where the deltas of a streaming job forwarded from here go: job → (host, sink).
+    delta_sinks: HashMap<JobId, (PeerId, mpsc::Sender<JobDelta>)>,
+    /// Outstanding deltas sent from here.
+    delta_sends: HashMap<OutboundRequestId, oneshot::Sender<Result<DeltaAck, NetError>>>,
     commands: mpsc::Receiver<Command>,
     self_tx: mpsc::Sender<Command>,
     records: IdentTopic,
@@ -738,6 +883,46 @@ impl EventLoop {
                 self.pending_providers.insert(id, (reply, HashSet::new()));
             }
             Command::SyncNow => self.start_sync_round(),
+            Command::SetOffer { offer } => {
+                self.offer = Some(offer);
+                self.send_heartbeat();
+            }
+            Command::ServeJobs { inbound } => self.inbound_jobs = Some(inbound),
+            Command::CallJob {
+                peer,
+                call,
+                deltas,
+                reply,
+            } => {
+                let job = call.request.id;
+                if let Some(sink) = deltas {
+                    self.delta_sinks.insert(job, (peer, sink));
+                }
+                let id = self.swarm.behaviour_mut().jobs.send_request(&peer, *call);
+                self.job_calls.insert(id, (job, reply));
+            }
+            Command::RespondJob { channel, reply } => {
+                if self
+                    .swarm
+                    .behaviour_mut()
+                    .jobs
+                    .send_response(channel, *reply)
+                    .is_err()
+                {
+                    debug!("a job's answer could not be sent: the peer has gone");
+                }
+            }
+            Command::SendDelta { peer, delta, reply } => {
+                let id = self.swarm.behaviour_mut().deltas.send_request(&peer, delta);
+                self.delta_sends.insert(id, reply);
+            }
+            Command::RespondDelta { channel, ack } => {
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .deltas
+                    .send_response(channel, ack);
+            }
             Command::PageStored {
                 peer,
                 origin,
@@ -980,6 +1165,8 @@ impl EventLoop {
                     }
                 }
             }
+            BehaviourEvent::Jobs(event) => self.on_job_event(event),
+            BehaviourEvent::Deltas(event) => self.on_delta_event(event),
             BehaviourEvent::Sync(request_response::Event::OutboundFailure {
                 peer,
                 request_id,
@@ -990,6 +1177,137 @@ impl EventLoop {
                 if let Some((peer, origin)) = self.pulls.remove(&request_id) {
                     self.pulling.remove(&(peer, origin));
                     self.drive_pulls();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_job_event(&mut self, event: request_response::Event<JobCall, JobReply>) {
+        match event {
+            request_response::Event::Message {
+                peer,
+                message:
+                    request_response::Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => {
+                self.seen(peer);
+                let job = InboundJob {
+                    peer,
+                    call: request,
+                    channel,
+                    tx: self.self_tx.clone(),
+                };
+                let refused = match &self.inbound_jobs {
+                    Some(inbound) => match inbound.try_send(job) {
+                        Ok(()) => None,
+                        Err(mpsc::error::TrySendError::Full(job))
+                        | Err(mpsc::error::TrySendError::Closed(job)) => Some(job),
+                    },
+                    None => Some(job),
+                };
+                if let Some(job) = refused {
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .jobs
+                        .send_response(job.channel, JobReply::Busy { retry_after_s: 1 });
+                }
+            }
+            request_response::Event::Message {
+                message:
+                    request_response::Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                if let Some((job, reply)) = self.job_calls.remove(&request_id) {
+                    self.delta_sinks.remove(&job);
+                    let _ = reply.send(Ok(response));
+                }
+            }
+            request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                if let Some((job, reply)) = self.job_calls.remove(&request_id) {
+                    self.delta_sinks.remove(&job);
+                    let _ = reply.send(Err(NetError::Peer {
+                        peer,
+                        reason: error.to_string(),
+                    }));
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                debug!(%peer, %error, "inbound job call failed");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
+    fn on_delta_event(&mut self, event: request_response::Event<JobDelta, DeltaAck>) {
+        match event {
+            request_response::Event::Message {
+                peer,
+                message:
+                    request_response::Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => {
+                // Only the host the job was forwarded to may stream into it.
+                let sink = self
+                    .delta_sinks
+                    .get(&request.job)
+                    .filter(|(host, _)| *host == peer)
+                    .map(|(_, sink)| sink.clone());
+                let Some(sink) = sink else {
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .deltas
+                        .send_response(channel, DeltaAck::Stop);
+                    return;
+                };
+                // Waits for room in the sink off the loop: a slow client slows its host's
+                // stream, nothing else.
+                let tx = self.self_tx.clone();
+                tokio::spawn(async move {
+                    let ack = match sink.send(request).await {
+                        Ok(()) => DeltaAck::Ok,
+                        Err(_) => DeltaAck::Stop,
+                    };
+                    let _ = tx.send(Command::RespondDelta { channel, ack }).await;
+                });
+            }
+            request_response::Event::Message {
+                message:
+                    request_response::Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                if let Some(reply) = self.delta_sends.remove(&request_id) {
+                    let _ = reply.send(Ok(response));
+                }
+            }
+            request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                if let Some(reply) = self.delta_sends.remove(&request_id) {
+                    let _ = reply.send(Err(NetError::Peer {
+                        peer,
+                        reason: error.to_string(),
+                    }));
                 }
             }
             _ => {}
@@ -1044,16 +1362,24 @@ impl EventLoop {
     fn send_heartbeat(&mut self) {
         let local = *self.swarm.local_peer_id();
         let records_seq = self.store.origin_state(&local).map_or(0, |s| s.max);
+        let offer = self
+            .offer
+            .as_ref()
+            .map(|o| o.borrow().clone())
+            .unwrap_or_default();
+        let mut models = offer.models;
+        models.truncate(metainf_protocol::heartbeat::MAX_HEARTBEAT_MODELS);
         let heartbeat = Heartbeat {
             peer: local,
             sent_at_ms: now_ms(),
-            queue_depth: 0,
-            running_jobs: 0,
-            queue_capacity: 0,
-            models: Vec::new(),
+            queue_depth: offer.queue_depth.min(offer.queue_capacity),
+            running_jobs: offer.running_jobs,
+            queue_capacity: offer.queue_capacity,
+            models,
             price_per_hour: self.config.price_per_hour,
             free_memory_bytes: available_memory_bytes(),
             hardware: self.hardware,
+            profile: Some(self.profile.clone()),
             records_seq,
         };
         if let Ok(bytes) = codec::encode(&heartbeat) {

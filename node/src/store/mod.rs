@@ -228,6 +228,10 @@ pub struct JobEntry {
     pub state: JobState,
     /// Last state change, Unix milliseconds.
     pub updated_at_ms: u64,
+    /// The router's choice for the current attempt, with its predictions.
+    pub route: Option<metainf_scheduler::Choice>,
+    /// Hosts tried so far.
+    pub attempts: u32,
 }
 
 /// A raw key and value from RocksDB.

@@ -272,6 +272,23 @@ impl Engine {
         method: &MethodSettings,
         on_finish: &mut dyn FnMut(usize),
     ) -> Result<RunReport> {
+        struct Progress<'a>(&'a mut dyn FnMut(usize));
+        impl RunObserver for Progress<'_> {
+            fn on_finish(&mut self, finished: usize) {
+                (self.0)(finished);
+            }
+        }
+        self.run_observed(requests, method, &mut Progress(on_finish))
+    }
+
+    /// As [`Engine::run`], telling `observer` of every token as it is sampled (for streaming
+    /// and stop strings) and abandoning the run when it is cancelled.
+    pub fn run_observed(
+        &self,
+        requests: &[Request],
+        method: &MethodSettings,
+        observer: &mut dyn RunObserver,
+    ) -> Result<RunReport> {
         let mut batcher = Batcher::new(&self.model, method.clone())?;
         for r in requests {
             batcher.check(r)?;
@@ -299,14 +316,25 @@ impl Engine {
                 }
                 continue;
             }
-            let done = self.pool.install(|| batcher.step(&start))?;
+            if observer.cancelled() {
+                return Err(ProfilerError::Cancelled);
+            }
+            let mut done = self.pool.install(|| batcher.step(&start))?;
+            for (key, token) in std::mem::take(&mut batcher.sampled) {
+                if !observer.on_token(key, token)
+                    && !done.iter().any(|(k, _)| *k == key)
+                    && let Some(stopped) = batcher.stop(key)
+                {
+                    done.push(stopped);
+                }
+            }
             for (i, c) in done {
                 if let Some(t) = c.token_times_s.last() {
                     last_token = last_token.max(*t);
                 }
                 completions[i] = Some(c);
                 finished += 1;
-                on_finish(finished);
+                observer.on_finish(finished);
             }
         }
         let kv = batcher.pool.stats();
@@ -321,6 +349,24 @@ impl Engine {
             steps: batcher.steps,
             prompt_tokens: requests.iter().map(|r| r.prompt.len() as u64).sum(),
         })
+    }
+}
+
+/// Watches a run as it goes. Every method has a default that does nothing.
+pub trait RunObserver {
+    /// Request `request` (its index in the run) sampled `token`. Returning `false` ends that
+    /// request now, as finished by a stop (a stop string matched, say).
+    fn on_token(&mut self, request: usize, token: u32) -> bool {
+        let _ = (request, token);
+        true
+    }
+    /// `finished` requests have completed so far.
+    fn on_finish(&mut self, finished: usize) {
+        let _ = finished;
+    }
+    /// Checked before every step: `true` abandons the run with [`ProfilerError::Cancelled`].
+    fn cancelled(&self) -> bool {
+        false
     }
 }
 
@@ -356,6 +402,8 @@ struct Batcher<'m> {
     running: Vec<Seq>,
     reserved: usize,
     steps: u64,
+    /// Tokens sampled in the last step, as (request key, token).
+    sampled: Vec<(usize, u32)>,
 }
 
 impl<'m> Batcher<'m> {
@@ -381,6 +429,7 @@ impl<'m> Batcher<'m> {
             running: Vec::new(),
             reserved: 0,
             steps: 0,
+            sampled: Vec::new(),
         })
     }
 
@@ -601,6 +650,7 @@ impl<'m> Batcher<'m> {
                 s.tokens.push(token);
                 s.token_times.push(now);
                 let generated = s.tokens.len() - s.prompt_len();
+                self.sampled.push((s.key, token));
                 if s.req.stop.contains(&token) {
                     finished.push((i, FinishReason::Stop));
                 } else if generated >= s.req.max_tokens as usize {
@@ -611,22 +661,33 @@ impl<'m> Batcher<'m> {
         finished.sort_by_key(|(i, _)| *i);
         let mut done = Vec::new();
         for (i, finish) in finished.into_iter().rev() {
-            let s = self.running.remove(i);
-            for &b in &s.table {
-                self.pool.release(b);
-            }
-            self.reserved = self.reserved.saturating_sub(s.reserved);
-            done.push((
-                s.key,
-                Completion {
-                    tokens: s.tokens[s.req.prompt.len()..].to_vec(),
-                    finish,
-                    arrival_s: s.req.arrival_s,
-                    token_times_s: s.token_times,
-                    cached_prompt_tokens: s.cached_prompt_tokens,
-                },
-            ));
+            done.push(self.retire(i, finish));
         }
         Ok(done)
+    }
+
+    /// Removes running sequence `i`, releasing its blocks.
+    fn retire(&mut self, i: usize, finish: FinishReason) -> (usize, Completion) {
+        let s = self.running.remove(i);
+        for &b in &s.table {
+            self.pool.release(b);
+        }
+        self.reserved = self.reserved.saturating_sub(s.reserved);
+        (
+            s.key,
+            Completion {
+                tokens: s.tokens[s.req.prompt.len()..].to_vec(),
+                finish,
+                arrival_s: s.req.arrival_s,
+                token_times_s: s.token_times,
+                cached_prompt_tokens: s.cached_prompt_tokens,
+            },
+        )
+    }
+
+    /// Ends the running request `key` now, as stopped (a stop string matched).
+    fn stop(&mut self, key: usize) -> Option<(usize, Completion)> {
+        let i = self.running.iter().position(|s| s.key == key)?;
+        Some(self.retire(i, FinishReason::Stop))
     }
 }

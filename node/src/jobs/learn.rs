@@ -1,0 +1,367 @@
+//! Learning from use: the router's runtime model, retrained in the background as records
+//! arrive (from this node's jobs and benchmarks and from every peer), and the log of recent
+//! decisions with their predicted and measured runtimes.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, RwLock};
+
+use metainf_protocol::{HardwareProfile, MethodConfig, ModelDescriptor, WorkloadDescriptor};
+use metainf_scheduler::predictor::Prediction;
+use metainf_scheduler::select::{Predictor, RuntimeModel};
+use metainf_scheduler::{FeatureConfig, GbdtParams, MetaPredictor, Tensor};
+use serde::Serialize;
+use tracing::{info, warn};
+
+use crate::store::Store;
+
+/// Name of the trained predictor in the store's `meta` family.
+pub const PREDICTOR_META: &str = "predictor";
+
+/// A trained predictor and where it came from.
+pub struct Trained {
+    /// The model.
+    pub predictor: MetaPredictor,
+    /// Counts up with every retraining (1 = the first).
+    pub generation: u64,
+    /// Records in the store when it was trained.
+    pub records: u64,
+}
+
+/// The current predictor, swapped atomically when a retraining finishes.
+#[derive(Default)]
+pub struct Learner {
+    current: RwLock<Option<Arc<Trained>>>,
+    training: Mutex<()>,
+}
+
+impl Learner {
+    /// Loads the predictor saved in `store`, if any.
+    pub fn open(store: &Store) -> Self {
+        let learner = Self::default();
+        match store.meta(PREDICTOR_META) {
+            Ok(Some(bytes)) => match decode_saved(&bytes) {
+                Some(t) => {
+                    info!(
+                        generation = t.generation,
+                        records = t.records,
+                        "loaded the saved predictor"
+                    );
+                    learner.set(t);
+                }
+                None => warn!("the saved predictor is unreadable; it will be retrained"),
+            },
+            Ok(None) => {}
+            Err(e) => warn!(error = %e, "cannot read the saved predictor"),
+        }
+        learner
+    }
+
+    fn set(&self, trained: Trained) {
+        if let Ok(mut current) = self.current.write() {
+            *current = Some(Arc::new(trained));
+        }
+    }
+
+    /// The current predictor.
+    pub fn current(&self) -> Option<Arc<Trained>> {
+        self.current.read().ok().and_then(|c| c.clone())
+    }
+
+    /// Records the current predictor was trained with (0 without one).
+    pub fn trained_records(&self) -> u64 {
+        self.current().map_or(0, |t| t.records)
+    }
+
+    /// Trains on every record in `store` (blocking: call it off the async runtime), saves the
+    /// result in the store and makes it current; `count` is the store's record count as the
+    /// caller measures it, kept to decide the next retraining. Returns the new generation, or
+    /// `None` when another training is running or there is nothing to train on.
+    pub fn retrain(
+        &self,
+        store: &Store,
+        params: GbdtParams,
+        count: u64,
+    ) -> Result<Option<u64>, String> {
+        let Ok(_guard) = self.training.try_lock() else {
+            return Ok(None);
+        };
+        let records = crate::evaluation::store_records(store).map_err(|e| e.to_string())?;
+        if records.is_empty() {
+            return Ok(None);
+        }
+        let tensor = Tensor::from_records(records.iter()).map_err(|e| e.to_string())?;
+        if tensor.cells.is_empty() {
+            return Ok(None);
+        }
+        let started = std::time::Instant::now();
+        let predictor = MetaPredictor::train(&tensor, None, FeatureConfig::default(), params, None)
+            .map_err(|e| e.to_string())?;
+        let generation = self.current().map_or(0, |t| t.generation) + 1;
+        let bytes = predictor.to_bytes().map_err(|e| e.to_string())?;
+        let mut saved = Vec::with_capacity(bytes.len() + 16);
+        saved.extend_from_slice(&generation.to_le_bytes());
+        saved.extend_from_slice(&count.to_le_bytes());
+        saved.extend_from_slice(&bytes);
+        if let Err(e) = store.put_meta(PREDICTOR_META, &saved) {
+            warn!(error = %e, "cannot save the predictor; it is used but not kept");
+        }
+        info!(
+            generation,
+            records = records.len(),
+            cells = tensor.cells.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "predictor retrained"
+        );
+        self.set(Trained {
+            predictor,
+            generation,
+            records: count,
+        });
+        Ok(Some(generation))
+    }
+}
+
+fn decode_saved(bytes: &[u8]) -> Option<Trained> {
+    let generation = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
+    let records = u64::from_le_bytes(bytes.get(8..16)?.try_into().ok()?);
+    let predictor = MetaPredictor::from_bytes(bytes.get(16..)?).ok()?;
+    Some(Trained {
+        predictor,
+        generation,
+        records,
+    })
+}
+
+/// The runtime model before any record exists: decode-bound generation at a rate that scales
+/// with the hardware's measured matmul throughput (or its compute units), prefill 8× faster,
+/// methods alike, and very uncertain, so that the first jobs explore.
+pub struct Prior;
+
+impl Prior {
+    fn runtime_s(
+        workload: &WorkloadDescriptor,
+        model: &ModelDescriptor,
+        hw: &HardwareProfile,
+    ) -> f64 {
+        // One token costs ~2 FLOP per parameter; CPUs reach a fraction of the measured peak.
+        let gflops = hw
+            .measured
+            .as_ref()
+            .map(|m| m.matmul_gflops)
+            .filter(|g| *g > 0.0)
+            .unwrap_or(10.0 * f64::from(hw.spec.compute_units));
+        let flop_per_token = 2.0 * model.parameters.max(1) as f64;
+        let decode_tok_s = (0.3 * gflops * 1e9 / flop_per_token).max(1.0);
+        let requests = f64::from(workload.requests.max(1));
+        let output = requests * workload.max_new_tokens.mean.max(1.0) * 0.6;
+        let prompt = requests * workload.prompt_tokens.mean;
+        // Batching overlaps requests: the batch decodes at about √requests the single rate.
+        (output / (decode_tok_s * requests.sqrt()) + prompt / (8.0 * decode_tok_s)).max(1e-3)
+    }
+}
+
+impl RuntimeModel for Prior {
+    fn predict_grid(
+        &self,
+        workload: &WorkloadDescriptor,
+        model: &ModelDescriptor,
+        hardware: &[&HardwareProfile],
+        methods: &[MethodConfig],
+    ) -> metainf_scheduler::Result<Vec<Vec<Prediction>>> {
+        Ok(hardware
+            .iter()
+            .map(|hw| {
+                let p = Prediction {
+                    log_runtime: Self::runtime_s(workload, model, hw).ln(),
+                    log_std: 1.0,
+                };
+                vec![p; methods.len()]
+            })
+            .collect())
+    }
+}
+
+/// The trained predictor where there is one, else the [`Prior`].
+pub struct Current(pub Option<Arc<Trained>>);
+
+impl RuntimeModel for Current {
+    fn predict_grid(
+        &self,
+        workload: &WorkloadDescriptor,
+        model: &ModelDescriptor,
+        hardware: &[&HardwareProfile],
+        methods: &[MethodConfig],
+    ) -> metainf_scheduler::Result<Vec<Vec<Prediction>>> {
+        match &self.0 {
+            Some(t) => Predictor {
+                model: &t.predictor,
+                cache: None,
+            }
+            .predict_grid(workload, model, hardware, methods),
+            None => Prior.predict_grid(workload, model, hardware, methods),
+        }
+    }
+}
+
+/// One routed job: what was predicted, and what was measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct DecisionLog {
+    /// The job.
+    pub job: String,
+    /// When it was decided, Unix milliseconds.
+    pub at_ms: u64,
+    /// Host that ran it (after any retries).
+    pub host: String,
+    /// Method it ran with.
+    pub method: String,
+    /// Predicted runtime there, seconds.
+    pub predicted_runtime_s: f64,
+    /// Predicted queue wait, seconds.
+    pub predicted_wait_s: f64,
+    /// Predicted cost.
+    pub predicted_cost: f64,
+    /// Measured runtime, seconds (absent while running or when it failed).
+    pub measured_runtime_s: Option<f64>,
+    /// |ln(measured / predicted)|: 0.1 is about 10 % off.
+    pub abs_log_error: Option<f64>,
+    /// Predictor generation that decided (0 = the prior).
+    pub predictor_generation: u64,
+    /// Pairs within the budget, and over it.
+    pub feasible: usize,
+    /// Pairs over the budget.
+    pub over_budget: usize,
+    /// Hosts tried before the one that ran it.
+    pub retries: u32,
+    /// Error, when the job failed.
+    pub error: Option<String>,
+}
+
+/// Mean error of the decisions of one predictor generation.
+#[derive(Clone, Debug, Serialize)]
+pub struct GenerationError {
+    /// The generation (0 = the prior).
+    pub generation: u64,
+    /// Finished jobs it decided.
+    pub jobs: usize,
+    /// Mean |ln(measured / predicted)|.
+    pub mean_abs_log_error: f64,
+}
+
+/// Recent decisions, newest last.
+pub struct DecisionLogBook {
+    entries: Mutex<VecDeque<DecisionLog>>,
+    keep: usize,
+}
+
+impl DecisionLogBook {
+    /// Keeps the last `keep` decisions.
+    pub fn new(keep: usize) -> Self {
+        Self {
+            entries: Mutex::new(VecDeque::new()),
+            keep: keep.max(1),
+        }
+    }
+
+    /// Adds a finished (or failed) decision.
+    pub fn push(&self, entry: DecisionLog) {
+        if let Ok(mut e) = self.entries.lock() {
+            if e.len() == self.keep {
+                e.pop_front();
+            }
+            e.push_back(entry);
+        }
+    }
+
+    /// The last `limit` decisions, newest first.
+    pub fn recent(&self, limit: usize) -> Vec<DecisionLog> {
+        self.entries
+            .lock()
+            .map(|e| e.iter().rev().take(limit).cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Mean error per predictor generation, oldest generation first.
+    pub fn by_generation(&self) -> Vec<GenerationError> {
+        let Ok(entries) = self.entries.lock() else {
+            return Vec::new();
+        };
+        let mut out: Vec<GenerationError> = Vec::new();
+        for e in entries.iter() {
+            let Some(err) = e.abs_log_error else { continue };
+            match out
+                .iter_mut()
+                .find(|g| g.generation == e.predictor_generation)
+            {
+                Some(g) => {
+                    g.mean_abs_log_error += (err - g.mean_abs_log_error) / (g.jobs + 1) as f64;
+                    g.jobs += 1;
+                }
+                None => out.push(GenerationError {
+                    generation: e.predictor_generation,
+                    jobs: 1,
+                    mean_abs_log_error: err,
+                }),
+            }
+        }
+        out.sort_by_key(|g| g.generation);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log(generation: u64, err: f64) -> DecisionLog {
+        DecisionLog {
+            job: "j".into(),
+            at_ms: 0,
+            host: "h".into(),
+            method: "none".into(),
+            predicted_runtime_s: 1.0,
+            predicted_wait_s: 0.0,
+            predicted_cost: 0.0,
+            measured_runtime_s: Some(1.0),
+            abs_log_error: Some(err),
+            predictor_generation: generation,
+            feasible: 1,
+            over_budget: 0,
+            retries: 0,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn the_prior_favours_faster_hardware_and_grows_with_the_work() {
+        use metainf_protocol::fixtures;
+        let model = fixtures::smollm2();
+        let small = fixtures::workload("chat", 4);
+        let big = fixtures::workload("chat", 16);
+        let (one, four) = (fixtures::cpu_hardware(1), fixtures::cpu_hardware(4));
+        let methods = MethodConfig::standard_methods();
+        let grid = Prior
+            .predict_grid(&small, &model, &[&one, &four], &methods)
+            .unwrap();
+        assert!(grid[1][0].log_runtime < grid[0][0].log_runtime);
+        assert_eq!(grid[0].len(), methods.len());
+        let bigger = Prior.predict_grid(&big, &model, &[&one], &methods).unwrap();
+        assert!(bigger[0][0].log_runtime > grid[0][0].log_runtime);
+        assert!(grid[0][0].log_std >= 1.0, "the prior is uncertain");
+    }
+
+    #[test]
+    fn the_book_keeps_the_last_entries_and_averages_per_generation() {
+        let book = DecisionLogBook::new(3);
+        for (g, e) in [(0, 9.0), (0, 1.0), (0, 0.5), (2, 0.1)] {
+            book.push(log(g, e));
+        }
+        let recent = book.recent(10);
+        assert_eq!(recent.len(), 3);
+        assert_eq!(recent[0].predictor_generation, 2);
+        let by = book.by_generation();
+        assert_eq!(by.len(), 2);
+        assert_eq!(by[0].jobs, 2);
+        assert!((by[0].mean_abs_log_error - 0.75).abs() < 1e-12);
+        assert!((by[1].mean_abs_log_error - 0.1).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,185 @@
+//! The node's Prometheus metrics (`GET /metrics`), through the `prometheus-client` crate.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Outcome label of finished jobs.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    /// `ok` or `failed`.
+    pub outcome: &'static str,
+}
+
+/// Route and status labels of HTTP requests.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabel {
+    /// The matched route.
+    pub route: String,
+    /// The status code.
+    pub status: u16,
+}
+
+/// Every metric the node exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Jobs finished, by outcome.
+    pub jobs: Family<OutcomeLabel, Counter>,
+    /// Seconds from acceptance to result.
+    pub job_seconds: Histogram,
+    /// Seconds spent choosing host and method.
+    pub routing_seconds: Histogram,
+    /// Attempts that failed and were retried elsewhere.
+    pub retries: Counter,
+    /// Jobs sent to another host.
+    pub forwarded: Counter,
+    /// Performance records made of finished jobs.
+    pub records_made: Counter,
+    /// Records in the store.
+    pub records: Gauge,
+    /// Predictor generation in use (0 = the prior).
+    pub predictor_generation: Gauge,
+    /// |ln(measured / predicted runtime)| of finished jobs.
+    pub abs_log_error: Histogram,
+    /// Jobs waiting in this host's queue.
+    pub queue_depth: Gauge,
+    /// Jobs running on this host.
+    pub running_jobs: Gauge,
+    /// Live peers.
+    pub peers_alive: Gauge,
+    /// HTTP requests, by route and status.
+    pub http_requests: Family<HttpLabel, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric under the `metainf` prefix.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("metainf");
+        let jobs = Family::<OutcomeLabel, Counter>::default();
+        let job_seconds = Histogram::new(exponential_buckets(0.05, 2.0, 16));
+        let routing_seconds = Histogram::new(exponential_buckets(0.000_05, 2.0, 18));
+        let abs_log_error = Histogram::new([0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0]);
+        let m = Self {
+            jobs,
+            job_seconds,
+            routing_seconds,
+            retries: Counter::default(),
+            forwarded: Counter::default(),
+            records_made: Counter::default(),
+            records: Gauge::default(),
+            predictor_generation: Gauge::default(),
+            abs_log_error,
+            queue_depth: Gauge::default(),
+            running_jobs: Gauge::default(),
+            peers_alive: Gauge::default(),
+            http_requests: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register("jobs", "Jobs finished, by outcome", m.jobs.clone());
+        registry.register(
+            "job_seconds",
+            "Seconds from a job's acceptance to its result",
+            m.job_seconds.clone(),
+        );
+        registry.register(
+            "routing_seconds",
+            "Seconds spent choosing a job's host and method",
+            m.routing_seconds.clone(),
+        );
+        registry.register(
+            "job_retries",
+            "Job attempts that failed and were retried on another host",
+            m.retries.clone(),
+        );
+        registry.register(
+            "jobs_forwarded",
+            "Job attempts sent to another host",
+            m.forwarded.clone(),
+        );
+        registry.register(
+            "job_records",
+            "Performance records made of finished jobs",
+            m.records_made.clone(),
+        );
+        registry.register("store_records", "Records in the store", m.records.clone());
+        registry.register(
+            "predictor_generation",
+            "Predictor generation in use (0 = the prior)",
+            m.predictor_generation.clone(),
+        );
+        registry.register(
+            "predictor_abs_log_error",
+            "|ln(measured / predicted runtime)| of finished jobs",
+            m.abs_log_error.clone(),
+        );
+        registry.register(
+            "queue_depth",
+            "Jobs waiting in this host's queue",
+            m.queue_depth.clone(),
+        );
+        registry.register(
+            "running_jobs",
+            "Jobs running on this host",
+            m.running_jobs.clone(),
+        );
+        registry.register("peers_alive", "Live peers", m.peers_alive.clone());
+        registry.register(
+            "http_requests",
+            "HTTP requests, by route and status",
+            m.http_requests.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    /// Counts a finished job.
+    pub fn job_finished(&self, ok: bool, seconds: f64) {
+        let outcome = if ok { "ok" } else { "failed" };
+        self.jobs.get_or_create(&OutcomeLabel { outcome }).inc();
+        if ok {
+            self.job_seconds.observe(seconds);
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_are_exported_in_the_text_format() {
+        let m = Metrics::new();
+        m.job_finished(true, 1.5);
+        m.job_finished(false, 0.0);
+        m.queue_depth.set(3);
+        let text = m.encode();
+        assert!(
+            text.contains("metainf_jobs_total{outcome=\"ok\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("metainf_jobs_total{outcome=\"failed\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("metainf_queue_depth 3"), "{text}");
+        assert!(text.contains("metainf_job_seconds_count 1"), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+}
