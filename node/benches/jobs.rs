@@ -8,6 +8,8 @@
 //! `cargo bench -p metainf-node --bench jobs --profile dev` (needs `scripts/fetch-model.sh`).
 //! Prints a Markdown summary for BENCHMARKS.md.
 
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

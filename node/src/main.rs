@@ -1035,8 +1035,8 @@ fn client_command(command: ClientCommand) -> Result<ExitCode> {
                 }
                 writeln!(
                     out,
-                    "{:<54} {:>6} {:>8} {:>7} {:>8}  {}",
-                    "peer", "alive", "price/h", "queue", "threads", "models"
+                    "{:<54} {:>6} {:>8} {:>7} {:>8}  models",
+                    "peer", "alive", "price/h", "queue", "threads"
                 )?;
                 for p in v["peers"].as_array().into_iter().flatten() {
                     writeln!(

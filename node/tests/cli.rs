@@ -26,6 +26,8 @@ fn start(data_dir: &Path, extra: &[&str]) -> (Child, Vec<String>) {
         } else {
             &["--listen", "/ip4/127.0.0.1/tcp/0"][..]
         })
+        // Each node its own API port: tests run side by side.
+        .args(["--api-listen", "127.0.0.1:0"])
         .args(extra)
         .stderr(Stdio::piped())
         .stdout(Stdio::null())

@@ -424,7 +424,12 @@ impl JobService {
             None => approximate_workload(&request),
         };
         let methods = match &request.pin_method {
-            Some(m) => vec![m.clone()],
+            // Refused here rather than by a host, with the reason.
+            Some(m) => {
+                metainf_profiler::engine::MethodSettings::from_method(m)
+                    .map_err(|e| JobError::Invalid(format!("method {m}: {e}")))?;
+                vec![m.clone()]
+            }
             None => self.0.methods.clone(),
         };
         let hosts: Vec<Host> = candidates.iter().map(|c| c.host.clone()).collect();
