@@ -232,38 +232,44 @@ fn main() {
         tok3 as f64 / t3
     );
 
-    // The predictor's error, job after job, as gateway A saw it.
-    let mut shapes = Vec::new();
-    for j in 0..24 {
-        let n = 1 + (j % 4);
-        let max_tokens = [8, 24, 48][j % 3];
-        let prompts: Vec<Value> = (0..n)
-            .map(|i| {
-                json!(format!(
-                    "Item {j}-{i}: describe a small red house in detail."
-                ))
-            })
-            .collect();
-        shapes.push((prompts, max_tokens));
-    }
-    for (prompts, max_tokens) in shapes {
-        let _ = post(
-            &a.api,
-            "/v1/completions",
-            &json!({"model": MODEL, "prompt": prompts, "max_tokens": max_tokens, "temperature": 0}),
-        );
-    }
-    let decisions = get(&a.api, "/v1/decisions");
-    println!(
-        "\n| predictor generation | finished jobs it routed | mean abs ln(measured/predicted) |"
-    );
-    println!("|---|---|---|");
-    for g in decisions["by_generation"].as_array().into_iter().flatten() {
+    // The predictor's error as jobs feed it: twelve job shapes, three passes over them. The
+    // first pass meets every shape for the first time (the prior, then early retrainings);
+    // later passes are predicted by a model trained on the earlier jobs' records.
+    let shapes: Vec<(Vec<Value>, u32)> = (0..12)
+        .map(|j| {
+            let n = 1 + (j % 4);
+            let max_tokens = [8, 32, 96][j / 4];
+            let prompts = (0..n)
+                .map(|i| json!(format!("Item {j}-{i}: describe a small red house in detail.")))
+                .collect();
+            (prompts, max_tokens)
+        })
+        .collect();
+    println!("\n| pass over 12 job shapes (1–4 prompts × 8/32/96 tokens) | predictor generations | mean abs ln(measured/predicted) | median |");
+    println!("|---|---|---|---|");
+    for pass in 1..=3 {
+        let mut errors = Vec::new();
+        let mut generations = Vec::new();
+        for (prompts, max_tokens) in &shapes {
+            let v = post(
+                &a.api,
+                "/v1/completions",
+                &json!({"model": MODEL, "prompt": prompts, "max_tokens": max_tokens, "temperature": 0}),
+            );
+            let m = &v["metainf"];
+            let (p, r) = (
+                m["predicted_runtime_s"].as_f64().unwrap_or(f64::NAN),
+                m["measured_runtime_s"].as_f64().unwrap_or(f64::NAN),
+            );
+            errors.push((r / p).ln().abs());
+            generations.push(m["predictor_generation"].as_u64().unwrap_or(0));
+        }
+        let mean = errors.iter().sum::<f64>() / errors.len() as f64;
         println!(
-            "| {} | {} | {:.3} |",
-            g["generation"],
-            g["jobs"],
-            g["mean_abs_log_error"].as_f64().unwrap_or(f64::NAN)
+            "| {pass} | {}–{} | {mean:.3} | {:.3} |",
+            generations.iter().min().unwrap_or(&0),
+            generations.iter().max().unwrap_or(&0),
+            percentile(errors, 0.5)
         );
     }
     let _ = std::fs::remove_dir_all(&root);
