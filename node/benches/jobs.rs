@@ -240,12 +240,18 @@ fn main() {
             let n = 1 + (j % 4);
             let max_tokens = [8, 32, 96][j / 4];
             let prompts = (0..n)
-                .map(|i| json!(format!("Item {j}-{i}: describe a small red house in detail.")))
+                .map(|i| {
+                    json!(format!(
+                        "Item {j}-{i}: describe a small red house in detail."
+                    ))
+                })
                 .collect();
             (prompts, max_tokens)
         })
         .collect();
-    println!("\n| pass over 12 job shapes (1–4 prompts × 8/32/96 tokens) | predictor generations | mean abs ln(measured/predicted) | median |");
+    println!(
+        "\n| pass over 12 job shapes (1–4 prompts × 8/32/96 tokens) | predictor generations | mean abs ln(measured/predicted) | median |"
+    );
     println!("|---|---|---|---|");
     for pass in 1..=3 {
         let mut errors = Vec::new();

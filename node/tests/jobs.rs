@@ -491,6 +491,35 @@ fn three_nodes_route_stream_refuse_and_survive_a_dead_host() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("[0]") && stdout.contains("[1]"), "{stdout}");
 
+    // A burst at one gateway spreads over the hosts: each job accepted counts against its
+    // host's queue at once, before any heartbeat could tell.
+    let burst: Vec<(String, String)> = (0..3)
+        .map(|i| {
+            let prompts: Vec<Value> = (0..4)
+                .map(|j| json!(format!("Describe planet number {i}{j} in detail.")))
+                .collect();
+            let (status, v) = post(
+                &a,
+                "/v1/jobs",
+                &json!({"model": MODEL, "prompts": prompts, "max_tokens": 64, "temperature": 0}),
+            );
+            assert_eq!(status, 202, "{v}");
+            (
+                v["id"].as_str().unwrap().to_owned(),
+                v["metainf"]["host"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let distinct: std::collections::HashSet<&String> = burst.iter().map(|(_, h)| h).collect();
+    assert!(
+        distinct.len() >= 2,
+        "three jobs at once all went to one host: {burst:?}"
+    );
+    for (id, _) in &burst {
+        let job = wait_job(&a, id, |j| j["status"] == "done" || j["status"] == "failed");
+        assert_eq!(job["status"], "done", "{job}");
+    }
+
     // The cheapest host (C) dies mid-job: the batch job finishes on another host.
     let prompts: Vec<Value> = (0..6)
         .map(|i| json!(format!("Write a long story about a robot number {i}.")))

@@ -56,6 +56,9 @@ pub struct JobsConfig {
     /// Methods the router chooses among (`none`, `cb`, `cb+pc`, ...); empty = the eight
     /// standard methods.
     pub methods: Vec<String>,
+    /// Finished jobs kept for `GET /v1/jobs` (the oldest are forgotten first, at start and
+    /// hourly); pending jobs are always kept.
+    pub keep_jobs: usize,
 }
 
 impl Default for JobsConfig {
@@ -69,6 +72,7 @@ impl Default for JobsConfig {
             explore: 0.1,
             decisions_kept: 512,
             methods: Vec::new(),
+            keep_jobs: 10_000,
         }
     }
 }
@@ -170,6 +174,9 @@ struct Inner {
     started: Instant,
     /// Records in the store, as last counted.
     records: AtomicU64,
+    /// Jobs this node sent to each host that have not ended yet: a host's heartbeat is up to
+    /// an interval old, and a burst of jobs must not all see the same empty queue.
+    pending: std::sync::Mutex<std::collections::HashMap<PeerId, u32>>,
 }
 
 /// The node's job service. Cheap to clone.
@@ -220,6 +227,7 @@ impl JobService {
             metrics: metrics::Metrics::new(),
             started: Instant::now(),
             records: AtomicU64::new(records),
+            pending: std::sync::Mutex::new(std::collections::HashMap::new()),
         };
         let service = Self(Arc::new(inner));
         if let Some(net) = &net {
@@ -233,6 +241,7 @@ impl JobService {
             tokio::spawn(service.clone().serve_peers(rx, shutdown.clone()));
         }
         tokio::spawn(service.clone().retrain_loop(shutdown.clone()));
+        service.prune_jobs();
         service.recover().await;
         Ok(service)
     }
@@ -332,13 +341,14 @@ impl JobService {
         if let Some(m) = self.0.executor.model(model) {
             descriptor = Some(m.descriptor.clone());
             let (queued, running) = self.0.executor.load();
+            let mine = self.pending_on(&self.0.peer_id);
             out.push(Candidate {
                 peer: self.0.peer_id,
                 host: Host {
                     name: self.0.peer_id.to_string(),
                     hardware: self.0.profile.clone(),
                     price_per_hour: self.0.price_per_hour,
-                    queue_depth: queued,
+                    queue_depth: queued.max(mine.saturating_sub(running)),
                     running_jobs: running,
                     power_w: None,
                 },
@@ -359,7 +369,9 @@ impl JobService {
                     name: p.peer.to_string(),
                     hardware: profile,
                     price_per_hour: h.price_per_hour,
-                    queue_depth: h.queue_depth,
+                    queue_depth: h
+                        .queue_depth
+                        .max(self.pending_on(&p.peer).saturating_sub(h.running_jobs)),
                     running_jobs: h.running_jobs,
                     power_w: None,
                 },
@@ -476,8 +488,53 @@ impl JobService {
         }
     }
 
-    /// Persists an accepted job as queued.
+    fn pending_on(&self, peer: &PeerId) -> u32 {
+        self.0
+            .pending
+            .lock()
+            .map(|p| p.get(peer).copied().unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    fn count_pending(&self, peer: PeerId, up: bool) {
+        if let Ok(mut p) = self.0.pending.lock() {
+            let n = p.entry(peer).or_insert(0);
+            *n = if up { *n + 1 } else { n.saturating_sub(1) };
+            if *n == 0 {
+                p.remove(&peer);
+            }
+        }
+    }
+
+    /// Forgets the oldest finished jobs beyond `keep_jobs`.
+    fn prune_jobs(&self) {
+        let Ok(jobs) = self.0.store.jobs() else {
+            return;
+        };
+        let mut finished: Vec<(u64, JobId)> = jobs
+            .iter()
+            .filter(|j| matches!(j.state, JobState::Done(_) | JobState::Failed { .. }))
+            .map(|j| (j.updated_at_ms, j.request.id))
+            .collect();
+        if finished.len() <= self.0.config.keep_jobs {
+            return;
+        }
+        finished.sort_unstable();
+        let drop: Vec<JobId> = finished[..finished.len() - self.0.config.keep_jobs]
+            .iter()
+            .map(|(_, id)| *id)
+            .collect();
+        match self.0.store.delete_jobs(&drop) {
+            Ok(()) => info!(forgotten = drop.len(), "forgot the oldest finished jobs"),
+            Err(e) => warn!(error = %e, "cannot forget old jobs"),
+        }
+    }
+
+    /// Persists an accepted job as queued, and counts it against its host until it ends.
     pub fn accept(&self, routed: &Routed) {
+        if let Some(&peer) = routed.hosts.get(routed.decision.chosen.host) {
+            self.count_pending(peer, true);
+        }
         self.save(&JobEntry {
             request: routed.request.clone(),
             state: JobState::Queued,
@@ -503,6 +560,8 @@ impl JobService {
         let mut attempts = 0u32;
         let mut all_busy = true;
         let mut last_error;
+        // The host this job is counted against (`accept` counted the first choice).
+        let mut counted = routed.hosts.get(routed.decision.chosen.host).copied();
         let result = loop {
             let choice = routed.decision.chosen.clone();
             let Some(&peer) = routed.hosts.get(choice.host) else {
@@ -510,6 +569,12 @@ impl JobService {
                     "the decision names an unknown host".into(),
                 ));
             };
+            if counted != Some(peer) {
+                if let Some(old) = counted.replace(peer) {
+                    self.count_pending(old, false);
+                }
+                self.count_pending(peer, true);
+            }
             attempts += 1;
             tried.insert(peer);
             self.save(&JobEntry {
@@ -563,6 +628,9 @@ impl JobService {
                 Err(e) => break Err(e),
             };
         };
+        if let Some(peer) = counted {
+            self.count_pending(peer, false);
+        }
         let latency_s = accepted.elapsed().as_secs_f64();
         let (state, log) = match &result {
             Ok(o) => {
@@ -813,9 +881,16 @@ impl JobService {
     async fn retrain_loop(self, shutdown: CancellationToken) {
         let mut tick =
             tokio::time::interval(Duration::from_secs(self.0.config.retrain_check_s.max(1)));
+        let mut hourly = tokio::time::interval(Duration::from_secs(3600));
+        hourly.tick().await;
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => break,
+                _ = hourly.tick() => {
+                    let service = self.clone();
+                    let _ = tokio::task::spawn_blocking(move || service.prune_jobs()).await;
+                    continue;
+                }
                 _ = tick.tick() => {}
             }
             let store = self.0.store.clone();
@@ -891,6 +966,7 @@ impl JobService {
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 match service.route(entry.request.clone()).await {
                     Ok(routed) => {
+                        service.accept(&routed);
                         let _ = service.execute(routed, None).await;
                     }
                     Err(e) => service.save(&JobEntry {

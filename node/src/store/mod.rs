@@ -703,6 +703,21 @@ impl Store {
         self.all_decoded(CF_JOBS)
     }
 
+    /// Forgets jobs, in one synced batch.
+    pub fn delete_jobs(&self, ids: &[JobId]) -> Result<()> {
+        if self.inner.writer.is_none() {
+            return Err(StoreError::ReadOnly);
+        }
+        let mut batch = WriteBatch::default();
+        for id in ids {
+            batch.delete_cf(self.cf(CF_JOBS), id.0);
+        }
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db().write_opt(batch, &wo)?;
+        Ok(())
+    }
+
     /// Stores a named blob in `meta` (for example the trained predictor).
     pub fn put_meta(&self, name: &str, value: &[u8]) -> Result<()> {
         if self.inner.writer.is_none() {

@@ -397,3 +397,59 @@ fn a_corrupt_origin_state_is_rebuilt_and_still_catches_equivocation() {
     store.put(vec![verified(&k, 6, 6)]).unwrap();
     assert_eq!(store.version_vector().unwrap()[&origin], 6);
 }
+
+#[test]
+fn jobs_are_kept_across_reopen_and_forgotten_on_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = |n: u8, state: JobState| JobEntry {
+        request: JobRequest {
+            id: JobId([n; 16]),
+            model: "m".into(),
+            prompts: vec![metainf_protocol::Prompt::Text("hi".into())],
+            params: metainf_protocol::GenerationParams::default(),
+            budget: Some(0.5),
+            objective: metainf_protocol::Objective::Cost,
+            pin_method: None,
+            pin_host: None,
+            stream: false,
+            submitted_at_ms: u64::from(n),
+        },
+        state,
+        updated_at_ms: u64::from(n),
+        route: None,
+        attempts: 1,
+    };
+    {
+        let store = Store::open(dir.path().join("store")).unwrap();
+        store.put_job(&job(1, JobState::Queued)).unwrap();
+        store
+            .put_job(&job(2, JobState::Failed { reason: "x".into() }))
+            .unwrap();
+        store
+            .put_job(&job(
+                3,
+                JobState::Running {
+                    host: key(3).public().to_peer_id(),
+                },
+            ))
+            .unwrap();
+    }
+    let store = Store::open(dir.path().join("store")).unwrap();
+    assert_eq!(store.jobs().unwrap().len(), 3);
+    assert_eq!(
+        store.job(&JobId([3; 16])).unwrap(),
+        Some(job(
+            3,
+            JobState::Running {
+                host: key(3).public().to_peer_id()
+            }
+        ))
+    );
+    store
+        .delete_jobs(&[JobId([1; 16]), JobId([2; 16])])
+        .unwrap();
+    let left = store.jobs().unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].request.id, JobId([3; 16]));
+    assert_eq!(store.job(&JobId([1; 16])).unwrap(), None);
+}
