@@ -471,6 +471,10 @@ fn three_nodes_route_stream_refuse_and_survive_a_dead_host() {
     );
     let out = common::run_ok(common::bin().args(["jobs", "--node", &a.api]));
     assert!(String::from_utf8_lossy(&out.stdout).lines().count() > 5);
+    let out = common::run_ok(common::bin().args(["status", "--node", &a.api]));
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["peers"]["alive"], 2, "{status}");
+    assert_eq!(status["queue"]["capacity"], 8, "{status}");
     let out = common::run_ok(common::bin().args(["peers", "--node", &a.api]));
     assert!(String::from_utf8_lossy(&out.stdout).contains(&b.peer));
     let jobs_file = root.path().join("jobs.jsonl");
@@ -543,6 +547,19 @@ fn three_nodes_route_stream_refuse_and_survive_a_dead_host() {
     assert_ne!(job["host"], c.peer.as_str());
     assert_eq!(job["attempts"], 2, "{job}");
     assert_eq!(job["results"].as_array().unwrap().len(), 6);
+
+    // Every job's record reached the gateway, and the predictor has retrained on them.
+    let decisions = get(&a, "/v1/decisions");
+    assert!(
+        decisions["predictor"]["generation"].as_u64().unwrap() >= 1,
+        "{decisions}"
+    );
+    assert!(
+        decisions["predictor"]["trained_on_records"]
+            .as_u64()
+            .unwrap()
+            >= 4
+    );
 }
 
 #[test]
