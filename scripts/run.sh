@@ -22,13 +22,14 @@ fi
 api="${METAINF_API_LISTEN:-127.0.0.1:8080}"
 export METAINF_API_LISTEN="$api"
 echo "== starting the node (HTTP API on http://$api)"
+peer_id="$("$bin" id)"
 "$bin" run "$@" &
 node=$!
 trap 'kill -TERM "$node" 2>/dev/null; wait "$node"' INT TERM
-for _ in $(seq 1 300); do
-  "$bin" status --node "http://$api" >/dev/null 2>&1 && break
+# Ready when the API answers with this node's peer id (not some other process on the port).
+until "$bin" status --node "http://$api" 2>/dev/null | grep -q "$peer_id"; do
   kill -0 "$node" 2>/dev/null || { wait "$node"; exit 1; }
-  sleep 0.2
+  sleep 0.3
 done
 echo "== a job on the default model, through the API (metainf-node submit --stream)"
 "$bin" submit --node "http://$api" --stream --max-tokens 64 --prompt "What is the capital of France?"
