@@ -1051,8 +1051,13 @@ fn client_command(command: ClientCommand) -> Result<ExitCode> {
                         p["price_per_hour"]
                             .as_f64()
                             .map_or("-".into(), |x| format!("{x:.3}")),
-                        format!("{}/{}", p["queue_depth"], p["queue_capacity"]),
-                        p["hardware"]["compute_units"],
+                        match (p["queue_depth"].as_u64(), p["queue_capacity"].as_u64()) {
+                            (Some(d), Some(c)) => format!("{d}/{c}"),
+                            _ => "-".into(),
+                        },
+                        p["hardware"]["compute_units"]
+                            .as_u64()
+                            .map_or("-".into(), |n| n.to_string()),
                         p["models"].as_array().map_or(String::new(), |m| m
                             .iter()
                             .filter_map(Value::as_str)

@@ -500,7 +500,7 @@ fn three_nodes_route_stream_refuse_and_survive_a_dead_host() {
     let burst: Vec<(String, String)> = (0..3)
         .map(|i| {
             let prompts: Vec<Value> = (0..4)
-                .map(|j| json!(format!("Describe planet number {i}{j} in detail.")))
+                .map(|j| json!({"messages": [{"role": "user", "content": format!("Describe planet number {i}{j} in detail.")}]}))
                 .collect();
             let (status, v) = post(
                 &a,
@@ -526,12 +526,12 @@ fn three_nodes_route_stream_refuse_and_survive_a_dead_host() {
 
     // The cheapest host (C) dies mid-job: the batch job finishes on another host.
     let prompts: Vec<Value> = (0..6)
-        .map(|i| json!(format!("Write a long story about a robot number {i}.")))
+        .map(|i| json!({"messages": [{"role": "user", "content": format!("Write a long story about a robot number {i}.")}]}))
         .collect();
     let (status, v) = post(
         &a,
         "/v1/jobs",
-        &json!({"model": MODEL, "prompts": prompts, "max_tokens": 400, "temperature": 0, "objective": "cost"}),
+        &json!({"model": MODEL, "prompts": prompts, "max_tokens": 200, "temperature": 0, "objective": "cost"}),
     );
     assert_eq!(status, 202, "{v}");
     assert_eq!(v["metainf"]["host"], c.peer.as_str(), "{v}");
@@ -567,7 +567,7 @@ fn a_restarted_node_finishes_its_pending_batch_job() {
     let root = tempfile::tempdir().unwrap();
     let mut a = NodeProc::start(&root.path().join("a"), 1, 1.0, 8, None);
     let prompts: Vec<Value> = (0..3)
-        .map(|i| json!(format!("Tell a long tale about the number {i}.")))
+        .map(|i| json!({"messages": [{"role": "user", "content": format!("Tell a long tale about the number {i}.")}]}))
         .collect();
     let (status, v) = post(
         &a,

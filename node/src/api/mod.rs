@@ -426,6 +426,10 @@ async fn status(State(state): State<AppState>) -> Json<Value> {
         "models": s.executor().models().iter().map(|m| m.descriptor.name.clone()).collect::<Vec<_>>(),
         "queue": { "waiting": queued, "running": running, "capacity": s.executor().capacity() },
         "peers": { "alive": alive, "known": known },
+        "network_models": s.models().await.into_iter().map(|(m, hosts)| json!({
+            "id": m.name,
+            "hosts": hosts,
+        })).collect::<Vec<_>>(),
         "records": s.records(),
         "predictor": {
             "generation": current.as_ref().map_or(0, |t| t.generation),
