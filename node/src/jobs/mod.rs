@@ -632,56 +632,42 @@ impl JobService {
             self.count_pending(peer, false);
         }
         let latency_s = accepted.elapsed().as_secs_f64();
-        let (state, log) = match &result {
+        let choice = match &result {
+            Ok(o) => o.choice.clone(),
+            Err(_) => routed.decision.chosen.clone(),
+        };
+        let mut log = DecisionLog {
+            job: id.to_string(),
+            at_ms: request.submitted_at_ms,
+            host: choice.host_name.clone(),
+            method: choice.method.short_name(),
+            predicted_runtime_s: choice.runtime_s,
+            predicted_wait_s: choice.wait_s,
+            predicted_cost: choice.cost,
+            measured_runtime_s: None,
+            abs_log_error: None,
+            predictor_generation: routed.generation,
+            feasible: routed.decision.feasible,
+            over_budget: routed.decision.over_budget,
+            retries: attempts.saturating_sub(1),
+            error: None,
+        };
+        let state = match &result {
             Ok(o) => {
                 let measured = o.result.metrics.wall_time_s;
                 let err = (measured.max(1e-6) / o.choice.runtime_s.max(1e-6))
                     .ln()
                     .abs();
                 self.0.metrics.abs_log_error.observe(err);
-                (
-                    JobState::Done(Box::new(o.result.clone())),
-                    DecisionLog {
-                        job: id.to_string(),
-                        at_ms: request.submitted_at_ms,
-                        host: o.choice.host_name.clone(),
-                        method: o.choice.method.short_name(),
-                        predicted_runtime_s: o.choice.runtime_s,
-                        predicted_wait_s: o.choice.wait_s,
-                        predicted_cost: o.choice.cost,
-                        measured_runtime_s: Some(measured),
-                        abs_log_error: Some(err),
-                        predictor_generation: routed.generation,
-                        feasible: routed.decision.feasible,
-                        over_budget: routed.decision.over_budget,
-                        retries: o.retries,
-                        error: None,
-                    },
-                )
+                log.measured_runtime_s = Some(measured);
+                log.abs_log_error = Some(err);
+                JobState::Done(Box::new(o.result.clone()))
             }
             Err(e) => {
-                let c = &routed.decision.chosen;
-                (
-                    JobState::Failed {
-                        reason: e.to_string(),
-                    },
-                    DecisionLog {
-                        job: id.to_string(),
-                        at_ms: request.submitted_at_ms,
-                        host: c.host_name.clone(),
-                        method: c.method.short_name(),
-                        predicted_runtime_s: c.runtime_s,
-                        predicted_wait_s: c.wait_s,
-                        predicted_cost: c.cost,
-                        measured_runtime_s: None,
-                        abs_log_error: None,
-                        predictor_generation: routed.generation,
-                        feasible: routed.decision.feasible,
-                        over_budget: routed.decision.over_budget,
-                        retries: attempts.saturating_sub(1),
-                        error: Some(e.to_string()),
-                    },
-                )
+                log.error = Some(e.to_string());
+                JobState::Failed {
+                    reason: e.to_string(),
+                }
             }
         };
         self.0.metrics.job_finished(result.is_ok(), latency_s);
@@ -690,10 +676,7 @@ impl JobService {
             request: request.clone(),
             state,
             updated_at_ms: now_ms(),
-            route: Some(match &result {
-                Ok(o) => o.choice.clone(),
-                Err(_) => routed.decision.chosen.clone(),
-            }),
+            route: Some(choice),
             attempts,
         });
         result.map(|o| Outcome { latency_s, ..o })
