@@ -15,8 +15,32 @@ use std::time::{Duration, Instant};
 use metainf_node::store::Store;
 use metainf_protocol::{Keypair, fixtures};
 
-/// Starts `run` and waits for the "node running" log line; returns the child and the lines.
-fn start(data_dir: &Path, extra: &[&str]) -> (Child, Vec<String>) {
+/// A running node, killed when dropped: a failing test leaves no process behind (one that
+/// did once held the default API port of the next run).
+struct Running(Child);
+
+impl std::ops::Deref for Running {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Running {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `run` and waits for the "node running" log line; returns the node and the lines.
+fn start(data_dir: &Path, extra: &[&str]) -> (Running, Vec<String>) {
     let mut child = bin()
         .args(["run", "--data-dir"])
         .arg(data_dir)
@@ -52,7 +76,7 @@ fn start(data_dir: &Path, extra: &[&str]) -> (Child, Vec<String>) {
             if done {
                 // Keep draining in the background so the child never blocks on stderr.
                 std::thread::spawn(move || while rx.recv().is_ok() {});
-                return (child, lines);
+                return (Running(child), lines);
             }
         }
     }
