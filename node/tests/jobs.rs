@@ -366,6 +366,14 @@ fn three_nodes_route_stream_refuse_and_survive_a_dead_host() {
             .unwrap()
             .contains("no-such-model")
     );
+    assert_eq!(
+        get(&a, &format!("/v1/models/{MODEL}"))["metainf"]["hosts"],
+        3
+    );
+    assert_eq!(
+        get(&a, "/v1/models/nope")["error"]["type"],
+        "model_not_found"
+    );
     let mut two = chat(4, json!({}));
     two["n"] = json!(2);
     assert_eq!(post(&a, "/v1/chat/completions", &two).0, 400);

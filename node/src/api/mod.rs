@@ -269,6 +269,7 @@ pub fn router(service: JobService, max_body_bytes: usize) -> Router {
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model))
         .route("/v1/jobs", post(post_job).get(list_jobs))
         .route("/v1/jobs/{id}", get(get_job))
         .route("/v1/peers", get(peers))
@@ -327,28 +328,45 @@ async fn healthz(State(state): State<AppState>) -> Json<Value> {
     }))
 }
 
+fn model_json(m: &metainf_protocol::ModelDescriptor, hosts: usize) -> Value {
+    json!({
+        "id": m.name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "metainf",
+        "metainf": {
+            "hosts": hosts,
+            "parameters": m.parameters,
+            "quantization": m.quantization,
+            "context_length": m.context_length,
+        },
+    })
+}
+
 async fn models(State(state): State<AppState>) -> Json<Value> {
     let data: Vec<Value> = state
         .service
         .models()
         .await
-        .into_iter()
-        .map(|(m, hosts)| {
-            json!({
-                "id": m.name,
-                "object": "model",
-                "created": 0,
-                "owned_by": "metainf",
-                "metainf": {
-                    "hosts": hosts,
-                    "parameters": m.parameters,
-                    "quantization": m.quantization,
-                    "context_length": m.context_length,
-                },
-            })
-        })
+        .iter()
+        .map(|(m, hosts)| model_json(m, *hosts))
         .collect();
     Json(json!({ "object": "list", "data": data }))
+}
+
+async fn model(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let models = state.service.models().await;
+    match models.iter().find(|(m, _)| m.name == id) {
+        Some((m, hosts)) => Ok(Json(model_json(m, *hosts))),
+        None => Err(JobError::UnknownModel {
+            model: id,
+            served: models.into_iter().map(|(m, _)| m.name).collect(),
+        }
+        .into()),
+    }
 }
 
 async fn peers(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
@@ -525,7 +543,7 @@ async fn post_job(
     };
     let request = job_request(job.model, prompts, params, route, false)?;
     let routed = state.service.route(request).await?;
-    state.service.accept(&routed);
+    state.service.accept(&routed).await;
     let body = json!({
         "id": routed.request.id.to_string(),
         "status": "queued",

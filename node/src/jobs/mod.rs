@@ -482,9 +482,15 @@ impl JobService {
         })
     }
 
-    fn save(&self, entry: &JobEntry) {
-        if let Err(e) = self.0.store.put_job(entry) {
-            warn!(job = %entry.request.id, error = %e, "cannot persist the job's state");
+    /// Persists a job's state (a synced write, off the async runtime).
+    async fn save(&self, entry: JobEntry) {
+        let store = self.0.store.clone();
+        let id = entry.request.id;
+        let saved = tokio::task::spawn_blocking(move || store.put_job(&entry)).await;
+        match saved {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(job = %id, error = %e, "cannot persist the job's state"),
+            Err(e) => warn!(job = %id, error = %e, "cannot persist the job's state"),
         }
     }
 
@@ -531,17 +537,18 @@ impl JobService {
     }
 
     /// Persists an accepted job as queued, and counts it against its host until it ends.
-    pub fn accept(&self, routed: &Routed) {
+    pub async fn accept(&self, routed: &Routed) {
         if let Some(&peer) = routed.hosts.get(routed.decision.chosen.host) {
             self.count_pending(peer, true);
         }
-        self.save(&JobEntry {
+        self.save(JobEntry {
             request: routed.request.clone(),
             state: JobState::Queued,
             updated_at_ms: now_ms(),
             route: Some(routed.decision.chosen.clone()),
             attempts: 0,
-        });
+        })
+        .await;
     }
 
     /// Runs a routed (and accepted) job to its end, retrying on other hosts when one is busy,
@@ -577,13 +584,14 @@ impl JobService {
             }
             attempts += 1;
             tried.insert(peer);
-            self.save(&JobEntry {
+            self.save(JobEntry {
                 request: request.clone(),
                 state: JobState::Running { host: peer },
                 updated_at_ms: now_ms(),
                 route: Some(choice.clone()),
                 attempts,
-            });
+            })
+            .await;
             let attempt_deltas = deltas
                 .as_ref()
                 .map(|d| dedup_deltas(d.clone(), Arc::clone(&sent)));
@@ -672,13 +680,14 @@ impl JobService {
         };
         self.0.metrics.job_finished(result.is_ok(), latency_s);
         self.0.decisions.push(log);
-        self.save(&JobEntry {
+        self.save(JobEntry {
             request: request.clone(),
             state,
             updated_at_ms: now_ms(),
             route: Some(choice),
             attempts,
-        });
+        })
+        .await;
         result.map(|o| Outcome { latency_s, ..o })
     }
 
@@ -931,7 +940,7 @@ impl JobService {
             let id = entry.request.id;
             if entry.request.stream {
                 info!(job = %id, "failing a streaming job left pending by a restart");
-                self.save(&JobEntry {
+                self.save(JobEntry {
                     state: JobState::Failed {
                         reason: "the node restarted while the job ran; its streaming client \
                                  was disconnected"
@@ -939,7 +948,8 @@ impl JobService {
                     },
                     updated_at_ms: now_ms(),
                     ..entry
-                });
+                })
+                .await;
                 continue;
             }
             info!(job = %id, "running again a job left pending by a restart");
@@ -949,16 +959,20 @@ impl JobService {
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 match service.route(entry.request.clone()).await {
                     Ok(routed) => {
-                        service.accept(&routed);
+                        service.accept(&routed).await;
                         let _ = service.execute(routed, None).await;
                     }
-                    Err(e) => service.save(&JobEntry {
-                        state: JobState::Failed {
-                            reason: format!("after a restart: {e}"),
-                        },
-                        updated_at_ms: now_ms(),
-                        ..entry
-                    }),
+                    Err(e) => {
+                        service
+                            .save(JobEntry {
+                                state: JobState::Failed {
+                                    reason: format!("after a restart: {e}"),
+                                },
+                                updated_at_ms: now_ms(),
+                                ..entry
+                            })
+                            .await
+                    }
                 }
             });
         }
