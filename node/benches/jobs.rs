@@ -156,10 +156,8 @@ fn batch(gateways: &[&str], jobs: usize) -> (f64, u64) {
             let api = gateways[j % gateways.len()];
             let prompts: Vec<Value> = (0..4)
                 .map(|i| {
-                    json!(format!(
-                        "Write two sentences about city number {}.",
-                        j * 4 + i
-                    ))
+                    let text = format!("Write two sentences about city number {}.", j * 4 + i);
+                    json!({"messages": [{"role": "user", "content": text}]})
                 })
                 .collect();
             let v = post(
