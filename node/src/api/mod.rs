@@ -19,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use metainf_protocol::{
-    ChatMessage, GenerationParams, JobId, JobRequest, MethodConfig, Objective, PeerId, Prompt,
+    GenerationParams, JobId, JobRequest, MethodConfig, Objective, PeerId, Prompt,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -653,12 +653,4 @@ async fn list_jobs(State(state): State<AppState>) -> Result<Json<Value>, ApiErro
         "object": "list",
         "data": jobs.iter().map(job_json).collect::<Vec<_>>(),
     })))
-}
-
-/// Converts API chat messages to the protocol's.
-pub(crate) fn to_messages(messages: Vec<(String, String)>) -> Vec<ChatMessage> {
-    messages
-        .into_iter()
-        .map(|(role, content)| ChatMessage { role, content })
-        .collect()
 }

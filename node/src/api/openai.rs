@@ -82,10 +82,12 @@ pub(crate) fn chat_messages(messages: Vec<InMessage>) -> Result<Vec<ChatMessage>
                     text
                 }
             };
-            Ok((m.role, content))
+            Ok(ChatMessage {
+                role: m.role,
+                content,
+            })
         })
-        .collect::<Result<Vec<_>, _>>()
-        .map(super::to_messages)
+        .collect()
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -296,20 +298,17 @@ async fn respond(
     let run = tokio::spawn(async move { service.execute(routed, Some(delta_tx)).await });
     let (events, mut events_rx) = mpsc::channel::<Event>(64);
     let id = kind.id(&job);
-    let end_model = model.clone();
-    let chunk = move |choices: Value| -> Event {
-        Event::default().data(
-            json!({
-                "id": id,
-                "object": kind.object(true),
-                "created": created(),
-                "model": model,
-                "choices": choices,
-            })
-            .to_string(),
-        )
+    let envelope = move |choices: Value| -> Value {
+        json!({
+            "id": id,
+            "object": kind.object(true),
+            "created": created(),
+            "model": model,
+            "choices": choices,
+        })
     };
     tokio::spawn(async move {
+        let chunk = |choices: Value| Event::default().data(envelope(choices).to_string());
         if kind == Kind::Chat {
             let first: Vec<Value> = (0..prompts)
                 .map(|i| json!({"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}))
@@ -347,16 +346,15 @@ async fn respond(
                     })
                     .collect();
                 // The decision rides on the last chunk, usage too when asked for.
-                let mut body = json!({
-                    "id": kind.id(&job),
-                    "object": kind.object(true),
-                    "created": created(),
-                    "model": end_model,
-                    "choices": choices,
-                    "metainf": outcome_json(routing_s, generation, &outcome),
-                });
-                if include_usage && let Some(o) = body.as_object_mut() {
-                    o.insert("usage".into(), usage_json(&outcome));
+                let mut body = envelope(json!(choices));
+                if let Some(o) = body.as_object_mut() {
+                    o.insert(
+                        "metainf".into(),
+                        outcome_json(routing_s, generation, &outcome),
+                    );
+                    if include_usage {
+                        o.insert("usage".into(), usage_json(&outcome));
+                    }
                 }
                 Event::default().data(body.to_string())
             }

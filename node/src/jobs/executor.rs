@@ -290,13 +290,12 @@ impl Executor {
                 metainf_profiler::ProfilerError::Cancelled => ExecError::Cancelled,
                 other => ExecError::Failed(format!("the engine failed: {other}")),
             })?;
-        texts.flush();
         let completions = report
             .completions
             .iter()
             .enumerate()
             .map(|(i, c)| {
-                let (text, stopped_by_string) = texts.final_text(i, &c.tokens);
+                let (text, stopped_by_string) = texts.finish(i, &c.tokens);
                 Completion {
                     text,
                     prompt_tokens: u32::try_from(prompts[i].len()).unwrap_or(u32::MAX),
@@ -331,8 +330,6 @@ struct TextTracker<'a> {
     sent: Vec<usize>,
     /// Whether a stop string ended the request.
     stopped: Vec<bool>,
-    /// Text not yet sent, per prompt (sent in batches of a few tokens).
-    pending: Vec<String>,
 }
 
 impl<'a> TextTracker<'a> {
@@ -351,7 +348,6 @@ impl<'a> TextTracker<'a> {
             tokens: vec![Vec::new(); n],
             sent: vec![0; n],
             stopped: vec![false; n],
-            pending: vec![String::new(); n],
         }
     }
 
@@ -375,18 +371,30 @@ impl<'a> TextTracker<'a> {
         (text, cut.is_some())
     }
 
-    fn final_text(&self, i: usize, tokens: &[u32]) -> (String, bool) {
-        let (text, cut) = self.visible(tokens);
-        (text, cut || self.stopped.get(i).copied().unwrap_or(false))
+    /// Sends `text[from..to]` of prompt `i` as a delta and records it as sent; a listener
+    /// that has gone cancels the run.
+    fn send(&mut self, i: usize, text: &str, to: usize) {
+        let from = self.sent[i];
+        if to <= from || !text.is_char_boundary(from) || !text.is_char_boundary(to) {
+            return;
+        }
+        self.sent[i] = to;
+        if let Some(tx) = &self.deltas
+            && tx
+                .blocking_send((i as u32, text[from..to].to_owned()))
+                .is_err()
+        {
+            self.deltas = None;
+            self.cancel.cancel();
+        }
     }
 
-    fn flush(&mut self) {
-        let Some(tx) = &self.deltas else { return };
-        for (i, text) in self.pending.iter_mut().enumerate() {
-            if !text.is_empty() {
-                let _ = tx.blocking_send((i as u32, std::mem::take(text)));
-            }
-        }
+    /// The final text of request `i` and whether a stop string ended it; streams whatever
+    /// was held back (a possible start of a stop string that never completed).
+    fn finish(&mut self, i: usize, tokens: &[u32]) -> (String, bool) {
+        let (text, cut) = self.visible(tokens);
+        self.send(i, &text, text.len());
+        (text, cut || self.stopped.get(i).copied().unwrap_or(false))
     }
 }
 
@@ -410,19 +418,7 @@ impl RunObserver for TextTracker<'_> {
                 }
             }
         }
-        let sent = self.sent[request];
-        if safe > sent && text.is_char_boundary(safe) && text.is_char_boundary(sent) {
-            self.pending[request].push_str(&text[sent..safe]);
-            self.sent[request] = safe;
-        }
-        if let Some(tx) = &self.deltas {
-            let chunk = std::mem::take(&mut self.pending[request]);
-            if !chunk.is_empty() && tx.blocking_send((request as u32, chunk)).is_err() {
-                // Nobody listens: the run is cancelled at the next step.
-                self.deltas = None;
-                self.cancel.cancel();
-            }
-        }
+        self.send(request, &text, safe);
         if cut {
             self.stopped[request] = true;
         }

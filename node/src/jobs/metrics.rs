@@ -63,27 +63,23 @@ impl Default for Metrics {
 impl Metrics {
     /// Registers every metric under the `metainf` prefix.
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("metainf");
-        let jobs = Family::<OutcomeLabel, Counter>::default();
-        let job_seconds = Histogram::new(exponential_buckets(0.05, 2.0, 16));
-        let routing_seconds = Histogram::new(exponential_buckets(0.000_05, 2.0, 18));
-        let abs_log_error = Histogram::new([0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0]);
-        let m = Self {
-            jobs,
-            job_seconds,
-            routing_seconds,
+        let mut m = Self {
+            jobs: Family::default(),
+            job_seconds: Histogram::new(exponential_buckets(0.05, 2.0, 16)),
+            routing_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 18)),
             retries: Counter::default(),
             forwarded: Counter::default(),
             records_made: Counter::default(),
             records: Gauge::default(),
             predictor_generation: Gauge::default(),
-            abs_log_error,
+            abs_log_error: Histogram::new([0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0]),
             queue_depth: Gauge::default(),
             running_jobs: Gauge::default(),
             peers_alive: Gauge::default(),
             http_requests: Family::default(),
-            registry: Registry::default(),
+            registry: Registry::with_prefix("metainf"),
         };
+        let registry = &mut m.registry;
         registry.register("jobs", "Jobs finished, by outcome", m.jobs.clone());
         registry.register(
             "job_seconds",
@@ -137,7 +133,7 @@ impl Metrics {
             "HTTP requests, by route and status",
             m.http_requests.clone(),
         );
-        Self { registry, ..m }
+        m
     }
 
     /// Counts a finished job.

@@ -626,12 +626,12 @@ impl JobService {
             if attempts >= self.0.config.max_attempts.max(1)
                 || deltas.as_ref().is_some_and(|d| d.is_closed())
             {
-                break Err(self.exhausted(all_busy, attempts, &last_error));
+                break Err(exhausted(all_busy, attempts, &last_error));
             }
             routed = match self.route_excluding(request.clone(), &tried).await {
                 Ok(r) => r,
                 Err(JobError::NoHost(_)) => {
-                    break Err(self.exhausted(all_busy, attempts, &last_error));
+                    break Err(exhausted(all_busy, attempts, &last_error));
                 }
                 Err(e) => break Err(e),
             };
@@ -689,16 +689,6 @@ impl JobService {
         })
         .await;
         result.map(|o| Outcome { latency_s, ..o })
-    }
-
-    fn exhausted(&self, all_busy: bool, attempts: u32, last_error: &str) -> JobError {
-        if all_busy {
-            JobError::Overloaded { retry_after_s: 2 }
-        } else {
-            JobError::Failed(format!(
-                "the job failed on {attempts} host(s); last: {last_error}"
-            ))
-        }
     }
 
     /// Runs a job on this node's engine and makes a signed record of it.
@@ -1049,6 +1039,17 @@ fn dedup_deltas(
         }
     });
     tx
+}
+
+/// The error of a job no host could run: busy everywhere (429) or failing (502).
+fn exhausted(all_busy: bool, attempts: u32, last_error: &str) -> JobError {
+    if all_busy {
+        JobError::Overloaded { retry_after_s: 2 }
+    } else {
+        JobError::Failed(format!(
+            "the job failed on {attempts} host(s); last: {last_error}"
+        ))
+    }
 }
 
 fn over_budget(e: SelectError) -> JobError {
