@@ -15,9 +15,11 @@
 use std::time::{Duration, Instant};
 
 use metainf_node::net::{self, Client, NetworkConfig};
+use metainf_node::replica::{Replica, route_events};
 use metainf_node::store::Store;
 use metainf_protocol::{Keypair, VerifiedRecord, fixtures};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 struct Bench {
     client: Client,
@@ -63,8 +65,10 @@ async fn start(
     };
     let hardware = fixtures::cpu_hardware(1);
     let key = Keypair::generate_ed25519();
-    let (client, event_loop) = net::start(key, store.clone(), hardware, config).unwrap();
+    let (client, event_loop, events) = net::start(key, hardware, config).unwrap();
     tokio::spawn(event_loop.run(token.clone()));
+    let replica = Replica::start(store.clone(), client.clone(), TaskTracker::new());
+    tokio::spawn(route_events(events, replica, None));
     let addr = loop {
         if let Some(a) = client.listen_addrs().await.unwrap().into_iter().next() {
             break a.with(libp2p::multiaddr::Protocol::P2p(client.peer_id()));
@@ -147,7 +151,12 @@ async fn propagation(n: usize, records: usize) {
         let record = fixtures::signed(&maker, seq, seq).verify().unwrap();
         let publisher = &nodes[r * 7 % n];
         let t0 = Instant::now();
-        publisher.client.publish(record).await.unwrap();
+        publisher
+            .store
+            .put_async(vec![record.clone()])
+            .await
+            .unwrap();
+        publisher.client.gossip(&record).await.unwrap();
         let deadline = t0 + Duration::from_secs(30);
         let mut missing: Vec<usize> = (0..n).collect();
         while !missing.is_empty() {

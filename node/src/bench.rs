@@ -3,22 +3,16 @@
 //! the runs it finished). Stored records reach peers by gossip and anti-entropy when the node
 //! runs.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use metainf_profiler::bench::{BenchRun, Plan, run_plan, total_requests};
 use metainf_profiler::engine::{Engine, EngineOptions};
 use metainf_profiler::{ProbeOptions, probe};
-use metainf_protocol::{
-    HardwareProfile, ModelDescriptor, PerfRecord, RecordId, RecordSource, SignedRecord,
-};
+use metainf_protocol::{HardwareProfile, ModelDescriptor, PerfRecord, RecordId, RecordSource};
 
+use crate::clock::now_ms;
 use crate::config::EngineConfig;
 use crate::daemon::Node;
 use crate::error::{NodeError, Result};
-use crate::store::PutOutcome;
-
-/// Name and version of the engine, written into every record.
-pub const ENGINE_NAME: &str = concat!("metainf-candle/", env!("CARGO_PKG_VERSION"), " q8_0");
+use crate::signer::ENGINE_NAME;
 
 /// What the benchmark reports while it runs.
 #[derive(Debug)]
@@ -49,12 +43,6 @@ pub struct StoredRun {
     pub record: RecordId,
 }
 
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
 /// Runs `plan` for every configured model and stores a signed record per run.
 pub fn bench(
     node: &Node,
@@ -69,8 +57,7 @@ pub fn bench(
     })
     .map_err(|e| NodeError::Hardware(e.to_string()))?;
     on_event(BenchEvent::Hardware(&hardware));
-    let origin = node.peer_id();
-    let mut seq = node.store().origin_state(&origin)?.max;
+    let signer = node.signer()?;
     let mut stored = Vec::new();
     for path in &models {
         let descriptor =
@@ -86,11 +73,10 @@ pub fn bench(
             model: &descriptor,
             requests: total_requests(plan),
         });
-        let mut store_run = |run: &BenchRun| -> Result<RecordId> {
-            seq += 1;
+        let store_run = |run: &BenchRun| -> Result<RecordId> {
             let record = PerfRecord {
-                origin,
-                seq,
+                origin: signer.origin(),
+                seq: 0,
                 measured_at_ms: now_ms(),
                 hardware: hardware.clone(),
                 model: descriptor.clone(),
@@ -100,16 +86,11 @@ pub fn bench(
                 source: RecordSource::Benchmark,
                 engine: ENGINE_NAME.to_owned(),
             };
-            let verified = SignedRecord::sign(record, node.key())
-                .and_then(SignedRecord::verify)
-                .map_err(|e| NodeError::Engine(format!("cannot sign the record: {e}")))?;
-            let id = verified.id();
-            match node.store().put(vec![verified])?.first() {
-                Some(PutOutcome::Stored | PutOutcome::Duplicate) => Ok(id),
-                other => Err(NodeError::Engine(format!(
-                    "the store refused the record: {other:?}"
-                ))),
-            }
+            let (id, _) = signer
+                .store_all(vec![record])?
+                .pop()
+                .ok_or_else(|| NodeError::Engine("no record stored".into()))?;
+            Ok(id)
         };
         let mut runs = Vec::new();
         let events = std::cell::RefCell::new(&mut *on_event);

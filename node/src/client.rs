@@ -1,4 +1,5 @@
 //! The command-line client of a node's HTTP API: `submit`, `jobs`, `peers --node`, `status`.
+//! It reads the answers into the structs the API builds them from ([`crate::api::types`]).
 
 use std::io::Write;
 use std::path::Path;
@@ -6,7 +7,14 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use futures::StreamExt;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
+
+use crate::api::types::{
+    ChatCompletion, ChatStreamEvent, ErrorResponse, JobAccepted, JobList, JobStatus, JobView,
+    ModelList, OutcomeView, PeersResponse, StatusResponse,
+};
 
 /// Routing and generation options of `submit`.
 #[derive(Clone, Debug, Default)]
@@ -66,15 +74,18 @@ impl ApiClient {
         if status.is_success() {
             return Ok(response);
         }
-        let body: Value = response.json().await.unwrap_or(Value::Null);
-        let message = body["error"]["message"]
-            .as_str()
-            .map_or_else(|| body.to_string(), str::to_owned);
+        let text = response.text().await.unwrap_or_default();
+        let message = match serde_json::from_str::<ErrorResponse>(&text) {
+            Ok(e) => e.error.message,
+            Err(_) => serde_json::from_str::<Value>(&text)
+                .unwrap_or(Value::Null)
+                .to_string(),
+        };
         bail!("the node answered {status}: {message}")
     }
 
-    /// `GET path` as JSON.
-    pub async fn get(&self, path: &str) -> Result<Value> {
+    /// `GET path`, read as a `T`.
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         let response = self
             .http
             .get(self.url(path))
@@ -84,8 +95,8 @@ impl ApiClient {
         Ok(Self::check(response).await?.json().await?)
     }
 
-    /// `POST path` with a JSON body, as JSON.
-    pub async fn post(&self, path: &str, body: &Value) -> Result<Value> {
+    /// `POST path` with a JSON body, read as a `T`.
+    pub async fn post<T: DeserializeOwned>(&self, path: &str, body: &impl Serialize) -> Result<T> {
         let response = self
             .http
             .post(self.url(path))
@@ -96,26 +107,44 @@ impl ApiClient {
         Ok(Self::check(response).await?.json().await?)
     }
 
+    /// `GET /v1/peers`.
+    pub async fn peers(&self) -> Result<PeersResponse> {
+        self.get("/v1/peers").await
+    }
+
+    /// `GET /v1/jobs`.
+    pub async fn jobs(&self) -> Result<JobList> {
+        self.get("/v1/jobs").await
+    }
+
+    /// `GET /v1/status`.
+    pub async fn status(&self) -> Result<StatusResponse> {
+        self.get("/v1/status").await
+    }
+
     async fn model(&self, options: &SubmitOptions) -> Result<String> {
         if let Some(m) = &options.model {
             return Ok(m.clone());
         }
-        let models = self.get("/v1/models").await?;
-        models["data"][0]["id"]
-            .as_str()
-            .map(str::to_owned)
+        let models: ModelList = self.get("/v1/models").await?;
+        models
+            .data
+            .into_iter()
+            .next()
+            .map(|m| m.id)
             .ok_or_else(|| anyhow!("the network serves no model yet"))
     }
 
     /// Sends one chat prompt; prints the reply (token by token when `stream`) to `out` and the
-    /// routing summary to `err`. Returns the `metainf` object of the response.
+    /// routing summary to `err`. Returns the `metainf` object of the response (`None` when a
+    /// stream carried none).
     pub async fn chat(
         &self,
         prompt: &str,
         options: &SubmitOptions,
         stream: bool,
         out: &mut dyn Write,
-    ) -> Result<Value> {
+    ) -> Result<Option<OutcomeView>> {
         let body = json!({
             "model": self.model(options).await?,
             "messages": [{"role": "user", "content": prompt}],
@@ -125,10 +154,10 @@ impl ApiClient {
             "metainf": options.route(),
         });
         if !stream {
-            let v = self.post("/v1/chat/completions", &body).await?;
-            let text = v["choices"][0]["message"]["content"].as_str().unwrap_or("");
+            let v: ChatCompletion = self.post("/v1/chat/completions", &body).await?;
+            let text = v.choices.first().map_or("", |c| c.message.content.as_str());
             writeln!(out, "{text}")?;
-            return Ok(v["metainf"].clone());
+            return Ok(v.metainf);
         }
         let response = self
             .http
@@ -139,7 +168,7 @@ impl ApiClient {
             .with_context(|| format!("cannot reach {}", self.base))?;
         let mut bytes = Self::check(response).await?.bytes_stream();
         let mut buffer = String::new();
-        let mut metainf = Value::Null;
+        let mut metainf = None;
         while let Some(chunk) = bytes.next().await {
             buffer.push_str(&String::from_utf8_lossy(&chunk?));
             while let Some(end) = buffer.find("\n\n") {
@@ -152,17 +181,20 @@ impl ApiClient {
                         writeln!(out)?;
                         return Ok(metainf);
                     }
-                    let v: Value = serde_json::from_str(data)
-                        .with_context(|| format!("malformed event: {data}"))?;
-                    if let Some(e) = v.get("error") {
-                        bail!("the job failed: {}", e["message"].as_str().unwrap_or(""));
-                    }
-                    if let Some(t) = v["choices"][0]["delta"]["content"].as_str() {
+                    let chunk = match serde_json::from_str(data)
+                        .with_context(|| format!("malformed event: {data}"))?
+                    {
+                        ChatStreamEvent::Error(e) => {
+                            bail!("the job failed: {}", e.error.message)
+                        }
+                        ChatStreamEvent::Chunk(chunk) => chunk,
+                    };
+                    if let Some(t) = chunk.choices.first().and_then(|c| c.delta.content.as_ref()) {
                         write!(out, "{t}")?;
                         out.flush()?;
                     }
-                    if v.get("metainf").is_some() {
-                        metainf = v["metainf"].clone();
+                    if chunk.metainf.is_some() {
+                        metainf = chunk.metainf;
                     }
                 }
             }
@@ -172,7 +204,7 @@ impl ApiClient {
 
     /// Submits the prompts of a JSONL file (one per line: a JSON string, `{"prompt": …}` or
     /// `{"messages": […]}`) as one batch job and waits for it. Returns the finished job.
-    pub async fn batch(&self, file: &Path, options: &SubmitOptions) -> Result<Value> {
+    pub async fn batch(&self, file: &Path, options: &SubmitOptions) -> Result<JobView> {
         let text = std::fs::read_to_string(file)
             .with_context(|| format!("cannot read {}", file.display()))?;
         let mut prompts = Vec::new();
@@ -207,29 +239,28 @@ impl ApiClient {
                 }
             }
         }
-        let accepted = self.post("/v1/jobs", &body).await?;
-        let id = accepted["id"]
-            .as_str()
-            .ok_or_else(|| anyhow!("the node returned no job id"))?
-            .to_owned();
+        let accepted: JobAccepted = self.post("/v1/jobs", &body).await?;
+        let id = accepted.id;
+        let choice = &accepted.metainf.choice;
         eprintln!(
             "job {id}: {} prompts → {} with {} (predicted {:.2} s)",
             prompts.len(),
-            accepted["metainf"]["host"].as_str().unwrap_or("?"),
-            accepted["metainf"]["method"].as_str().unwrap_or("?"),
-            accepted["metainf"]["predicted_runtime_s"]
-                .as_f64()
-                .unwrap_or(f64::NAN)
+            choice.host,
+            choice.method,
+            choice.predicted_runtime_s
         );
         loop {
-            let job = self.get(&format!("/v1/jobs/{id}")).await?;
-            match job["status"].as_str() {
-                Some("done") => return Ok(job),
-                Some("failed") => bail!(
+            let job: JobView = self.get(&format!("/v1/jobs/{id}")).await?;
+            match job.status {
+                JobStatus::Done if job.result.is_some() => return Ok(job),
+                JobStatus::Done => bail!("job {id} is done but the node sent no results"),
+                JobStatus::Failed => bail!(
                     "job {id} failed: {}",
-                    job["error"].as_str().unwrap_or("unknown reason")
+                    job.error.as_deref().unwrap_or("unknown reason")
                 ),
-                _ => tokio::time::sleep(Duration::from_millis(300)).await,
+                JobStatus::Queued | JobStatus::Running => {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
             }
         }
     }

@@ -1,20 +1,27 @@
 //! The running node: data directory, identity and store, kept until shutdown.
 //!
-//! Networking (the libp2p swarm), the profiler, the scheduler and the HTTP API attach to
-//! [`Node`] as tasks that share its cancellation token; `run` waits for that token.
+//! [`Node::start`] binds every listener and starts the parts as tasks on one tracker (the
+//! network's event loop, the replica, the job service, the HTTP API) plus the engine thread;
+//! the [`RunningNode`] it returns reports the bound addresses and, once the shutdown token is
+//! cancelled, [`RunningNode::wait`] stops them all in order and awaits each.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use libp2p::PeerId;
 use libp2p::identity::Keypair;
+use libp2p::{Multiaddr, PeerId};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::error::{NodeError, Result};
 use crate::identity;
-use crate::jobs::{Executor, JobService, ServedModel};
+use crate::jobs::{EngineThread, Executor, JobService, ServedModel};
 use crate::net;
+use crate::replica::{Replica, route_events};
+use crate::signer::RecordSigner;
 use crate::store::Store;
 
 /// File name of the identity key inside the data directory.
@@ -70,9 +77,21 @@ impl Node {
         &self.store
     }
 
-    /// Runs until `shutdown` is cancelled, then flushes the store: probes the hardware, loads
-    /// the served models, joins the network, serves jobs from peers and the HTTP API.
+    /// The signer of this node's records, continuing its sequence in the store.
+    pub fn signer(&self) -> Result<RecordSigner> {
+        RecordSigner::open(self.key.clone(), self.store.clone())
+    }
+
+    /// Runs until `shutdown` is cancelled, then stops every part and flushes the store.
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
+        self.start(shutdown).await?.wait().await
+    }
+
+    /// Starts every part: probes the hardware, loads the served models, joins the network,
+    /// serves jobs from peers and the HTTP API. Returns once every listener is bound, with their
+    /// addresses (configure port 0 to let the system choose: tests run several nodes in one
+    /// process this way). Stop it by cancelling `shutdown`, then [`RunningNode::wait`].
+    pub async fn start(self, shutdown: CancellationToken) -> Result<RunningNode> {
         let threads = self.config.engine.threads;
         let profile = tokio::task::spawn_blocking(move || {
             metainf_profiler::probe(&metainf_profiler::ProbeOptions {
@@ -104,43 +123,66 @@ impl Node {
         for m in &served {
             info!(model = %m.descriptor.name, quantization = %m.descriptor.quantization, "serving");
         }
-        let executor = Executor::start(served, self.config.jobs.queue_capacity);
+        let tasks = TaskTracker::new();
+        let signer = self.signer()?;
+        let (executor, engine_thread) = Executor::start(served, self.config.jobs.queue_capacity);
         let network = if self.config.network.enabled {
-            let (client, event_loop) = net::start(
+            let (client, event_loop, events) = net::start(
                 self.key.clone(),
-                self.store.clone(),
                 profile.clone(),
                 self.config.network.clone(),
             )
             .map_err(|e| NodeError::Network(e.to_string()))?;
-            let token = shutdown.child_token();
-            Some((client, tokio::spawn(event_loop.run(token))))
+            tasks.spawn(event_loop.run(shutdown.child_token()));
+            client
+                .set_records_seq(signer.last_seq())
+                .await
+                .map_err(|e| NodeError::Network(e.to_string()))?;
+            Some((client, events))
         } else {
             None
         };
         let service = JobService::start(
-            self.key.clone(),
+            signer,
             self.store.clone(),
             network.as_ref().map(|(c, _)| c.clone()),
             executor,
             profile,
             self.config.network.price_per_hour,
             self.config.jobs.clone(),
+            tasks.clone(),
             shutdown.child_token(),
         )
         .await?;
-        let api = if self.config.api.enabled {
+        let mut listen_addrs = Vec::new();
+        let mut client = None;
+        if let Some((net, events)) = network {
+            let replica = Replica::start(self.store.clone(), net.clone(), tasks.clone());
+            tasks.spawn(route_events(events, replica, Some(service.peer_jobs())));
+            listen_addrs = bound_addresses(&net, !self.config.network.listen.is_empty()).await;
+            client = Some(net);
+        }
+        let api_addr = if self.config.api.enabled {
             let listener = tokio::net::TcpListener::bind(self.config.api.listen)
                 .await
                 .map_err(|e| {
                     NodeError::Api(format!("cannot listen on {}: {e}", self.config.api.listen))
                 })?;
-            Some(tokio::spawn(crate::api::serve(
+            let addr = listener
+                .local_addr()
+                .map_err(|e| NodeError::Api(format!("the API listener: {e}")))?;
+            let api = crate::api::serve(
                 listener,
                 service.clone(),
                 self.config.api.max_body_bytes,
                 shutdown.child_token(),
-            )))
+            );
+            tasks.spawn(async move {
+                if let Err(e) = api.await {
+                    warn!(error = %e, "the HTTP API stopped");
+                }
+            });
+            Some(addr)
         } else {
             None
         };
@@ -153,21 +195,100 @@ impl Node {
             records,
             "node running; press Ctrl-C to stop"
         );
-        shutdown.cancelled().await;
+        Ok(RunningNode {
+            peer_id: self.peer_id(),
+            api_addr,
+            listen_addrs,
+            client,
+            service: Some(service),
+            store: self.store.clone(),
+            tasks,
+            engine_thread,
+            shutdown,
+        })
+    }
+}
+
+/// The addresses the swarm listens on, once it reports them (within a few seconds).
+async fn bound_addresses(net: &net::Client, expect: bool) -> Vec<Multiaddr> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let addrs = net.listen_addrs().await.unwrap_or_default();
+        if !expect || !addrs.is_empty() || tokio::time::Instant::now() >= deadline {
+            return addrs;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A started node: its addresses, and every task and thread it runs.
+pub struct RunningNode {
+    peer_id: PeerId,
+    api_addr: Option<SocketAddr>,
+    listen_addrs: Vec<Multiaddr>,
+    client: Option<net::Client>,
+    service: Option<JobService>,
+    store: Store,
+    tasks: TaskTracker,
+    engine_thread: EngineThread,
+    shutdown: CancellationToken,
+}
+
+impl RunningNode {
+    /// The node's peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    /// Where the HTTP API listens (none when `[api] enabled = false`).
+    pub fn api_addr(&self) -> Option<SocketAddr> {
+        self.api_addr
+    }
+
+    /// Where the swarm listens, each ending in this node's `/p2p/` id (for `--bootstrap`).
+    pub fn listen_addrs(&self) -> Vec<Multiaddr> {
+        self.listen_addrs
+            .iter()
+            .map(|a| {
+                a.clone()
+                    .with(libp2p::multiaddr::Protocol::P2p(self.peer_id))
+            })
+            .collect()
+    }
+
+    /// The network, when the node is on one.
+    pub fn client(&self) -> Option<&net::Client> {
+        self.client.as_ref()
+    }
+
+    /// The node's store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Waits for the shutdown token, then stops in order: the API (open event streams get 5 s),
+    /// the network and the replica, the job service's tasks, the engine thread; then flushes
+    /// the store.
+    pub async fn wait(mut self) -> Result<()> {
+        self.shutdown.cancelled().await;
         info!("shutting down");
-        if let Some(api) = api {
-            // Open event streams would hold a graceful shutdown forever.
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), api).await;
+        self.tasks.close();
+        drop(self.service.take());
+        drop(self.client.take());
+        if tokio::time::timeout(Duration::from_secs(10), self.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                tasks = self.tasks.len(),
+                "tasks still running at shutdown; not waiting for them"
+            );
         }
-        drop(service);
-        if let Some((_client, task)) = network {
-            let _ = task.await;
-        }
+        self.engine_thread.join(Duration::from_secs(10)).await;
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || store.flush())
             .await
             .map_err(|_| crate::store::StoreError::Closed)??;
-        drop(self);
         info!("stopped cleanly");
         Ok(())
     }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use metainf_profiler::engine::{Engine, EngineOptions};
-use metainf_protocol::{PerfRecord, SignedRecord};
+use metainf_protocol::PerfRecord;
 use metainf_scheduler::import::{ColumnMap, csv_records};
 use metainf_scheduler::{Embedder, SchedulerError};
 
@@ -108,7 +108,7 @@ pub fn load_records(source: &TensorSource, map: Option<&ColumnMap>) -> Result<Ve
             let origin = metainf_protocol::Keypair::generate_ed25519()
                 .public()
                 .to_peer_id();
-            Ok(csv_records(file, map, origin, 1, crate::bench::now_ms())?)
+            Ok(csv_records(file, map, origin, 1, crate::clock::now_ms())?)
         }
         TensorSource::File(path) => {
             let (records, invalid) = jsonl_records(path)?;
@@ -131,18 +131,15 @@ pub fn load_records(source: &TensorSource, map: Option<&ColumnMap>) -> Result<Ve
 /// (source `imported`) and stores them. Rows are all-or-nothing: a bad row fails the import
 /// before anything is stored.
 pub fn import_csv(node: &Node, input: impl Read, map: &ColumnMap) -> Result<ImportReport> {
-    let origin = node.peer_id();
-    let first = node.store().origin_state(&origin)?.max + 1;
-    let records = csv_records(input, map, origin, first, crate::bench::now_ms())?;
+    let signer = node.signer()?;
+    // Numbered again by the signer; the parse only needs some origin.
+    let records = csv_records(input, map, signer.origin(), 1, crate::clock::now_ms())?;
     let mut report = ImportReport {
         lines: records.len() as u64,
         ..ImportReport::default()
     };
-    let mut verified = records
-        .into_iter()
-        .map(|r| SignedRecord::sign(r, node.key()).and_then(SignedRecord::verify))
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| NodeError::Engine(format!("cannot sign an imported record: {e}")))?;
-    crate::tensor::store_batch(node.store(), &mut verified, &mut report)?;
+    for (_, outcome) in signer.store_all(records)? {
+        report.count(&outcome);
+    }
     Ok(report)
 }

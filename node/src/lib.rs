@@ -7,7 +7,9 @@
 
 pub mod api;
 pub mod bench;
+pub mod cli;
 pub mod client;
+pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod error;
@@ -16,6 +18,8 @@ pub mod identity;
 pub mod jobs;
 pub mod logging;
 pub mod net;
+pub mod replica;
+pub mod signer;
 pub mod store;
 pub mod tensor;
 

@@ -30,6 +30,17 @@ pub struct ImportReport {
     pub invalid: Vec<(u64, String)>,
 }
 
+impl ImportReport {
+    /// Counts one record the store answered for.
+    pub(crate) fn count(&mut self, outcome: &PutOutcome) {
+        match outcome {
+            PutOutcome::Stored => self.stored += 1,
+            PutOutcome::Duplicate => self.duplicates += 1,
+            PutOutcome::Conflict { .. } => self.conflicts += 1,
+        }
+    }
+}
+
 /// Writes every record as a JSON line. Returns how many were written and how many stored
 /// values were skipped because they do not decode.
 pub fn export(store: &Store, out: &mut dyn Write) -> Result<(u64, u64), ExportError> {
@@ -129,11 +140,7 @@ pub(crate) fn store_batch(
         return Ok(());
     }
     for outcome in store.put(std::mem::take(batch))? {
-        match outcome {
-            PutOutcome::Stored => report.stored += 1,
-            PutOutcome::Duplicate => report.duplicates += 1,
-            PutOutcome::Conflict { .. } => report.conflicts += 1,
-        }
+        report.count(&outcome);
     }
     Ok(())
 }

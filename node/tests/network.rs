@@ -9,16 +9,18 @@ use std::time::{Duration, Instant};
 
 use metainf_node::identity;
 use metainf_node::net::{self, Client, NetworkConfig};
+use metainf_node::replica::{Replica, route_events};
 use metainf_node::store::Store;
+use metainf_protocol::VerifiedRecord;
 use metainf_protocol::{ContentId, Keypair, PeerId, fixtures};
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 struct TestNode {
     client: Client,
     store: Store,
     token: CancellationToken,
-    task: JoinHandle<()>,
+    tasks: TaskTracker,
     addr: libp2p::Multiaddr,
 }
 
@@ -29,7 +31,14 @@ impl TestNode {
 
     async fn stop(self) {
         self.token.cancel();
-        self.task.await.unwrap();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    /// Stores a record here and gossips it, as its maker would.
+    async fn publish(&self, record: VerifiedRecord) {
+        self.store.put_async(vec![record.clone()]).await.unwrap();
+        self.client.gossip(&record).await.unwrap();
     }
 }
 
@@ -57,9 +66,12 @@ fn config_on(
 async fn start(dir: &Path, key: Keypair, config: NetworkConfig) -> TestNode {
     let store = Store::open(dir.join("store")).unwrap();
     let hardware = fixtures::cpu_hardware(1);
-    let (client, event_loop) = net::start(key, store.clone(), hardware, config).unwrap();
+    let (client, event_loop, events) = net::start(key, hardware, config).unwrap();
     let token = CancellationToken::new();
-    let task = tokio::spawn(event_loop.run(token.clone()));
+    let tasks = TaskTracker::new();
+    tasks.spawn(event_loop.run(token.clone()));
+    let replica = Replica::start(store.clone(), client.clone(), tasks.clone());
+    tasks.spawn(route_events(events, replica, None));
     let deadline = Instant::now() + Duration::from_secs(10);
     let addr = loop {
         if let Some(a) = client.listen_addrs().await.unwrap().into_iter().next() {
@@ -73,7 +85,7 @@ async fn start(dir: &Path, key: Keypair, config: NetworkConfig) -> TestNode {
         client,
         store,
         token,
-        task,
+        tasks,
         addr,
     }
 }
@@ -145,7 +157,7 @@ async fn five_nodes_gossip_records_and_reject_forgeries() {
     let maker = Keypair::generate_ed25519();
     let record = fixtures::signed(&maker, 1, 0).verify().unwrap();
     let origin = record.origin();
-    nodes[2].client.publish(record).await.unwrap();
+    nodes[2].publish(record).await;
     for (i, n) in nodes.iter().enumerate() {
         let store = n.store.clone();
         wait_until(
@@ -175,7 +187,7 @@ async fn five_nodes_gossip_records_and_reject_forgeries() {
     // A valid record published after the forgeries arrives everywhere, so the forgeries had
     // their chance to arrive first.
     let marker = fixtures::signed(&maker, 4, 3).verify().unwrap();
-    nodes[1].client.publish(marker).await.unwrap();
+    nodes[1].publish(marker).await;
     for (i, n) in nodes.iter().enumerate() {
         let store = n.store.clone();
         wait_until(

@@ -185,14 +185,7 @@ pub fn cpu_spec(threads: Option<usize>) -> HardwareSpec {
     .filter(|f| flags.split_whitespace().any(|x| x == *f))
     .map(str::to_owned)
     .collect();
-    let memory_bytes = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))
-                .and_then(|r| r.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb.saturating_mul(1024));
+    let memory_bytes = meminfo_bytes("MemTotal:");
     let threads = engine_threads(threads);
     HardwareSpec {
         device: DeviceKind::Cpu,
@@ -208,6 +201,24 @@ pub fn cpu_spec(threads: Option<usize>) -> HardwareSpec {
         }),
         attributes: BTreeMap::new(),
     }
+}
+
+/// Memory the kernel reports as available to new work (`MemAvailable` in /proc/meminfo), in
+/// bytes; 0 where unknown. Announced in heartbeats; GPUs will report device memory.
+pub fn available_memory_bytes() -> u64 {
+    meminfo_bytes("MemAvailable:")
+}
+
+/// One `kB` field of /proc/meminfo, in bytes (0 where unknown).
+fn meminfo_bytes(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|r| r.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb.saturating_mul(1024))
 }
 
 /// The CPU profile, measured with `threads` threads.

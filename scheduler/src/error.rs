@@ -40,7 +40,7 @@ pub enum SchedulerError {
     Persist(String),
     /// Nothing fits the budget.
     #[error(transparent)]
-    Select(#[from] crate::select::SelectError),
+    Select(#[from] crate::choice::SelectError),
     /// A record failed the protocol's checks.
     #[error(transparent)]
     Protocol(#[from] metainf_protocol::ProtocolError),

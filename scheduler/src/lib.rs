@@ -6,6 +6,7 @@
 //! It is pure logic: no network, no store. Its inputs are tensors of
 //! [`metainf_protocol::PerfRecord`]s built in memory or loaded from files.
 
+mod choice;
 pub mod dataset;
 pub mod embed;
 pub mod error;

@@ -7,8 +7,8 @@ use metainf_protocol::{
     HardwareProfile, MethodConfig, ModelDescriptor, Objective, WorkloadDescriptor,
 };
 use serde::{Deserialize, Serialize};
-use thiserror::Error;
 
+pub use crate::choice::{Choice, SelectError};
 use crate::embed::EmbeddingCache;
 use crate::error::Result;
 use crate::predictor::{MetaPredictor, Prediction};
@@ -50,34 +50,6 @@ pub struct Query<'a> {
     pub explore: f64,
 }
 
-/// One scored (host, method) pair.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Choice {
-    /// Index into the query's hosts.
-    pub host: usize,
-    /// The host's name.
-    pub host_name: String,
-    /// The method.
-    pub method: MethodConfig,
-    /// Predicted execution time, seconds.
-    pub runtime_s: f64,
-    /// Predicted wait in the host's queue, seconds.
-    pub wait_s: f64,
-    /// Predicted cost: price × runtime.
-    pub cost: f64,
-    /// Predicted energy, joules, where the host's power is known.
-    pub energy_j: Option<f64>,
-    /// Uncertainty of the runtime (standard deviation of ln runtime over the ensemble).
-    pub log_std: f64,
-}
-
-impl Choice {
-    /// Predicted time until the result: wait plus runtime.
-    pub fn latency_s(&self) -> f64 {
-        self.wait_s + self.runtime_s
-    }
-}
-
 /// Most alternatives a decision lists.
 pub const MAX_ALTERNATIVES: usize = 16;
 
@@ -93,25 +65,6 @@ pub struct Decision {
     pub feasible: usize,
     /// Pairs dropped for exceeding the budget.
     pub over_budget: usize,
-}
-
-/// Why no pair could be chosen.
-#[derive(Clone, Debug, PartialEq, Error)]
-pub enum SelectError {
-    /// No host or no method to choose from.
-    #[error("no candidate {0}")]
-    NoCandidates(&'static str),
-    /// Every pair costs more than the budget.
-    #[error(
-        "no host and method fit the budget of {budget}: the cheapest is {} on {} at a predicted cost of {:.6} ({:.2} s)",
-        cheapest.method, cheapest.host_name, cheapest.cost, cheapest.runtime_s
-    )]
-    OverBudget {
-        /// The budget.
-        budget: f64,
-        /// The cheapest pair.
-        cheapest: Box<Choice>,
-    },
 }
 
 /// Predicts runtimes for the router. [`MetaPredictor`] is the production model.

@@ -4,16 +4,16 @@
 
 use std::convert::Infallible;
 
-use axum::Json;
 use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use metainf_protocol::{ChatMessage, GenerationParams, JobRequest, Prompt};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use metainf_protocol::{ChatMessage, JobRequest, Prompt};
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use super::{ApiError, ApiJson, AppState, RouteOptions, job_request, outcome_json};
+use super::request::{GenerationDefaults, GenerationFields, RouteOptions, job_request};
+use super::types::{ChatChoice, ChunkChoice, CompletionResponse, Delta, TextChoice, Usage};
+use super::{ApiError, ApiJson, AppState, outcome_view, to_wire};
 use crate::jobs::{JobError, Outcome};
 
 /// A message's content: a string, or parts of which the text ones are joined.
@@ -37,23 +37,6 @@ pub(crate) struct Part {
 pub(crate) struct InMessage {
     role: String,
     content: Content,
-}
-
-/// `stop`: one string or several.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-pub(crate) enum Stop {
-    One(String),
-    Many(Vec<String>),
-}
-
-impl Stop {
-    pub(crate) fn into_vec(self) -> Vec<String> {
-        match self {
-            Self::One(s) => vec![s],
-            Self::Many(v) => v,
-        }
-    }
 }
 
 /// Converts request messages, refusing non-text parts.
@@ -100,18 +83,11 @@ pub(crate) struct StreamOptions {
 #[derive(Debug, Deserialize)]
 pub(crate) struct Common {
     model: String,
-    #[serde(default)]
-    max_tokens: Option<u32>,
+    /// OpenAI's newer name of `max_tokens`; wins over it.
     #[serde(default)]
     max_completion_tokens: Option<u32>,
-    #[serde(default)]
-    temperature: Option<f64>,
-    #[serde(default)]
-    top_p: Option<f64>,
-    #[serde(default)]
-    seed: Option<u64>,
-    #[serde(default)]
-    stop: Option<Stop>,
+    #[serde(flatten)]
+    generation: GenerationFields,
     #[serde(default)]
     stream: bool,
     #[serde(default)]
@@ -122,25 +98,13 @@ pub(crate) struct Common {
     metainf: Option<RouteOptions>,
 }
 
-/// Most tokens generated when a request does not say.
-const DEFAULT_MAX_TOKENS: u32 = 256;
-
 impl Common {
-    fn request(self, prompts: Vec<Prompt>) -> Result<(JobRequest, bool), ApiError> {
+    fn request(mut self, prompts: Vec<Prompt>) -> Result<(JobRequest, bool), ApiError> {
         if self.n.is_some_and(|n| n != 1) {
             return Err(ApiError::invalid("n must be 1"));
         }
-        let params = GenerationParams {
-            max_tokens: self
-                .max_completion_tokens
-                .or(self.max_tokens)
-                .unwrap_or(DEFAULT_MAX_TOKENS),
-            // OpenAI's defaults.
-            temperature: self.temperature.unwrap_or(1.0),
-            top_p: self.top_p.unwrap_or(1.0),
-            seed: self.seed,
-            stop: self.stop.map(Stop::into_vec).unwrap_or_default(),
-        };
+        self.generation.max_tokens = self.max_completion_tokens.or(self.generation.max_tokens);
+        let params = self.generation.into_params(GenerationDefaults::OPENAI);
         let usage = self.stream_options.is_some_and(|o| o.include_usage);
         let request = job_request(
             self.model,
@@ -219,7 +183,7 @@ pub(crate) async fn completions(
     respond(state, request, usage, Kind::Text).await
 }
 
-fn usage_json(outcome: &Outcome) -> Value {
+fn usage(outcome: &Outcome) -> Usage {
     let prompt: u64 = outcome
         .result
         .completions
@@ -232,15 +196,45 @@ fn usage_json(outcome: &Outcome) -> Value {
         .iter()
         .map(|c| u64::from(c.output_tokens))
         .sum();
-    json!({
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-    })
+    Usage {
+        prompt_tokens: prompt,
+        completion_tokens: completion,
+        total_tokens: prompt + completion,
+    }
 }
 
 fn created() -> u64 {
-    crate::bench::now_ms() / 1000
+    crate::clock::now_ms() / 1000
+}
+
+/// One server-sent event of `value`, encoded as the API encodes its bodies.
+fn event<T: Serialize>(value: &T) -> Event {
+    let data = match to_wire(value) {
+        Ok(v) => v.to_string(),
+        Err(e) => to_wire(&ApiError::internal(format!("cannot encode the event: {e}")).body())
+            .map(|v| v.to_string())
+            .unwrap_or_default(),
+    };
+    Event::default().data(data)
+}
+
+/// A completion of `kind`'s choices, whole or one chunk.
+fn envelope<C>(
+    kind: Kind,
+    chunk: bool,
+    job: &str,
+    model: &str,
+    choices: Vec<C>,
+) -> CompletionResponse<C> {
+    CompletionResponse {
+        id: kind.id(job),
+        object: kind.object(chunk).to_owned(),
+        created: created(),
+        model: model.to_owned(),
+        choices,
+        usage: None,
+        metainf: None,
+    }
 }
 
 /// Routes (errors become HTTP statuses before anything is streamed), then runs the job and
@@ -264,106 +258,139 @@ async fn respond(
         let outcome = run
             .await
             .map_err(|e| ApiError::from(JobError::Internal(e.to_string())))??;
-        let choices: Vec<Value> = outcome
-            .result
-            .completions
-            .iter()
-            .enumerate()
-            .map(|(i, c)| match kind {
-                Kind::Chat => json!({
-                    "index": i,
-                    "message": { "role": "assistant", "content": c.text },
-                    "finish_reason": c.finish_reason,
-                }),
-                Kind::Text => json!({
-                    "index": i,
-                    "text": c.text,
-                    "finish_reason": c.finish_reason,
-                }),
-            })
-            .collect();
-        return Ok(Json(json!({
-            "id": kind.id(&job),
-            "object": kind.object(false),
-            "created": created(),
-            "model": model,
-            "choices": choices,
-            "usage": usage_json(&outcome),
-            "metainf": outcome_json(routing_s, generation, &outcome),
-        }))
-        .into_response());
+        let completions = outcome.result.completions.iter().enumerate();
+        let usage = Some(usage(&outcome));
+        let metainf = Some(outcome_view(routing_s, generation, &outcome));
+        return Ok(match kind {
+            Kind::Chat => {
+                let choices = completions
+                    .map(|(i, c)| ChatChoice {
+                        index: i,
+                        message: ChatMessage {
+                            role: "assistant".to_owned(),
+                            content: c.text.clone(),
+                        },
+                        finish_reason: c.finish_reason,
+                    })
+                    .collect();
+                ApiJson(CompletionResponse {
+                    usage,
+                    metainf,
+                    ..envelope(kind, false, &job, &model, choices)
+                })
+                .into_response()
+            }
+            Kind::Text => {
+                let choices = completions
+                    .map(|(i, c)| TextChoice {
+                        index: i,
+                        text: c.text.clone(),
+                        finish_reason: Some(c.finish_reason),
+                    })
+                    .collect();
+                ApiJson(CompletionResponse {
+                    usage,
+                    metainf,
+                    ..envelope(kind, false, &job, &model, choices)
+                })
+                .into_response()
+            }
+        });
     }
     let prompts = routed.request.prompts.len();
     let (delta_tx, mut delta_rx) = mpsc::channel(64);
     let run = tokio::spawn(async move { service.execute(routed, Some(delta_tx)).await });
     let (events, mut events_rx) = mpsc::channel::<Event>(64);
-    let id = kind.id(&job);
-    let envelope = move |choices: Value| -> Value {
-        json!({
-            "id": id,
-            "object": kind.object(true),
-            "created": created(),
-            "model": model,
-            "choices": choices,
-        })
-    };
     tokio::spawn(async move {
-        let chunk = |choices: Value| Event::default().data(envelope(choices).to_string());
+        // A chunk of new text of prompt `i`.
+        let delta = |i: u32, text: String| -> Event {
+            let i = i as usize;
+            match kind {
+                Kind::Chat => {
+                    let choice = ChunkChoice {
+                        index: i,
+                        delta: Delta {
+                            role: None,
+                            content: Some(text),
+                        },
+                        finish_reason: None,
+                    };
+                    event(&envelope(kind, true, &job, &model, vec![choice]))
+                }
+                Kind::Text => {
+                    let choice = TextChoice {
+                        index: i,
+                        text,
+                        finish_reason: None,
+                    };
+                    event(&envelope(kind, true, &job, &model, vec![choice]))
+                }
+            }
+        };
         if kind == Kind::Chat {
-            let first: Vec<Value> = (0..prompts)
-                .map(|i| json!({"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}))
+            let first: Vec<ChunkChoice> = (0..prompts)
+                .map(|i| ChunkChoice {
+                    index: i,
+                    delta: Delta {
+                        role: Some("assistant".to_owned()),
+                        content: Some(String::new()),
+                    },
+                    finish_reason: None,
+                })
                 .collect();
-            if events.send(chunk(json!(first))).await.is_err() {
+            if events
+                .send(event(&envelope(kind, true, &job, &model, first)))
+                .await
+                .is_err()
+            {
                 return;
             }
         }
         while let Some((i, text)) = delta_rx.recv().await {
-            let choice = match kind {
-                Kind::Chat => {
-                    json!({"index": i, "delta": {"content": text}, "finish_reason": null})
-                }
-                Kind::Text => json!({"index": i, "text": text, "finish_reason": null}),
-            };
-            if events.send(chunk(json!([choice]))).await.is_err() {
+            if events.send(delta(i, text)).await.is_err() {
                 // The client left: dropping the deltas cancels the job.
                 return;
             }
         }
         let end = match run.await {
             Ok(Ok(outcome)) => {
-                let choices: Vec<Value> = outcome
-                    .result
-                    .completions
-                    .iter()
-                    .enumerate()
-                    .map(|(i, c)| match kind {
-                        Kind::Chat => {
-                            json!({"index": i, "delta": {}, "finish_reason": c.finish_reason})
-                        }
-                        Kind::Text => {
-                            json!({"index": i, "text": "", "finish_reason": c.finish_reason})
-                        }
-                    })
-                    .collect();
                 // The decision rides on the last chunk, usage too when asked for.
-                let mut body = envelope(json!(choices));
-                if let Some(o) = body.as_object_mut() {
-                    o.insert(
-                        "metainf".into(),
-                        outcome_json(routing_s, generation, &outcome),
-                    );
-                    if include_usage {
-                        o.insert("usage".into(), usage_json(&outcome));
+                let usage = include_usage.then(|| usage(&outcome));
+                let metainf = Some(outcome_view(routing_s, generation, &outcome));
+                let completions = outcome.result.completions.iter().enumerate();
+                match kind {
+                    Kind::Chat => {
+                        let choices = completions
+                            .map(|(i, c)| ChunkChoice {
+                                index: i,
+                                delta: Delta::default(),
+                                finish_reason: Some(c.finish_reason),
+                            })
+                            .collect();
+                        event(&CompletionResponse {
+                            usage,
+                            metainf,
+                            ..envelope(kind, true, &job, &model, choices)
+                        })
+                    }
+                    Kind::Text => {
+                        let choices = completions
+                            .map(|(i, c)| TextChoice {
+                                index: i,
+                                text: String::new(),
+                                finish_reason: Some(c.finish_reason),
+                            })
+                            .collect();
+                        event(&CompletionResponse {
+                            usage,
+                            metainf,
+                            ..envelope(kind, true, &job, &model, choices)
+                        })
                     }
                 }
-                Event::default().data(body.to_string())
             }
-            Ok(Err(e)) => Event::default().data(ApiError::from(e).body().to_string()),
-            Err(e) => Event::default().data(
-                ApiError::from(JobError::Internal(e.to_string()))
-                    .body()
-                    .to_string(),
-            ),
+            Ok(Err(e)) => event(&ApiError::from(e).body()),
+            Err(e) => event(&ApiError::from(JobError::Internal(e.to_string())).body()),
         };
         let _ = events.send(end).await;
         let _ = events.send(Event::default().data("[DONE]")).await;

@@ -125,8 +125,9 @@ pub struct Executor {
 }
 
 impl Executor {
-    /// Starts the engine thread. Jobs beyond `capacity` waiting are refused as busy.
-    pub fn start(models: Vec<ServedModel>, capacity: u32) -> Self {
+    /// Starts the engine thread. Jobs beyond `capacity` waiting are refused as busy. The thread
+    /// ends when every clone of the executor is dropped; [`EngineThread::join`] waits for it.
+    pub fn start(models: Vec<ServedModel>, capacity: u32) -> (Self, EngineThread) {
         let capacity = capacity.max(1);
         let (tx, rx) = mpsc::channel(capacity as usize);
         let models: Arc<Vec<Arc<ServedModel>>> =
@@ -138,6 +139,11 @@ impl Executor {
             running_jobs: 0,
             queue_capacity: capacity,
         }));
+        let worker = Worker {
+            load: load.clone(),
+            models: models.clone(),
+            offer: offer.clone(),
+        };
         let executor = Self {
             tx,
             load,
@@ -145,14 +151,17 @@ impl Executor {
             models,
             offer,
         };
-        let worker = executor.clone();
         let spawned = std::thread::Builder::new()
             .name("metainf-executor".into())
             .spawn(move || worker.work(rx));
-        if let Err(e) = spawned {
-            warn!(error = %e, "cannot start the executor thread; jobs will fail");
-        }
-        executor
+        let handle = match spawned {
+            Ok(h) => Some(h),
+            Err(e) => {
+                warn!(error = %e, "cannot start the executor thread; jobs will fail");
+                None
+            }
+        };
+        (executor, EngineThread(handle))
     }
 
     /// The served models.
@@ -184,11 +193,7 @@ impl Executor {
     }
 
     fn publish_load(&self) {
-        let (queued, running) = self.load();
-        self.offer.send_modify(|o| {
-            o.queue_depth = queued.min(o.queue_capacity);
-            o.running_jobs = running;
-        });
+        publish_load(&self.load, &self.offer);
     }
 
     /// Runs a job here with `method`; text goes to `deltas` as it is generated. Refused at once
@@ -222,6 +227,54 @@ impl Executor {
         self.publish_load();
         rx.await
             .map_err(|_| ExecError::Failed("the executor stopped".into()))?
+    }
+}
+
+/// Every load change goes out in the heartbeats' offer.
+fn publish_load(load: &Load, offer: &watch::Sender<Offer>) {
+    let (queued, running) = (
+        load.queued.load(Ordering::Relaxed),
+        load.running.load(Ordering::Relaxed),
+    );
+    offer.send_modify(|o| {
+        o.queue_depth = queued.min(o.queue_capacity);
+        o.running_jobs = running;
+    });
+}
+
+/// The engine thread's side: what it needs, without the queue's sender (so that dropping every
+/// [`Executor`] ends it).
+struct Worker {
+    load: Arc<Load>,
+    models: Arc<Vec<Arc<ServedModel>>>,
+    offer: Arc<watch::Sender<Offer>>,
+}
+
+/// The engine thread, to be joined at shutdown.
+#[derive(Debug)]
+pub struct EngineThread(Option<std::thread::JoinHandle<()>>);
+
+impl EngineThread {
+    /// Waits up to `timeout` for the thread to end (it ends once every [`Executor`] clone is
+    /// gone and the running job finished); says so when it does not.
+    pub async fn join(self, timeout: std::time::Duration) {
+        let Some(handle) = self.0 else { return };
+        let joined = tokio::task::spawn_blocking(move || handle.join());
+        match tokio::time::timeout(timeout, joined).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(_) => warn!("the executor thread panicked"),
+            Err(_) => warn!("the executor thread is still running a job; not waiting for it"),
+        }
+    }
+}
+
+impl Worker {
+    fn model(&self, name: &str) -> Option<&Arc<ServedModel>> {
+        self.models.iter().find(|m| m.descriptor.name == name)
+    }
+
+    fn publish_load(&self) {
+        publish_load(&self.load, &self.offer);
     }
 
     fn work(self, mut rx: mpsc::Receiver<Task>) {

@@ -308,6 +308,77 @@ impl DecisionLogBook {
     }
 }
 
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::JobService;
+
+impl JobService {
+    /// Retrains when enough new records have arrived.
+    pub(super) async fn retrain_loop(self, shutdown: CancellationToken) {
+        let mut tick =
+            tokio::time::interval(Duration::from_secs(self.0.config.retrain_check_s.max(1)));
+        let mut hourly = tokio::time::interval(Duration::from_secs(3600));
+        hourly.tick().await;
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                _ = hourly.tick() => {
+                    let service = self.clone();
+                    let _ = tokio::task::spawn_blocking(move || service.prune_jobs()).await;
+                    continue;
+                }
+                _ = tick.tick() => {}
+            }
+            let store = self.0.store.clone();
+            let count = tokio::task::spawn_blocking(move || count_records(&store))
+                .await
+                .unwrap_or(0);
+            self.0.records.store(count, Ordering::Relaxed);
+            self.0
+                .metrics
+                .records
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+            let trained = self.0.learner.trained_records();
+            let due = count > 0
+                && (self.0.learner.current().is_none()
+                    || count >= trained + self.0.config.retrain_after.max(1));
+            if !due {
+                continue;
+            }
+            let service = self.clone();
+            let done = tokio::task::spawn_blocking(move || {
+                service
+                    .0
+                    .learner
+                    .retrain(&service.0.store, GbdtParams::default(), count)
+            })
+            .await;
+            match done {
+                Ok(Ok(Some(generation))) => {
+                    self.0
+                        .metrics
+                        .predictor_generation
+                        .set(i64::try_from(generation).unwrap_or(i64::MAX));
+                }
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => warn!(error = %e, "retraining failed; keeping the current predictor"),
+                Err(e) => warn!(error = %e, "retraining panicked; keeping the current predictor"),
+            }
+        }
+    }
+}
+
+/// Records in the store (the sum of every origin's contiguous records).
+pub(super) fn count_records(store: &Store) -> u64 {
+    store
+        .origin_states()
+        .map(|s| s.values().map(|o| o.max).sum())
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

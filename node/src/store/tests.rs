@@ -1,6 +1,9 @@
 use super::*;
 use metainf_protocol::fixtures;
-use metainf_protocol::{CellIds, Keypair, MethodConfig};
+use metainf_protocol::{
+    CellIds, ContentId, JobId, Keypair, MethodConfig, PeerId, RecordId, VerifiedRecord, codec,
+};
+use rocksdb::{DB, Options};
 
 fn key(seed: u8) -> Keypair {
     let mut bytes = [seed; 32];
@@ -399,57 +402,105 @@ fn a_corrupt_origin_state_is_rebuilt_and_still_catches_equivocation() {
 }
 
 #[test]
-fn jobs_are_kept_across_reopen_and_forgotten_on_request() {
+fn jobs_are_opaque_values_kept_across_reopen_and_forgotten_on_request() {
+    // The typed round trip of `JobEntry` is tested in `crate::jobs::state`.
     let dir = tempfile::tempdir().unwrap();
-    let job = |n: u8, state: JobState| JobEntry {
-        request: JobRequest {
-            id: JobId([n; 16]),
-            model: "m".into(),
-            prompts: vec![metainf_protocol::Prompt::Text("hi".into())],
-            params: metainf_protocol::GenerationParams::default(),
-            budget: Some(0.5),
-            objective: metainf_protocol::Objective::Cost,
-            pin_method: None,
-            pin_host: None,
-            stream: false,
-            submitted_at_ms: u64::from(n),
-        },
-        state,
-        updated_at_ms: u64::from(n),
-        route: None,
-        attempts: 1,
-    };
+    let id = |n: u8| JobId([n; 16]);
     {
         let store = Store::open(dir.path().join("store")).unwrap();
-        store.put_job(&job(1, JobState::Queued)).unwrap();
-        store
-            .put_job(&job(2, JobState::Failed { reason: "x".into() }))
-            .unwrap();
-        store
-            .put_job(&job(
-                3,
-                JobState::Running {
-                    host: key(3).public().to_peer_id(),
-                },
-            ))
-            .unwrap();
+        for n in 1..=3 {
+            store.put_job_raw(&id(n), &[n; 5]).unwrap();
+        }
+        store.put_job_raw(&id(2), b"replaced").unwrap();
     }
     let store = Store::open(dir.path().join("store")).unwrap();
-    assert_eq!(store.jobs().unwrap().len(), 3);
     assert_eq!(
-        store.job(&JobId([3; 16])).unwrap(),
-        Some(job(
-            3,
-            JobState::Running {
-                host: key(3).public().to_peer_id()
-            }
-        ))
+        store.jobs_raw().unwrap(),
+        vec![
+            (id(1), vec![1; 5]),
+            (id(2), b"replaced".to_vec()),
+            (id(3), vec![3; 5]),
+        ]
     );
+    assert_eq!(store.job_raw(&id(3)).unwrap(), Some(vec![3; 5]));
+    assert_eq!(store.stats().unwrap().jobs, 3);
+    store.delete_jobs(&[id(1), id(2)]).unwrap();
+    assert_eq!(store.jobs_raw().unwrap(), vec![(id(3), vec![3; 5])]);
+    assert_eq!(store.job_raw(&id(1)).unwrap(), None);
+    // A key that is no job id is skipped.
+    store.raw_put(CF_JOBS, b"short", b"x").unwrap();
+    assert_eq!(store.jobs_raw().unwrap().len(), 1);
+}
+
+#[test]
+fn peer_batches_replace_by_peer_and_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    let entry = |seed: u8, seen: u64| PeerEntry {
+        peer: key(seed).public().to_peer_id(),
+        addrs: vec![format!("/ip4/127.0.0.{seed}/tcp/4001")],
+        last_seen_ms: seen,
+        heartbeat: None,
+    };
+    {
+        let store = Store::open(&path).unwrap();
+        store.put_peers(&[]).unwrap();
+        store
+            .put_peers(&[entry(1, 1), entry(2, 2), entry(1, 3)])
+            .unwrap();
+        store.put_peer(&entry(3, 4)).unwrap();
+        // The peer table holds exactly what `put_peer` always wrote.
+        assert_eq!(
+            store
+                .db()
+                .get_cf(store.cf(CF_PEERS), entry(2, 2).peer.to_bytes())
+                .unwrap(),
+            Some(codec::encode(&entry(2, 2)).unwrap())
+        );
+    }
+    let store = Store::open(&path).unwrap();
+    let mut peers = store.peers().unwrap();
+    peers.sort_by_key(|p| p.last_seen_ms);
+    assert_eq!(peers, vec![entry(2, 2), entry(1, 3), entry(3, 4)]);
+    drop(store);
+    let reader = Store::open_read_only(&path).unwrap();
+    assert!(matches!(
+        reader.put_peers(&[entry(4, 5)]),
+        Err(StoreError::ReadOnly)
+    ));
+    assert!(matches!(
+        reader.put_job_raw(&JobId([1; 16]), b"x"),
+        Err(StoreError::ReadOnly)
+    ));
+}
+
+#[tokio::test]
+async fn async_small_table_writes_land() {
+    let (_dir, store) = open();
+    let peer = PeerEntry {
+        peer: key(5).public().to_peer_id(),
+        addrs: Vec::new(),
+        last_seen_ms: 7,
+        heartbeat: None,
+    };
+    store.put_peer_async(peer.clone()).await.unwrap();
     store
-        .delete_jobs(&[JobId([1; 16]), JobId([2; 16])])
+        .put_peers_async(vec![PeerEntry {
+            last_seen_ms: 8,
+            ..peer.clone()
+        }])
+        .await
         .unwrap();
-    let left = store.jobs().unwrap();
-    assert_eq!(left.len(), 1);
-    assert_eq!(left[0].request.id, JobId([3; 16]));
-    assert_eq!(store.job(&JobId([1; 16])).unwrap(), None);
+    assert_eq!(store.peers().unwrap()[0].last_seen_ms, 8);
+    store
+        .put_meta_async("predictor".into(), b"w".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(store.meta("predictor").unwrap(), Some(b"w".to_vec()));
+    store
+        .put_job_raw_async(JobId([1; 16]), b"j".to_vec())
+        .await
+        .unwrap();
+    store.delete_jobs_async(vec![JobId([1; 16])]).await.unwrap();
+    assert!(store.jobs_raw().unwrap().is_empty());
 }

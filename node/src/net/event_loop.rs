@@ -1,0 +1,435 @@
+//! The event loop: one `select!` over swarm events, commands and timers. It owns the swarm and
+//! the transport's own state (connections, pulls in flight, job calls, delta sinks) and touches
+//! no disk: everything the tensor needs is a [`NetEvent`] for the replica.
+//!
+//! Its concerns are split by file: gossip (`gossip.rs`), anti-entropy (`anti_entropy.rs`), job
+//! transport (`job_transport.rs`), NAT and direct dials (`nat.rs`).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use libp2p::gossipsub::IdentTopic;
+use libp2p::kad;
+use libp2p::request_response::OutboundRequestId;
+use libp2p::swarm::SwarmEvent;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::{Multiaddr, PeerId, Swarm, autonat, dcutr, identify, mdns, relay};
+use metainf_protocol::{HardwareId, HardwareProfile, JobId};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info};
+
+use super::behaviour::{Behaviour, BehaviourEvent};
+use super::client::Command;
+use super::config::{NetError, NetworkConfig};
+use super::event::{NatStatus, NetEvent, Offer, PeerStatus, Topic};
+use super::jobs::{DeltaAck, JobDelta, JobReply};
+use crate::clock::{is_alive, now_ms};
+
+/// The network's event loop. Run it with [`EventLoop::run`].
+pub struct EventLoop {
+    pub(super) swarm: Swarm<Behaviour>,
+    pub(super) config: NetworkConfig,
+    pub(super) hardware: HardwareId,
+    pub(super) profile: HardwareProfile,
+    /// Where domain events go (never awaited: see [`super::event`]).
+    pub(super) events: mpsc::Sender<NetEvent>,
+    /// What the heartbeats announce.
+    pub(super) offer: Option<watch::Receiver<Offer>>,
+    /// The highest sequence number of this node's own records, for the heartbeats.
+    pub(super) records_seq: Option<watch::Receiver<u64>>,
+    /// Outstanding job calls: request → (job, answer).
+    pub(super) job_calls:
+        HashMap<OutboundRequestId, (JobId, oneshot::Sender<Result<JobReply, NetError>>)>,
+    /// Where the deltas of a streaming job forwarded from here go: job → (host, sink).
+    pub(super) delta_sinks: HashMap<JobId, (PeerId, mpsc::Sender<JobDelta>)>,
+    /// Outstanding deltas sent from here.
+    pub(super) delta_sends: HashMap<OutboundRequestId, oneshot::Sender<Result<DeltaAck, NetError>>>,
+    pub(super) commands: mpsc::Receiver<Command>,
+    pub(super) self_tx: mpsc::Sender<Command>,
+    pub(super) records: IdentTopic,
+    pub(super) heartbeats: IdentTopic,
+    pub(super) peers: HashMap<PeerId, PeerStatus>,
+    /// Circuit listen addresses waiting for their relay's connection.
+    pub(super) deferred_listens: Vec<(PeerId, Multiaddr)>,
+    /// Open connections per peer, and whether each goes through a relay.
+    pub(super) connections: HashMap<PeerId, HashMap<libp2p::swarm::ConnectionId, bool>>,
+    pub(super) pending_providers:
+        HashMap<kad::QueryId, (oneshot::Sender<HashSet<PeerId>>, HashSet<PeerId>)>,
+    /// Outstanding pull requests: request → (peer, origin).
+    pub(super) pulls: HashMap<OutboundRequestId, (PeerId, PeerId)>,
+    /// Pulls waiting for a slot: (peer, origin, after).
+    pub(super) pull_queue: VecDeque<(PeerId, PeerId, u64)>,
+    /// (peer, origin) pairs with a pull queued, in flight or being stored.
+    pub(super) pulling: HashSet<(PeerId, PeerId)>,
+    /// Each connected peer's own listen addresses that do not go through a relay (from
+    /// identify), for a direct dial when a hole punch fails.
+    pub(super) direct_addrs: HashMap<PeerId, Vec<Multiaddr>>,
+    /// When a direct dial to a relayed-only peer was last started.
+    pub(super) direct_attempts: HashMap<PeerId, Instant>,
+    /// Tasks the loop started (deltas waiting for a slow client), awaited when it stops.
+    pub(super) tasks: TaskTracker,
+}
+
+impl EventLoop {
+    /// Runs until `shutdown` is cancelled.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut heartbeat =
+            tokio::time::interval(Duration::from_secs(self.config.heartbeat_interval_s.max(1)));
+        let mut anti_entropy = tokio::time::interval(Duration::from_secs(
+            self.config.anti_entropy_interval_s.max(1),
+        ));
+        anti_entropy.tick().await;
+        loop {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                Some(command) = self.commands.recv() => self.on_command(command),
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                _ = heartbeat.tick() => {
+                    self.send_heartbeat();
+                    self.upgrade_relayed();
+                }
+                _ = anti_entropy.tick() => self.start_sync_round(),
+            }
+        }
+        // Tasks still answering through the loop see it gone at once.
+        let Self {
+            commands, tasks, ..
+        } = self;
+        drop(commands);
+        tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await;
+        info!("network stopped");
+    }
+
+    /// Hands an event to the node without waiting; gives it back when the channel is full or
+    /// closed, for the caller to answer the cheap way.
+    #[allow(clippy::result_large_err)] // the event is given back, not an error to propagate
+    pub(super) fn emit(&self, event: NetEvent) -> Result<(), NetEvent> {
+        self.events.try_send(event).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(ev) => {
+                debug!("network events are backed up; shedding one");
+                ev
+            }
+            mpsc::error::TrySendError::Closed(ev) => ev,
+        })
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Gossip { bytes, reply } => {
+                let _ = reply.send(self.gossip_record(bytes));
+            }
+            Command::PublishBytes {
+                topic,
+                bytes,
+                reply,
+            } => {
+                let topic = match topic {
+                    Topic::Records => self.records.clone(),
+                    Topic::Heartbeats => self.heartbeats.clone(),
+                };
+                let result = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .publish(topic, bytes)
+                    .map(|_| ())
+                    .map_err(|e| NetError::Publish(e.to_string()));
+                let _ = reply.send(result);
+            }
+            Command::ReportRecord { ticket, verdict } => self.report_record(ticket, verdict),
+            Command::Peers { reply } => {
+                let _ = reply.send(self.peer_list());
+            }
+            Command::ListenAddrs { reply } => {
+                let _ = reply.send(self.swarm.listeners().cloned().collect());
+            }
+            Command::NatStatus { reply } => {
+                let status = match self
+                    .swarm
+                    .behaviour()
+                    .autonat
+                    .as_ref()
+                    .map(|a| a.nat_status())
+                {
+                    Some(autonat::NatStatus::Public(addr)) => NatStatus::Public(addr),
+                    Some(autonat::NatStatus::Private) => NatStatus::Private,
+                    Some(autonat::NatStatus::Unknown) => NatStatus::Unknown,
+                    None => NatStatus::Disabled,
+                };
+                let _ = reply.send(status);
+            }
+            Command::AddExternalAddress { addr } => {
+                info!(%addr, "external address");
+                self.swarm.add_external_address(addr);
+            }
+            Command::Dial { addr, reply } => {
+                let result = self
+                    .swarm
+                    .dial(addr)
+                    .map_err(|e| NetError::Setup(e.to_string()));
+                let _ = reply.send(result);
+            }
+            Command::Provide { model, reply } => {
+                let key = kad::RecordKey::new(&model.as_bytes());
+                let result = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .start_providing(key)
+                    .map(|_| ())
+                    .map_err(|e| NetError::Publish(e.to_string()));
+                let _ = reply.send(result);
+            }
+            Command::FindProviders { model, reply } => {
+                let key = kad::RecordKey::new(&model.as_bytes());
+                let id = self.swarm.behaviour_mut().kad.get_providers(key);
+                self.pending_providers.insert(id, (reply, HashSet::new()));
+            }
+            Command::SyncNow => self.start_sync_round(),
+            Command::OfferSummary { peer, vector } => self.offer_summary(peer, vector),
+            Command::Pull {
+                peer,
+                origin,
+                after,
+            } => {
+                self.queue_pull(peer, origin, after);
+                self.drive_pulls();
+            }
+            Command::PageStored {
+                peer,
+                origin,
+                next_after,
+            } => self.page_stored(peer, origin, next_after),
+            Command::RespondSync { channel, response } => {
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .sync
+                    .send_response(channel, *response);
+            }
+            Command::SetOffer { offer } => {
+                self.offer = Some(offer);
+                self.send_heartbeat();
+            }
+            Command::SetRecordsSeq { seq } => self.records_seq = Some(seq),
+            Command::CallJob {
+                peer,
+                call,
+                deltas,
+                reply,
+            } => self.call_job(peer, *call, deltas, reply),
+            Command::RespondJob { channel, reply } => {
+                if self
+                    .swarm
+                    .behaviour_mut()
+                    .jobs
+                    .send_response(channel, *reply)
+                    .is_err()
+                {
+                    debug!("a job's answer could not be sent: the peer has gone");
+                }
+            }
+            Command::SendDelta { peer, delta, reply } => {
+                let id = self.swarm.behaviour_mut().deltas.send_request(&peer, delta);
+                self.delta_sends.insert(id, reply);
+            }
+            Command::RespondDelta { channel, ack } => {
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .deltas
+                    .send_response(channel, ack);
+            }
+        }
+    }
+
+    /// Every peer heard from, with its connection state and liveness now.
+    fn peer_list(&self) -> Vec<PeerStatus> {
+        let timeout = Duration::from_secs(self.config.peer_timeout_s);
+        let now = now_ms();
+        let mut peers: Vec<PeerStatus> = self
+            .peers
+            .values()
+            .cloned()
+            .map(|mut p| {
+                p.connected = self.swarm.is_connected(&p.peer);
+                p.direct = self
+                    .connections
+                    .get(&p.peer)
+                    .is_some_and(|c| c.values().any(|relayed| !relayed));
+                p.score = self.swarm.behaviour().gossipsub.peer_score(&p.peer);
+                p.alive = is_alive(p.last_seen_ms, now, timeout);
+                p
+            })
+            .collect();
+        peers.sort_by_key(|p| p.peer);
+        peers
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                info!(%address, "listening");
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                num_established,
+                ..
+            } => {
+                let relayed = endpoint
+                    .get_remote_address()
+                    .iter()
+                    .any(|p| matches!(p, libp2p::multiaddr::Protocol::P2pCircuit));
+                debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), relayed, "connected");
+                self.connections
+                    .entry(peer_id)
+                    .or_default()
+                    .insert(connection_id, relayed);
+                self.listen_through(peer_id);
+                self.seen(peer_id);
+                if num_established.get() == 1 {
+                    let _ = self.emit(NetEvent::PeerUp(peer_id));
+                    let _ = self.emit(NetEvent::SyncDue(vec![peer_id]));
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                connection_id,
+                num_established,
+                ..
+            } if num_established > 0 => {
+                if let Some(c) = self.connections.get_mut(&peer_id) {
+                    c.remove(&connection_id);
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } => {
+                self.connections.remove(&peer_id);
+                self.direct_addrs.remove(&peer_id);
+                self.direct_attempts.remove(&peer_id);
+                debug!(peer = %peer_id, "disconnected");
+                self.pull_queue.retain(|(p, _, _)| *p != peer_id);
+                self.pulling.retain(|(p, _)| *p != peer_id);
+                let _ = self.emit(NetEvent::PeerDown(peer_id));
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                debug!(peer = ?peer_id, %error, "outgoing connection failed");
+            }
+            SwarmEvent::IncomingConnectionError {
+                send_back_addr,
+                error,
+                ..
+            } => {
+                debug!(addr = %send_back_addr, %error, "incoming connection failed");
+            }
+            SwarmEvent::Behaviour(event) => self.on_behaviour_event(event),
+            _ => {}
+        }
+    }
+
+    /// Notes that `peer` was heard from now.
+    pub(super) fn seen(&mut self, peer: PeerId) {
+        let entry = self.peers.entry(peer).or_insert_with(|| PeerStatus {
+            peer,
+            connected: true,
+            direct: false,
+            alive: true,
+            last_seen_ms: 0,
+            score: None,
+            heartbeat: None,
+        });
+        entry.last_seen_ms = now_ms();
+    }
+
+    fn on_behaviour_event(&mut self, event: BehaviourEvent) {
+        match event {
+            BehaviourEvent::Gossipsub(event) => self.on_gossip_event(event),
+            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                let direct: Vec<Multiaddr> = info
+                    .listen_addrs
+                    .iter()
+                    .filter(|a| {
+                        !a.iter()
+                            .any(|p| p == libp2p::multiaddr::Protocol::P2pCircuit)
+                    })
+                    .take(8)
+                    .cloned()
+                    .collect();
+                self.direct_addrs.insert(peer_id, direct);
+                for addr in info.listen_addrs {
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                }
+            }
+            BehaviourEvent::Relay(relay::client::Event::ReservationReqAccepted {
+                relay_peer_id,
+                ..
+            }) => {
+                info!(relay = %relay_peer_id, "reachable through a relay");
+            }
+            BehaviourEvent::Autonat(autonat::Event::StatusChanged { old, new }) => {
+                info!(?old, ?new, "reachability changed");
+            }
+            BehaviourEvent::Dcutr(dcutr::Event {
+                remote_peer_id,
+                result,
+            }) => match result {
+                Ok(_) => info!(peer = %remote_peer_id, "hole punch succeeded: direct connection"),
+                Err(e) => {
+                    debug!(peer = %remote_peer_id, error = %e, "hole punch failed; trying a direct dial");
+                    self.dial_direct(remote_peer_id);
+                }
+            },
+            BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
+                for (peer, addr) in found {
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer, addr.clone());
+                    // Peers on a LAN discover each other at the same instant. With the listen
+                    // port reused for dialling, the two dials become one TCP simultaneous
+                    // open in which both ends act as noise initiator and the handshake fails,
+                    // every time. A fresh port gives two ordinary connections.
+                    let opts = DialOpts::peer_id(peer)
+                        .addresses(vec![addr])
+                        .condition(PeerCondition::DisconnectedAndNotDialing)
+                        .allocate_new_port()
+                        .build();
+                    if let Err(e) = self.swarm.dial(opts) {
+                        debug!(%peer, error = %e, "not dialling a peer found by mDNS");
+                    }
+                }
+            }
+            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                id,
+                result: kad::QueryResult::GetProviders(result),
+                step,
+                ..
+            }) => {
+                if let Some((_, found)) = self.pending_providers.get_mut(&id)
+                    && let Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) = result
+                {
+                    found.extend(providers);
+                }
+                if step.last
+                    && let Some((reply, found)) = self.pending_providers.remove(&id)
+                {
+                    let _ = reply.send(found);
+                }
+            }
+            BehaviourEvent::Sync(event) => self.on_sync_event(event),
+            BehaviourEvent::Jobs(event) => self.on_job_event(event),
+            BehaviourEvent::Deltas(event) => self.on_delta_event(event),
+            _ => {}
+        }
+    }
+}
