@@ -12,6 +12,8 @@ METAINF_MODEL="$(scripts/fetch-model.sh)"
 export METAINF_MODEL
 echo "== cargo fmt"
 cargo fmt --all -- --check
+echo "== import circles"
+python3 scripts/check-imports.py node scheduler profiler protocol
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cache_rocksdb

@@ -10,8 +10,8 @@ use metainf_protocol::PerfRecord;
 use metainf_scheduler::import::{ColumnMap, csv_records};
 use metainf_scheduler::{Embedder, SchedulerError};
 
-use crate::daemon::Node;
 use crate::error::{NodeError, Result};
+use crate::signer::RecordSigner;
 use crate::store::Store;
 use crate::tensor::ImportReport;
 
@@ -54,19 +54,6 @@ impl Embedder for ModelEmbedder {
     }
 }
 
-/// Every record of the store that decodes (corrupt entries are logged by the store and
-/// skipped).
-pub fn store_records(store: &Store) -> Result<Vec<PerfRecord>> {
-    let mut out = Vec::new();
-    store.for_each_record::<NodeError>(|r| {
-        if let Ok(r) = r {
-            out.push(r.record);
-        }
-        Ok(())
-    })?;
-    Ok(out)
-}
-
 /// Line numbers of rejected lines, with the reason.
 pub type Rejected = Vec<(u64, String)>;
 
@@ -96,7 +83,7 @@ pub enum TensorSource {
 /// origin (they are evaluated, not stored).
 pub fn load_records(source: &TensorSource, map: Option<&ColumnMap>) -> Result<Vec<PerfRecord>> {
     match source {
-        TensorSource::Store(dir) => store_records(&Store::open_read_only(dir)?),
+        TensorSource::Store(dir) => Ok(Store::open_read_only(dir)?.perf_records()?),
         TensorSource::File(path) if path.extension().is_some_and(|e| e == "csv") => {
             let map = map.ok_or_else(|| {
                 NodeError::Scheduler(SchedulerError::invalid_input(
@@ -130,8 +117,11 @@ pub fn load_records(source: &TensorSource, map: Option<&ColumnMap>) -> Result<Ve
 /// Reads a CSV table through `map`, signs every row as a record of this node
 /// (source `imported`) and stores them. Rows are all-or-nothing: a bad row fails the import
 /// before anything is stored.
-pub fn import_csv(node: &Node, input: impl Read, map: &ColumnMap) -> Result<ImportReport> {
-    let signer = node.signer()?;
+pub fn import_csv(
+    signer: &RecordSigner,
+    input: impl Read,
+    map: &ColumnMap,
+) -> Result<ImportReport> {
     // Numbered again by the signer; the parse only needs some origin.
     let records = csv_records(input, map, signer.origin(), 1, crate::clock::now_ms())?;
     let mut report = ImportReport {

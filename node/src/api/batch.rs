@@ -13,7 +13,6 @@ use super::openai::{InMessage, chat_messages};
 use super::request::{GenerationDefaults, GenerationFields, RouteOptions, Stop, job_request};
 use super::types::{JobAccepted, JobList, JobResultView, JobStatus, JobView, List};
 use super::{ApiError, ApiJson, AppState, choice_view, routing_view};
-use crate::jobs::state::JobStore as _;
 use crate::jobs::{JobEntry, JobState};
 
 /// One prompt of a batch job: raw text, a chat, or `{"prompt": text}`.
@@ -142,28 +141,17 @@ pub(super) async fn get_job(
             .trim_start_matches("cmpl-"),
     )
     .map_err(|e| ApiError::invalid(format!("job id: {e}")))?;
-    let entry = state
-        .service
-        .store()
-        .job(&job_id)
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                "job_not_found",
-                format!("no job {id}"),
-            )
-        })?;
+    let entry = state.service.job(job_id).await?.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "job_not_found",
+            format!("no job {id}"),
+        )
+    })?;
     Ok(ApiJson(job_view(&entry)))
 }
 
 pub(super) async fn list_jobs(State(state): State<AppState>) -> Result<ApiJson<JobList>, ApiError> {
-    let mut jobs = state
-        .service
-        .store()
-        .jobs()
-        .map_err(|e| ApiError::internal(e.to_string()))?;
-    jobs.sort_by_key(|j| std::cmp::Reverse(j.request.submitted_at_ms));
-    jobs.truncate(100);
+    let jobs = state.service.recent_jobs(100).await?;
     Ok(ApiJson(List::of(jobs.iter().map(job_view).collect())))
 }

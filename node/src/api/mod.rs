@@ -282,15 +282,7 @@ async fn count_requests(State(state): State<AppState>, request: Request, next: N
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let response = next.run(request).await;
-    state
-        .service
-        .metrics()
-        .http_requests
-        .get_or_create(&crate::jobs::metrics::HttpLabel {
-            route,
-            status: response.status().as_u16(),
-        })
-        .inc();
+    state.service.count_http(route, response.status().as_u16());
     response
 }
 

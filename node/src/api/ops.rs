@@ -12,20 +12,14 @@ use super::{ApiError, ApiJson, AppState};
 use crate::jobs::JobError;
 
 fn served_models(state: &AppState) -> Vec<String> {
-    state
-        .service
-        .executor()
-        .models()
-        .iter()
-        .map(|m| m.descriptor.name.clone())
-        .collect()
+    state.service.served_models()
 }
 
 fn predictor(state: &AppState) -> PredictorView {
-    let current = state.service.learner().current();
+    let p = state.service.predictor();
     PredictorView {
-        generation: current.as_ref().map_or(0, |t| t.generation),
-        trained_on_records: current.as_ref().map_or(0, |t| t.records),
+        generation: p.generation,
+        trained_on_records: p.trained_on_records,
     }
 }
 
@@ -89,10 +83,7 @@ pub(super) async fn model(
 pub(super) async fn peers(
     State(state): State<AppState>,
 ) -> Result<ApiJson<PeersResponse>, ApiError> {
-    let Some(net) = state.service.net() else {
-        return Ok(ApiJson(PeersResponse { peers: Vec::new() }));
-    };
-    let peers = net.peers().await.map_err(|e| {
+    let peers = state.service.peers().await.map_err(|e| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "network_down",
@@ -127,21 +118,16 @@ pub(super) async fn decisions(State(state): State<AppState>) -> ApiJson<Decision
     let s = &state.service;
     ApiJson(DecisionsResponse {
         predictor: predictor(&state),
-        by_generation: s.decisions().by_generation(),
-        recent: s.decisions().recent(100),
+        by_generation: s.error_by_generation(),
+        recent: s.recent_decisions(100),
     })
 }
 
 pub(super) async fn status(State(state): State<AppState>) -> ApiJson<StatusResponse> {
     let s = &state.service;
-    let (waiting, running) = s.executor().load();
-    let (alive, known) = match s.net() {
-        Some(net) => {
-            let peers = net.peers().await.unwrap_or_default();
-            (peers.iter().filter(|p| p.alive).count(), peers.len())
-        }
-        None => (0, 0),
-    };
+    let load = s.load();
+    let peers = s.peers().await.unwrap_or_default();
+    let (alive, known) = (peers.iter().filter(|p| p.alive).count(), peers.len());
     ApiJson(StatusResponse {
         peer_id: s.peer_id().to_string(),
         uptime_s: s.uptime_s(),
@@ -149,9 +135,9 @@ pub(super) async fn status(State(state): State<AppState>) -> ApiJson<StatusRespo
         price_per_hour: s.price_per_hour(),
         models: served_models(&state),
         queue: QueueView {
-            waiting,
-            running,
-            capacity: s.executor().capacity(),
+            waiting: load.waiting,
+            running: load.running,
+            capacity: load.capacity,
         },
         peers: PeerCounts { alive, known },
         network_models: s
@@ -166,25 +152,13 @@ pub(super) async fn status(State(state): State<AppState>) -> ApiJson<StatusRespo
 }
 
 pub(super) async fn metrics(State(state): State<AppState>) -> Response {
-    let s = &state.service;
-    let (queued, running) = s.executor().load();
-    let m = s.metrics();
-    m.queue_depth.set(i64::from(queued));
-    m.running_jobs.set(i64::from(running));
-    if let Some(net) = s.net() {
-        let alive = net
-            .peers()
-            .await
-            .map(|p| p.iter().filter(|p| p.alive).count())
-            .unwrap_or(0);
-        m.peers_alive.set(i64::try_from(alive).unwrap_or(i64::MAX));
-    }
+    let text = state.service.metrics_text().await;
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        m.encode(),
+        text,
     )
         .into_response()
 }

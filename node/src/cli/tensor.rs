@@ -83,7 +83,7 @@ pub(crate) fn command(command: TensorCommand, config: &Config) -> Result<ExitCod
             let map = ColumnMap::parse(&map, higher_is_better, &label)?;
             let node = Node::open(config)?;
             let f = File::open(&file).with_context(|| format!("cannot open {}", file.display()))?;
-            let report = import_csv(&node, BufReader::new(f), &map)?;
+            let report = import_csv(&node.signer()?, BufReader::new(f), &map)?;
             eprintln!(
                 "imported {} new records from {} rows ({} already present, {} conflicting)",
                 report.stored, report.lines, report.duplicates, report.conflicts

@@ -85,7 +85,7 @@ impl Learner {
         let Ok(_guard) = self.training.try_lock() else {
             return Ok(None);
         };
-        let records = crate::evaluation::store_records(store).map_err(|e| e.to_string())?;
+        let records = store.perf_records().map_err(|e| e.to_string())?;
         if records.is_empty() {
             return Ok(None);
         }

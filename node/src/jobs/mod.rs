@@ -11,6 +11,7 @@ pub mod executor;
 mod host;
 pub mod learn;
 pub mod metrics;
+mod ops;
 mod persist;
 mod route;
 mod run;
@@ -33,6 +34,7 @@ pub use config::{JobError, JobsConfig};
 pub use executor::{Delta, EngineThread, ExecError, Executor, ServedModel};
 use learn::count_records;
 use learn::{DecisionLogBook, Learner};
+pub use ops::{Load, PredictorInfo};
 pub use route::Routed;
 pub use run::Outcome;
 pub use state::{JobEntry, JobState};
@@ -133,36 +135,6 @@ impl JobService {
     /// Where the network should hand job calls from peers (full: they are answered busy).
     pub fn peer_jobs(&self) -> mpsc::Sender<InboundJob> {
         self.0.peer_jobs.clone()
-    }
-
-    /// The executor (served models, load).
-    pub fn executor(&self) -> &Executor {
-        &self.0.executor
-    }
-
-    /// The network, when it runs.
-    pub fn net(&self) -> Option<&Client> {
-        self.0.net.as_ref()
-    }
-
-    /// The store.
-    pub fn store(&self) -> &Store {
-        &self.0.store
-    }
-
-    /// The metrics registry.
-    pub fn metrics(&self) -> &metrics::Metrics {
-        &self.0.metrics
-    }
-
-    /// The learner (current predictor).
-    pub fn learner(&self) -> &Learner {
-        &self.0.learner
-    }
-
-    /// Recent decisions.
-    pub fn decisions(&self) -> &DecisionLogBook {
-        &self.0.decisions
     }
 
     /// Seconds since the service started.

@@ -4,8 +4,8 @@
 use std::sync::mpsc::sync_channel;
 
 use metainf_protocol::{
-    ContentId, HardwareId, MethodId, ModelId, PeerId, RecordId, SignedRecord, VerifiedRecord,
-    WorkloadId,
+    ContentId, HardwareId, MethodId, ModelId, PeerId, PerfRecord, RecordId, SignedRecord,
+    VerifiedRecord, WorkloadId,
 };
 use rocksdb::{Direction, IteratorMode, ReadOptions};
 
@@ -225,6 +225,19 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    /// Every record that decodes, as the tensor's rows (corrupt entries are logged and
+    /// skipped).
+    pub fn perf_records(&self) -> Result<Vec<PerfRecord>> {
+        let mut out = Vec::new();
+        self.for_each_record::<StoreError>(|r| {
+            if let Ok(r) = r {
+                out.push(r.record);
+            }
+            Ok(())
+        })?;
+        Ok(out)
     }
 
     /// Up to `limit` records of `origin` with seq above `after`, in seq order.

@@ -14,6 +14,7 @@ pub(crate) mod kernels;
 pub mod kv;
 pub mod model;
 pub mod sample;
+pub mod threads;
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -217,7 +218,7 @@ impl RunReport {
 impl Engine {
     /// Loads the GGUF at `path`.
     pub fn load(path: &Path, options: EngineOptions) -> Result<Self> {
-        let threads = crate::hardware::engine_threads(options.threads);
+        let threads = threads::engine_threads(options.threads);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("metainf-engine-{i}"))
