@@ -123,7 +123,44 @@ impl Node {
         for m in &served {
             info!(model = %m.descriptor.name, quantization = %m.descriptor.quantization, "serving");
         }
+        // Bound first: a port in use fails the start before anything runs.
+        let api_listener = if self.config.api.enabled {
+            Some(
+                tokio::net::TcpListener::bind(self.config.api.listen)
+                    .await
+                    .map_err(|e| {
+                        NodeError::Api(format!("cannot listen on {}: {e}", self.config.api.listen))
+                    })?,
+            )
+        } else {
+            None
+        };
         let tasks = TaskTracker::new();
+        // Every part stops on this token: the caller's shutdown, or a failed start.
+        let stop = shutdown.child_token();
+        match self
+            .start_parts(profile, served, api_listener, &tasks, &stop)
+            .await
+        {
+            Ok(running) => Ok(running),
+            Err(e) => {
+                stop.cancel();
+                tasks.close();
+                let _ = tokio::time::timeout(Duration::from_secs(10), tasks.wait()).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn start_parts(
+        &self,
+        profile: metainf_protocol::HardwareProfile,
+        served: Vec<ServedModel>,
+        api_listener: Option<tokio::net::TcpListener>,
+        tasks: &TaskTracker,
+        stop: &CancellationToken,
+    ) -> Result<RunningNode> {
+        let tasks = tasks.clone();
         let signer = self.signer()?;
         let (executor, engine_thread) = Executor::start(served, self.config.jobs.queue_capacity);
         let network = if self.config.network.enabled {
@@ -133,7 +170,7 @@ impl Node {
                 self.config.network.clone(),
             )
             .map_err(|e| NodeError::Network(e.to_string()))?;
-            tasks.spawn(event_loop.run(shutdown.child_token()));
+            tasks.spawn(event_loop.run(stop.child_token()));
             client
                 .set_records_seq(signer.last_seq())
                 .await
@@ -151,7 +188,7 @@ impl Node {
             self.config.network.price_per_hour,
             self.config.jobs.clone(),
             tasks.clone(),
-            shutdown.child_token(),
+            stop.child_token(),
         )
         .await?;
         let mut listen_addrs = Vec::new();
@@ -159,32 +196,33 @@ impl Node {
         if let Some((net, events)) = network {
             let replica = Replica::start(self.store.clone(), net.clone(), tasks.clone());
             tasks.spawn(route_events(events, replica, Some(service.peer_jobs())));
-            listen_addrs = bound_addresses(&net, !self.config.network.listen.is_empty()).await;
+            // Circuit addresses open later, once their relay is connected.
+            let direct = self.config.network.listen.iter().any(|a| {
+                !a.iter()
+                    .any(|p| p == libp2p::multiaddr::Protocol::P2pCircuit)
+            });
+            listen_addrs = bound_addresses(&net, direct).await;
             client = Some(net);
         }
-        let api_addr = if self.config.api.enabled {
-            let listener = tokio::net::TcpListener::bind(self.config.api.listen)
-                .await
-                .map_err(|e| {
-                    NodeError::Api(format!("cannot listen on {}: {e}", self.config.api.listen))
-                })?;
-            let addr = listener
-                .local_addr()
-                .map_err(|e| NodeError::Api(format!("the API listener: {e}")))?;
-            let api = crate::api::serve(
-                listener,
-                service.clone(),
-                self.config.api.max_body_bytes,
-                shutdown.child_token(),
-            );
-            tasks.spawn(async move {
-                if let Err(e) = api.await {
-                    warn!(error = %e, "the HTTP API stopped");
-                }
-            });
-            Some(addr)
-        } else {
-            None
+        let api_addr = match api_listener {
+            Some(listener) => {
+                let addr = listener
+                    .local_addr()
+                    .map_err(|e| NodeError::Api(format!("the API listener: {e}")))?;
+                let api = crate::api::serve(
+                    listener,
+                    service.clone(),
+                    self.config.api.max_body_bytes,
+                    stop.child_token(),
+                );
+                tasks.spawn(async move {
+                    if let Err(e) = api.await {
+                        warn!(error = %e, "the HTTP API stopped");
+                    }
+                });
+                Some(addr)
+            }
+            None => None,
         };
         let states = self.store.origin_states()?;
         let records: u64 = states.values().map(|s| s.contiguous).sum();
@@ -204,7 +242,7 @@ impl Node {
             store: self.store.clone(),
             tasks,
             engine_thread,
-            shutdown,
+            shutdown: stop.clone(),
         })
     }
 }

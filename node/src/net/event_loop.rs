@@ -97,9 +97,13 @@ impl EventLoop {
         }
         // Tasks still answering through the loop see it gone at once.
         let Self {
-            commands, tasks, ..
+            commands,
+            tasks,
+            swarm,
+            events,
+            ..
         } = self;
-        drop(commands);
+        drop((commands, swarm, events));
         tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await;
         info!("network stopped");
