@@ -1,58 +1,139 @@
-//! Jobs end to end on real `metainf-node` processes on loopback, each with its own store,
-//! engine (the default model) and HTTP API: routing within budgets from every node, an
-//! OpenAI-compatible streaming request through a real HTTP client, the API's errors, a host
-//! killed mid-job, and a node restarted with a pending job.
+//! Jobs end to end on loopback, each node with its own store, engine (the default model) and
+//! HTTP API: three nodes run in this process (on port 0, so nothing races for ports) for
+//! routing within budgets from every node, an OpenAI-compatible streaming request through a
+//! real HTTP client, the API's errors and a host stopped mid-job; a real `metainf-node` process,
+//! SIGKILLed mid-job and restarted, for the pending job it finishes.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
+use std::ffi::OsStr;
 use std::io::Write;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use metainf_node::daemon::RunningNode;
+use metainf_node::{Config, Node};
 use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
 
 const MODEL: &str = "SmolLM2-135M-Instruct";
 const FRANCE: &str = "What is the capital of France?";
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// The configuration file every node of these tests starts from.
+fn node_toml(queue: u32) -> String {
+    format!(
+        "[network]\nheartbeat_interval_s = 1\npeer_timeout_s = 6\n\
+         [jobs]\nqueue_capacity = {queue}\nretrain_check_s = 1\nretrain_after = 4\n\
+         job_timeout_s = 120\n[api]\nmax_body_bytes = 65536\n"
+    )
 }
 
-struct NodeProc {
-    child: Child,
+/// Where a node's HTTP API is.
+trait Api {
+    fn api(&self) -> &str;
+
+    /// What to show when a wait fails (in-process nodes log through the test's output).
+    fn log(&self) -> String {
+        String::new()
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.api())
+    }
+}
+
+/// A node running in this process, on loopback ports the system chose.
+struct InProc {
     api: String,
     peer: String,
     p2p: String,
+    shutdown: CancellationToken,
+    running: Option<RunningNode>,
+}
+
+impl InProc {
+    async fn start(
+        dir: PathBuf,
+        threads: usize,
+        price: f64,
+        queue: u32,
+        bootstrap: Option<&str>,
+    ) -> Self {
+        let mut config = Config::from_toml(&node_toml(queue)).unwrap();
+        config.data_dir = Some(dir);
+        config.engine.threads = Some(threads);
+        config.network.price_per_hour = price;
+        config.network.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+        config.network.bootstrap = bootstrap.map(|b| b.parse().unwrap()).into_iter().collect();
+        config.network.mdns = false;
+        config.network.nat = false;
+        config.api.listen = "127.0.0.1:0".parse().unwrap();
+        let node = tokio::task::spawn_blocking(move || Node::open(&config))
+            .await
+            .unwrap()
+            .unwrap();
+        let shutdown = CancellationToken::new();
+        let running = node.start(shutdown.clone()).await.unwrap();
+        let p2p = running.listen_addrs()[0].to_string();
+        Self {
+            api: format!("http://{}", running.api_addr().unwrap()),
+            peer: running.peer_id().to_string(),
+            p2p,
+            shutdown,
+            running: Some(running),
+        }
+    }
+
+    /// Stops the node as a shutdown does: its connections close, its store is flushed.
+    async fn stop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(running) = self.running.take() {
+            running.wait().await.unwrap();
+        }
+    }
+}
+
+impl Api for InProc {
+    fn api(&self) -> &str {
+        &self.api
+    }
+}
+
+impl Drop for InProc {
+    /// A test that fails leaves its nodes to the end of the runtime.
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Logs of the nodes in this process, shown when a test fails (`TEST_LOG` filters them).
+fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("TEST_LOG").unwrap_or_else(|_| "info".into()))
+        .with_ansi(false)
+        .with_test_writer()
+        .try_init();
+}
+
+/// A `metainf-node run` process, for what needs a real process: a SIGKILL mid-job.
+struct NodeProc {
+    child: Child,
+    api: String,
     dir: PathBuf,
     args: Vec<String>,
+    /// Length of the log when the running process started.
+    log_start: usize,
 }
 
 impl NodeProc {
-    fn start(dir: &Path, threads: u32, price: f64, queue: u32, bootstrap: Option<&str>) -> Self {
+    async fn start(dir: &Path, threads: u32, price: f64, queue: u32) -> Self {
         std::fs::create_dir_all(dir).unwrap();
         let config = dir.join("node.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[network]\nheartbeat_interval_s = 1\npeer_timeout_s = 6\n\
-                 [jobs]\nqueue_capacity = {queue}\nretrain_check_s = 1\nretrain_after = 4\n\
-                 job_timeout_s = 120\n[api]\nmax_body_bytes = 65536\n"
-            ),
-        )
-        .unwrap();
-        let out = common::run_ok(common::bin().arg("--data-dir").arg(dir).arg("id"));
-        let peer = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-        let (p2p_port, api_port) = (free_port(), free_port());
-        let p2p = format!("/ip4/127.0.0.1/tcp/{p2p_port}/p2p/{peer}");
-        let mut args: Vec<String> = vec![
+        std::fs::write(&config, node_toml(queue)).unwrap();
+        let args: Vec<String> = vec![
             "--config".into(),
             config.display().to_string(),
             "--data-dir".into(),
@@ -62,35 +143,35 @@ impl NodeProc {
             "--price-per-hour".into(),
             price.to_string(),
             "--listen".into(),
-            format!("/ip4/127.0.0.1/tcp/{p2p_port}"),
+            "/ip4/127.0.0.1/tcp/0".into(),
             "--api-listen".into(),
-            format!("127.0.0.1:{api_port}"),
+            "127.0.0.1:0".into(),
             "--no-mdns".into(),
             "--no-nat".into(),
         ];
-        if let Some(b) = bootstrap {
-            args.push("--bootstrap".into());
-            args.push(b.into());
-        }
+        let (child, log_start) = spawn(dir, &args);
         let mut node = Self {
-            child: spawn(dir, &args),
-            api: format!("http://127.0.0.1:{api_port}"),
-            peer,
-            p2p,
+            child,
+            api: String::new(),
             dir: dir.to_owned(),
             args,
+            log_start,
         };
-        node.wait_healthy();
+        node.wait_healthy().await;
         node
     }
 
-    fn wait_healthy(&mut self) {
+    /// Waits for the running process to log where its API listens, and to answer there.
+    async fn wait_healthy(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            if let Ok(r) = reqwest::blocking::get(format!("{}/healthz", self.api))
-                && r.status().is_success()
-            {
-                return;
+            if let Some(addr) = self.bound_api() {
+                self.api = format!("http://{addr}");
+                if let Ok(r) = http().get(self.url("/healthz")).send().await
+                    && r.status().is_success()
+                {
+                    return;
+                }
             }
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("node exited with {status}: {}", self.log());
@@ -100,12 +181,21 @@ impl NodeProc {
                 "node not healthy: {}",
                 self.log()
             );
-            std::thread::sleep(Duration::from_millis(200));
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("node.log")).unwrap_or_default()
+    /// The address the running process logged for its API ("HTTP API listening addr=...").
+    fn bound_api(&self) -> Option<String> {
+        let log = self.log();
+        log.get(self.log_start..)?
+            .lines()
+            .filter(|l| l.contains("HTTP API listening"))
+            .find_map(|l| {
+                l.split_whitespace()
+                    .find_map(|w| w.strip_prefix("addr="))
+                    .map(str::to_owned)
+            })
     }
 
     fn kill(&mut self) {
@@ -113,14 +203,20 @@ impl NodeProc {
         let _ = self.child.wait();
     }
 
-    fn restart(&mut self) {
+    async fn restart(&mut self) {
         self.kill();
-        self.child = spawn(&self.dir, &self.args);
-        self.wait_healthy();
+        (self.child, self.log_start) = spawn(&self.dir, &self.args);
+        self.wait_healthy().await;
+    }
+}
+
+impl Api for NodeProc {
+    fn api(&self) -> &str {
+        &self.api
     }
 
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.api)
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("node.log")).unwrap_or_default()
     }
 }
 
@@ -130,36 +226,55 @@ impl Drop for NodeProc {
     }
 }
 
-fn spawn(dir: &Path, args: &[String]) -> Child {
+/// Starts `metainf-node run`, appending to the log; returns the log's length before.
+fn spawn(dir: &Path, args: &[String]) -> (Child, usize) {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join("node.log"))
         .unwrap();
-    common::bin()
+    let start = usize::try_from(log.metadata().unwrap().len()).unwrap();
+    let child = common::bin()
         .args(args)
         .arg("run")
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
+        .unwrap();
+    (child, start)
+}
+
+/// Runs the CLI (off the runtime's threads) and fails the test unless it succeeds.
+async fn cli(args: &[&str]) -> Output {
+    let mut cmd = common::bin();
+    cmd.args(args.iter().map(OsStr::new));
+    tokio::task::spawn_blocking(move || common::run_ok(&mut cmd))
+        .await
         .unwrap()
 }
 
-fn http() -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder()
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
         .timeout(Duration::from_secs(300))
         .build()
         .unwrap()
 }
 
-fn post(node: &NodeProc, path: &str, body: &Value) -> (u16, Value) {
-    let r = http().post(node.url(path)).json(body).send().unwrap();
+async fn post(node: &impl Api, path: &str, body: &Value) -> (u16, Value) {
+    let r = http().post(node.url(path)).json(body).send().await.unwrap();
     let status = r.status().as_u16();
-    (status, r.json().unwrap_or(Value::Null))
+    (status, r.json().await.unwrap_or(Value::Null))
 }
 
-fn get(node: &NodeProc, path: &str) -> Value {
-    http().get(node.url(path)).send().unwrap().json().unwrap()
+async fn get(node: &impl Api, path: &str) -> Value {
+    http()
+        .get(node.url(path))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
 }
 
 fn chat(max_tokens: u32, metainf: Value) -> Value {
@@ -173,53 +288,57 @@ fn chat(max_tokens: u32, metainf: Value) -> Value {
 }
 
 /// Waits until `node` sees `hosts` hosts (itself included) serving the model.
-fn wait_hosts(node: &NodeProc, hosts: u64) {
+async fn wait_hosts(node: &impl Api, hosts: u64) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let models = get(node, "/v1/models");
+        let models = get(node, "/v1/models").await;
         if models["data"][0]["metainf"]["hosts"].as_u64() >= Some(hosts) {
             return;
         }
         assert!(
             Instant::now() < deadline,
-            "{} hosts never seen: {models}\n{}",
-            hosts,
+            "{hosts} hosts never seen from {}: {models}\n{}",
+            node.api(),
             node.log()
         );
-        std::thread::sleep(Duration::from_millis(300));
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
 
-fn wait_job(node: &NodeProc, id: &str, until: impl Fn(&Value) -> bool) -> Value {
+async fn wait_job(node: &impl Api, id: &str, until: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + Duration::from_secs(240);
     loop {
-        let job = get(node, &format!("/v1/jobs/{id}"));
+        let job = get(node, &format!("/v1/jobs/{id}")).await;
         if until(&job) {
             return job;
         }
         assert!(
             Instant::now() < deadline,
-            "job {id} stuck: {job}\n{}",
+            "job {id} stuck at {}: {job}\n{}",
+            node.api(),
             node.log()
         );
-        std::thread::sleep(Duration::from_millis(50));
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
-#[test]
-fn three_nodes_route_stream_refuse_and_survive_a_dead_host() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_nodes_route_stream_refuse_and_survive_a_dead_host() {
+    init_logs();
     let root = tempfile::tempdir().unwrap();
     // A and C: the same hardware (one thread), C at half A's price; B: two threads, very dear.
-    let a = NodeProc::start(&root.path().join("a"), 1, 1.0, 8, None);
-    let b = NodeProc::start(&root.path().join("b"), 2, 1000.0, 8, Some(&a.p2p));
-    let mut c = NodeProc::start(&root.path().join("c"), 1, 0.5, 1, Some(&a.p2p));
+    let mut a = InProc::start(root.path().join("a"), 1, 1.0, 8, None).await;
+    let (mut b, mut c) = tokio::join!(
+        InProc::start(root.path().join("b"), 2, 1000.0, 8, Some(&a.p2p)),
+        InProc::start(root.path().join("c"), 1, 0.5, 1, Some(&a.p2p)),
+    );
     for n in [&a, &b, &c] {
-        wait_hosts(n, 3);
+        wait_hosts(n, 3).await;
     }
     let nodes = [&a, &b, &c];
 
     // A real job, answered correctly, with its decision and usage.
-    let (status, v) = post(&a, "/v1/chat/completions", &chat(8, json!({})));
+    let (status, v) = post(&a, "/v1/chat/completions", &chat(8, json!({}))).await;
     assert_eq!(status, 200, "{v}");
     let text = v["choices"][0]["message"]["content"].as_str().unwrap();
     assert!(text.starts_with("The capital of France is"), "{v}");
@@ -241,7 +360,8 @@ fn three_nodes_route_stream_refuse_and_survive_a_dead_host() {
             n,
             "/v1/chat/completions",
             &chat(4, json!({"objective": "cost"})),
-        );
+        )
+        .await;
         assert_eq!(status, 200, "{v}");
         assert_eq!(
             v["metainf"]["host"],
@@ -257,7 +377,8 @@ fn three_nodes_route_stream_refuse_and_survive_a_dead_host() {
             n,
             "/v1/chat/completions",
             &chat(4, json!({"budget": budget})),
-        );
+        )
+        .await;
         assert_eq!(status, 200, "{v}");
         assert_ne!(
             v["metainf"]["host"],
@@ -270,7 +391,8 @@ fn three_nodes_route_stream_refuse_and_survive_a_dead_host() {
             n,
             "/v1/chat/completions",
             &chat(4, json!({"budget": 1e-12})),
-        );
+        )
+        .await;
         assert_eq!(status, 402, "{v}");
         assert_eq!(v["error"]["type"], "budget_exceeded");
         assert_eq!(
@@ -289,6 +411,7 @@ fn three_nodes_route_stream_refuse_and_survive_a_dead_host() {
         .post(a.url("/v1/chat/completions"))
         .json(&body)
         .send()
+        .await
         .unwrap();
     assert_eq!(response.status(), 200);
     assert!(
@@ -297,7 +420,7 @@ fn three_nodes_route_stream_refuse_and_survive_a_dead_host() {
             .unwrap()
             .starts_with("text/event-stream")
     );
-    let sse = response.text().unwrap();
+    let sse = response.text().await.unwrap();
     let events: Vec<&str> = sse
         .lines()
         .filter_map(|l| l.strip_prefix("data: "))
@@ -341,7 +464,8 @@ fn three_nodes_route_stream_refuse_and_survive_a_dead_host() {
         &b,
         "/v1/completions",
         &json!({"model": MODEL, "prompt": ["The sky is", "One, two,"], "max_tokens": 4, "temperature": 0}),
-    );
+    )
+    .await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["choices"].as_array().unwrap().len(), 2);
     assert_eq!(v["object"], "text_completion");
@@ -352,13 +476,14 @@ fn three_nodes_route_stream_refuse_and_survive_a_dead_host() {
         .header("content-type", "application/json")
         .body("{not json")
         .send()
+        .await
         .unwrap();
     assert_eq!(raw.status(), 400);
-    let v: Value = raw.json().unwrap();
+    let v: Value = raw.json().await.unwrap();
     assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
     let mut unknown = chat(4, json!({}));
     unknown["model"] = json!("no-such-model");
-    let (status, v) = post(&a, "/v1/chat/completions", &unknown);
+    let (status, v) = post(&a, "/v1/chat/completions", &unknown).await;
     assert_eq!(status, 404, "{v}");
     assert!(
         v["error"]["message"]
@@ -367,22 +492,28 @@ fn three_nodes_route_stream_refuse_and_survive_a_dead_host() {
             .contains("no-such-model")
     );
     assert_eq!(
-        get(&a, &format!("/v1/models/{MODEL}"))["metainf"]["hosts"],
+        get(&a, &format!("/v1/models/{MODEL}")).await["metainf"]["hosts"],
         3
     );
     assert_eq!(
-        get(&a, "/v1/models/nope")["error"]["type"],
+        get(&a, "/v1/models/nope").await["error"]["type"],
         "model_not_found"
     );
     let mut two = chat(4, json!({}));
     two["n"] = json!(2);
-    assert_eq!(post(&a, "/v1/chat/completions", &two).0, 400);
-    assert_eq!(post(&a, "/v1/chat/completions", &chat(0, json!({}))).0, 400);
+    assert_eq!(post(&a, "/v1/chat/completions", &two).await.0, 400);
+    assert_eq!(
+        post(&a, "/v1/chat/completions", &chat(0, json!({})))
+            .await
+            .0,
+        400
+    );
     let (status, v) = post(
         &a,
         "/v1/chat/completions",
         &chat(4, json!({"method": "warp-drive"})),
-    );
+    )
+    .await;
     assert_eq!(status, 400, "{v}");
     let (status, v) = post(
         &a,
@@ -391,22 +522,24 @@ fn three_nodes_route_stream_refuse_and_survive_a_dead_host() {
             4,
             json!({"host": "12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"}),
         ),
-    );
+    )
+    .await;
     assert_eq!(status, 503, "{v}");
-    let (status, v) = post(&a, "/v1/chat/completions", &chat(20_000, json!({})));
+    let (status, v) = post(&a, "/v1/chat/completions", &chat(20_000, json!({}))).await;
     assert_eq!(status, 422, "longer than the context: {v}");
     let big =
         json!({"model": MODEL, "messages": [{"role": "user", "content": "x".repeat(100_000)}]});
-    let (status, v) = post(&a, "/v1/chat/completions", &big);
+    let (status, v) = post(&a, "/v1/chat/completions", &big).await;
     assert_eq!(status, 413, "{v}");
     assert_eq!(v["error"]["type"], "request_too_large");
     assert_eq!(
-        get(&a, "/v1/jobs/00")["error"]["type"],
+        get(&a, "/v1/jobs/00").await["error"]["type"],
         "invalid_request_error"
     );
     let missing = http()
         .get(a.url("/v1/jobs/00000000000000000000000000000000"))
         .send()
+        .await
         .unwrap();
     assert_eq!(missing.status(), 404);
 
@@ -415,20 +548,18 @@ fn three_nodes_route_stream_refuse_and_survive_a_dead_host() {
         .map(|_| {
             let url = a.url("/v1/chat/completions");
             let body = chat(24, json!({"host": c.peer}));
-            std::thread::spawn(move || http().post(url).json(&body).send().unwrap())
+            tokio::spawn(async move { http().post(url).json(&body).send().await.unwrap() })
         })
         .collect();
-    let statuses: Vec<(u16, Option<String>)> = burst
-        .into_iter()
-        .map(|t| {
-            let r = t.join().unwrap();
-            let retry = r
-                .headers()
-                .get("retry-after")
-                .map(|v| v.to_str().unwrap().to_owned());
-            (r.status().as_u16(), retry)
-        })
-        .collect();
+    let mut statuses: Vec<(u16, Option<String>)> = Vec::new();
+    for t in burst {
+        let r = t.await.unwrap();
+        let retry = r
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap().to_owned());
+        statuses.push((r.status().as_u16(), retry));
+    }
     assert!(statuses.iter().any(|(s, _)| *s == 200), "{statuses:?}");
     assert!(
         statuses.iter().any(|(s, r)| *s == 429 && r.is_some()),
@@ -436,7 +567,7 @@ fn three_nodes_route_stream_refuse_and_survive_a_dead_host() {
     );
 
     // The operator's endpoints.
-    let decisions = get(&a, "/v1/decisions");
+    let decisions = get(&a, "/v1/decisions").await;
     let recent = decisions["recent"].as_array().unwrap();
     assert!(recent.len() >= 5, "{decisions}");
     assert!(
@@ -447,8 +578,10 @@ fn three_nodes_route_stream_refuse_and_survive_a_dead_host() {
     let metrics = http()
         .get(a.url("/metrics"))
         .send()
+        .await
         .unwrap()
         .text()
+        .await
         .unwrap();
     assert!(
         metrics.contains("metainf_jobs_total{outcome=\"ok\"}"),
@@ -458,13 +591,13 @@ fn three_nodes_route_stream_refuse_and_survive_a_dead_host() {
         metrics.contains("metainf_routing_seconds_bucket"),
         "{metrics}"
     );
-    let peers = get(&a, "/v1/peers");
+    let peers = get(&a, "/v1/peers").await;
     assert_eq!(peers["peers"].as_array().unwrap().len(), 2, "{peers}");
-    let status = get(&a, "/v1/status");
+    let status = get(&a, "/v1/status").await;
     assert_eq!(status["peer_id"], a.peer.as_str());
 
     // The CLI client.
-    let out = common::run_ok(common::bin().args([
+    let out = cli(&[
         "submit",
         "--node",
         &a.api,
@@ -472,18 +605,19 @@ fn three_nodes_route_stream_refuse_and_survive_a_dead_host() {
         FRANCE,
         "--max-tokens",
         "8",
-    ]));
+    ])
+    .await;
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("Paris"),
         "{out:?}"
     );
-    let out = common::run_ok(common::bin().args(["jobs", "--node", &a.api]));
+    let out = cli(&["jobs", "--node", &a.api]).await;
     assert!(String::from_utf8_lossy(&out.stdout).lines().count() > 5);
-    let out = common::run_ok(common::bin().args(["status", "--node", &a.api]));
+    let out = cli(&["status", "--node", &a.api]).await;
     let status: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(status["peers"]["alive"], 2, "{status}");
     assert_eq!(status["queue"]["capacity"], 8, "{status}");
-    let out = common::run_ok(common::bin().args(["peers", "--node", &a.api]));
+    let out = cli(&["peers", "--node", &a.api]).await;
     assert!(String::from_utf8_lossy(&out.stdout).contains(&b.peer));
     let jobs_file = root.path().join("jobs.jsonl");
     let mut f = std::fs::File::create(&jobs_file).unwrap();
@@ -494,45 +628,50 @@ fn three_nodes_route_stream_refuse_and_survive_a_dead_host() {
     )
     .unwrap();
     drop(f);
-    let out = common::run_ok(
-        common::bin()
-            .args(["submit", "--node", &b.api, "--max-tokens", "6"])
-            .arg("--file")
-            .arg(&jobs_file),
-    );
+    let out = cli(&[
+        "submit",
+        "--node",
+        &b.api,
+        "--max-tokens",
+        "6",
+        "--file",
+        jobs_file.to_str().unwrap(),
+    ])
+    .await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("[0]") && stdout.contains("[1]"), "{stdout}");
 
     // A burst at one gateway spreads over the hosts: each job accepted counts against its
     // host's queue at once, before any heartbeat could tell.
-    let burst: Vec<(String, String)> = (0..3)
-        .map(|i| {
-            let prompts: Vec<Value> = (0..4)
-                .map(|j| json!({"messages": [{"role": "user", "content": format!("Describe planet number {i}{j} in detail.")}]}))
-                .collect();
-            let (status, v) = post(
-                &a,
-                "/v1/jobs",
-                &json!({"model": MODEL, "prompts": prompts, "max_tokens": 64, "temperature": 0}),
-            );
-            assert_eq!(status, 202, "{v}");
-            (
-                v["id"].as_str().unwrap().to_owned(),
-                v["metainf"]["host"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
+    let mut burst: Vec<(String, String)> = Vec::new();
+    for i in 0..3 {
+        let prompts: Vec<Value> = (0..4)
+            .map(|j| json!({"messages": [{"role": "user", "content": format!("Describe planet number {i}{j} in detail.")}]}))
+            .collect();
+        let (status, v) = post(
+            &a,
+            "/v1/jobs",
+            &json!({"model": MODEL, "prompts": prompts, "max_tokens": 64, "temperature": 0}),
+        )
+        .await;
+        assert_eq!(status, 202, "{v}");
+        burst.push((
+            v["id"].as_str().unwrap().to_owned(),
+            v["metainf"]["host"].as_str().unwrap().to_owned(),
+        ));
+    }
     let distinct: std::collections::HashSet<&String> = burst.iter().map(|(_, h)| h).collect();
     assert!(
         distinct.len() >= 2,
         "three jobs at once all went to one host: {burst:?}"
     );
     for (id, _) in &burst {
-        let job = wait_job(&a, id, |j| j["status"] == "done" || j["status"] == "failed");
+        let job = wait_job(&a, id, |j| j["status"] == "done" || j["status"] == "failed").await;
         assert_eq!(job["status"], "done", "{job}");
     }
 
-    // The cheapest host (C) dies mid-job: the batch job finishes on another host.
+    // The cheapest host (C) stops mid-job, its connections closing: the batch job finishes on
+    // another host.
     let prompts: Vec<Value> = (0..6)
         .map(|i| json!({"messages": [{"role": "user", "content": format!("Write a long story about a robot number {i}.")}]}))
         .collect();
@@ -540,24 +679,27 @@ fn three_nodes_route_stream_refuse_and_survive_a_dead_host() {
         &a,
         "/v1/jobs",
         &json!({"model": MODEL, "prompts": prompts, "max_tokens": 200, "temperature": 0, "objective": "cost"}),
-    );
+    )
+    .await;
     assert_eq!(status, 202, "{v}");
     assert_eq!(v["metainf"]["host"], c.peer.as_str(), "{v}");
     let id = v["id"].as_str().unwrap().to_owned();
     wait_job(&a, &id, |j| {
         j["status"] == "running" && j["host"] == c.peer.as_str()
-    });
-    c.kill();
+    })
+    .await;
+    c.stop().await;
     let job = wait_job(&a, &id, |j| {
         j["status"] == "done" || j["status"] == "failed"
-    });
-    assert_eq!(job["status"], "done", "{job}\n{}", a.log());
+    })
+    .await;
+    assert_eq!(job["status"], "done", "{job}");
     assert_ne!(job["host"], c.peer.as_str());
     assert_eq!(job["attempts"], 2, "{job}");
     assert_eq!(job["results"].as_array().unwrap().len(), 6);
 
     // Every job's record reached the gateway, and the predictor has retrained on them.
-    let decisions = get(&a, "/v1/decisions");
+    let decisions = get(&a, "/v1/decisions").await;
     assert!(
         decisions["predictor"]["generation"].as_u64().unwrap() >= 1,
         "{decisions}"
@@ -568,12 +710,13 @@ fn three_nodes_route_stream_refuse_and_survive_a_dead_host() {
             .unwrap()
             >= 4
     );
+    tokio::join!(a.stop(), b.stop());
 }
 
-#[test]
-fn a_restarted_node_finishes_its_pending_batch_job() {
+#[tokio::test]
+async fn a_restarted_node_finishes_its_pending_batch_job() {
     let root = tempfile::tempdir().unwrap();
-    let mut a = NodeProc::start(&root.path().join("a"), 1, 1.0, 8, None);
+    let mut a = NodeProc::start(&root.path().join("a"), 1, 1.0, 8).await;
     let prompts: Vec<Value> = (0..3)
         .map(|i| json!({"messages": [{"role": "user", "content": format!("Tell a long tale about the number {i}.")}]}))
         .collect();
@@ -581,14 +724,16 @@ fn a_restarted_node_finishes_its_pending_batch_job() {
         &a,
         "/v1/jobs",
         &json!({"model": MODEL, "prompts": prompts, "max_tokens": 128, "temperature": 0}),
-    );
+    )
+    .await;
     assert_eq!(status, 202, "{v}");
     let id = v["id"].as_str().unwrap().to_owned();
-    wait_job(&a, &id, |j| j["status"] == "running");
-    a.restart();
+    wait_job(&a, &id, |j| j["status"] == "running").await;
+    a.restart().await;
     let job = wait_job(&a, &id, |j| {
         j["status"] == "done" || j["status"] == "failed"
-    });
+    })
+    .await;
     assert_eq!(job["status"], "done", "{job}\n{}", a.log());
     assert_eq!(job["results"].as_array().unwrap().len(), 3);
     assert!(

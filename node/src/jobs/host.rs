@@ -4,6 +4,7 @@ use libp2p::PeerId;
 use metainf_protocol::JobId;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::info;
 
 use super::JobService;
@@ -15,6 +16,7 @@ impl JobService {
     pub(super) async fn serve_peers(
         self,
         mut rx: mpsc::Receiver<InboundJob>,
+        tasks: TaskTracker,
         shutdown: CancellationToken,
     ) {
         loop {
@@ -22,11 +24,12 @@ impl JobService {
                 () = shutdown.cancelled() => break,
                 job = rx.recv() => match job { Some(j) => j, None => break },
             };
-            tokio::spawn(self.clone().serve_peer(job));
+            // A peer's job stops with this node: its gateway retries it elsewhere.
+            tasks.spawn(self.clone().serve_peer(job, shutdown.child_token()));
         }
     }
 
-    pub(super) async fn serve_peer(self, job: InboundJob) {
+    pub(super) async fn serve_peer(self, job: InboundJob, cancel: CancellationToken) {
         let peer = job.peer;
         let request = job.call.request.clone();
         let method = job.call.method.clone();
@@ -34,7 +37,6 @@ impl JobService {
             job.respond(JobReply::Rejected(e.to_string())).await;
             return;
         }
-        let cancel = CancellationToken::new();
         let (deltas, streamer) = if request.stream {
             let (tx, rx) = mpsc::channel::<Delta>(64);
             let streamer = tokio::spawn(stream_to_peer(

@@ -120,7 +120,11 @@ impl JobService {
                 .await
                 .map_err(|e| crate::NodeError::Network(e.to_string()))?;
         }
-        tasks.spawn(service.clone().serve_peers(peer_jobs_rx, shutdown.clone()));
+        tasks.spawn(
+            service
+                .clone()
+                .serve_peers(peer_jobs_rx, tasks.clone(), shutdown.clone()),
+        );
         tasks.spawn(service.clone().retrain_loop(shutdown.clone()));
         service.prune_jobs();
         service.recover().await;
