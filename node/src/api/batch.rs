@@ -93,7 +93,7 @@ pub(super) async fn post_job(
         metainf: routing_view(&routed),
     };
     let service = state.service.clone();
-    tokio::spawn(async move {
+    state.service.spawn(async move {
         let _ = service.execute(routed, None).await;
     });
     Ok((StatusCode::ACCEPTED, ApiJson(body)).into_response())

@@ -254,7 +254,9 @@ async fn respond(
     let generation = routed.generation;
     if !routed.request.stream {
         // Run in its own task: a client that hangs up does not abandon a job half-way.
-        let run = tokio::spawn(async move { service.execute(routed, None).await });
+        let run = service
+            .clone()
+            .spawn(async move { service.execute(routed, None).await });
         let outcome = run
             .await
             .map_err(|e| ApiError::from(JobError::Internal(e.to_string())))??;
@@ -299,7 +301,9 @@ async fn respond(
     }
     let prompts = routed.request.prompts.len();
     let (delta_tx, mut delta_rx) = mpsc::channel(64);
-    let run = tokio::spawn(async move { service.execute(routed, Some(delta_tx)).await });
+    let run = service
+        .clone()
+        .spawn(async move { service.execute(routed, Some(delta_tx)).await });
     let (events, mut events_rx) = mpsc::channel::<Event>(64);
     tokio::spawn(async move {
         // A chunk of new text of prompt `i`.

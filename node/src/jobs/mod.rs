@@ -54,6 +54,8 @@ struct Inner {
     decisions: DecisionLogBook,
     /// Where the network hands job calls from peers.
     peer_jobs: mpsc::Sender<InboundJob>,
+    /// The node's tasks: every job runs on it, so shutdown waits for (or gives up on) each.
+    tasks: TaskTracker,
     metrics: metrics::Metrics,
     started: Instant,
     /// Records in the store, as last counted.
@@ -109,6 +111,7 @@ impl JobService {
             methods,
             learner,
             peer_jobs,
+            tasks: tasks.clone(),
             metrics: metrics::Metrics::new(),
             started: Instant::now(),
             records: AtomicU64::new(records),
@@ -134,6 +137,15 @@ impl JobService {
     /// This node's peer id.
     pub fn peer_id(&self) -> PeerId {
         self.0.peer_id
+    }
+
+    /// Runs `task` on the node's tracker (awaited, within a limit, at shutdown).
+    pub fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.0.tasks.spawn(task)
     }
 
     /// Where the network should hand job calls from peers (full: they are answered busy).

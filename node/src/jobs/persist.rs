@@ -79,7 +79,7 @@ impl JobService {
             }
             info!(job = %id, "running again a job left pending by a restart");
             let service = self.clone();
-            tokio::spawn(async move {
+            self.spawn(async move {
                 // Peers announce themselves within a heartbeat or two.
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 match service.route(entry.request.clone()).await {
