@@ -67,10 +67,7 @@ impl Replica {
         match event {
             NetEvent::Record(record) => {
                 if let Err(e) = self.records.try_send(record) {
-                    let record = match e {
-                        mpsc::error::TrySendError::Full(r)
-                        | mpsc::error::TrySendError::Closed(r) => r,
-                    };
+                    let record = e.into_inner();
                     let client = self.client.clone();
                     self.tasks.spawn(async move {
                         let _ = client
@@ -139,32 +136,24 @@ impl Replica {
 }
 
 /// Routes the network's events until the network stops: the tensor's to the replica, job calls
-/// to `jobs` (answered `Busy` when there is none or its queue is full), peers' comings and
-/// goings to the log.
+/// to `jobs` (answered `Busy` when there is none or its queue is full).
 pub async fn route_events(
     mut events: mpsc::Receiver<NetEvent>,
     replica: Replica,
     jobs: Option<mpsc::Sender<InboundJob>>,
 ) {
     while let Some(event) = events.recv().await {
-        match replica.handle(event) {
-            Some(NetEvent::Job(job)) => {
-                let refused = match &jobs {
-                    Some(jobs) => jobs.try_send(*job).err().map(|e| match e {
-                        mpsc::error::TrySendError::Full(j)
-                        | mpsc::error::TrySendError::Closed(j) => j,
-                    }),
-                    None => Some(*job),
-                };
-                if let Some(job) = refused {
-                    replica
-                        .tasks
-                        .spawn(job.respond(JobReply::Busy { retry_after_s: 1 }));
-                }
+        // Peers' comings and goings are left to the loop's log: nothing here acts on them yet.
+        if let Some(NetEvent::Job(job)) = replica.handle(event) {
+            let refused = match &jobs {
+                Some(jobs) => jobs.try_send(*job).err().map(|e| e.into_inner()),
+                None => Some(*job),
+            };
+            if let Some(job) = refused {
+                replica
+                    .tasks
+                    .spawn(job.respond(JobReply::Busy { retry_after_s: 1 }));
             }
-            Some(NetEvent::PeerUp(peer)) => debug!(%peer, "peer up"),
-            Some(NetEvent::PeerDown(peer)) => debug!(%peer, "peer down"),
-            Some(_) | None => {}
         }
     }
 }

@@ -78,11 +78,6 @@ impl JobService {
         }
     }
 
-    /// Whether this node is on a network.
-    pub fn networked(&self) -> bool {
-        self.0.net.is_some()
-    }
-
     /// A job this node accepted, read off the runtime.
     pub async fn job(&self, id: JobId) -> Result<Option<JobEntry>, JobError> {
         let store = self.0.store.clone();

@@ -113,12 +113,11 @@ impl EventLoop {
     /// closed, for the caller to answer the cheap way.
     #[allow(clippy::result_large_err)] // the event is given back, not an error to propagate
     pub(super) fn emit(&self, event: NetEvent) -> Result<(), NetEvent> {
-        self.events.try_send(event).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(ev) => {
+        self.events.try_send(event).map_err(|e| {
+            if matches!(e, mpsc::error::TrySendError::Full(_)) {
                 debug!("network events are backed up; shedding one");
-                ev
             }
-            mpsc::error::TrySendError::Closed(ev) => ev,
+            e.into_inner()
         })
     }
 
