@@ -66,9 +66,46 @@ pub struct EngineConfig {
     /// CPU threads of the engine; unset = every logical CPU. Different thread counts are
     /// different hardware in the tensor.
     pub threads: Option<usize>,
+    /// KV cache of each served model's engine, MiB: what its running sequences and its
+    /// prefix cache share (unset = 1024).
+    pub kv_budget_mib: Option<usize>,
+    /// Tokens per KV block (unset = 16).
+    pub block_size: Option<usize>,
+    /// Most sequences one engine runs at once, over all jobs (unset = 32).
+    pub max_running: Option<usize>,
+    /// Prompt tokens one step prefills for chunked prompts (unset = 64).
+    pub chunk_size: Option<usize>,
 }
 
+/// Largest KV budget a configuration may ask for (1 TiB).
+const MAX_KV_BUDGET_MIB: usize = 1 << 20;
+
 impl EngineConfig {
+    /// The host-wide settings of the serving engines; `max_waiting` sequences may wait.
+    pub fn sched(&self, max_waiting: usize) -> Result<metainf_profiler::engine::SchedConfig> {
+        let d = metainf_profiler::engine::SchedConfig::default();
+        let positive = |name: &str, v: Option<usize>, default: usize, max: usize| match v {
+            None => Ok(default),
+            Some(v) if (1..=max).contains(&v) => Ok(v),
+            Some(v) => Err(NodeError::Engine(format!(
+                "configuration engine.{name} = {v}: must be between 1 and {max}"
+            ))),
+        };
+        let kv_mib = positive(
+            "kv_budget_mib",
+            self.kv_budget_mib,
+            d.kv_budget_bytes >> 20,
+            MAX_KV_BUDGET_MIB,
+        )?;
+        Ok(metainf_profiler::engine::SchedConfig {
+            block_size: positive("block_size", self.block_size, d.block_size, 1024)?,
+            kv_budget_bytes: kv_mib << 20,
+            max_running: positive("max_running", self.max_running, d.max_running, 4096)?,
+            chunk_size: positive("chunk_size", self.chunk_size, d.chunk_size, 1 << 16)?,
+            max_waiting: max_waiting.max(1),
+        })
+    }
+
     /// The configured models, or the default model's cached path when none is configured:
     /// `$METAINF_MODEL`, else `$METAINF_CACHE/models/…`, else `~/.cache/metainf/models/…`.
     pub fn model_paths(&self) -> Result<Vec<PathBuf>> {

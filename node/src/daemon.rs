@@ -162,7 +162,12 @@ impl Node {
     ) -> Result<RunningNode> {
         let tasks = tasks.clone();
         let signer = self.signer()?;
-        let (executor, engine_thread) = Executor::start(served, self.config.jobs.queue_capacity);
+        let sched = self
+            .config
+            .engine
+            .sched(self.config.jobs.queue_capacity as usize)?;
+        let (executor, engine_thread) =
+            Executor::start(served, sched).map_err(NodeError::Engine)?;
         let network = if self.config.network.enabled {
             let (client, event_loop, events) = net::start(
                 self.key.clone(),

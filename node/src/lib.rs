@@ -16,6 +16,7 @@ pub mod error;
 pub mod evaluation;
 pub mod identity;
 pub mod jobs;
+pub mod loadgen;
 pub mod logging;
 pub mod net;
 pub mod replica;

@@ -105,6 +105,7 @@ async fn a_flooded_node_answers_commands_within_50_ms() {
                     hardware: fixtures::cpu_hardware(1).id().unwrap(),
                     profile: Some(fixtures::cpu_hardware(1)),
                     records_seq: 0,
+                    load: None,
                 };
                 let _ = flooder
                     .publish_raw(Topic::Heartbeats, codec::encode(&heartbeat).unwrap())

@@ -22,10 +22,12 @@ use tokio_util::sync::CancellationToken;
 const MODEL: &str = "SmolLM2-135M-Instruct";
 const FRANCE: &str = "What is the capital of France?";
 
-/// The configuration file every node of these tests starts from.
+/// The configuration file every node of these tests starts from: `queue` sequences may wait
+/// in its engine, and as many run at once.
 fn node_toml(queue: u32) -> String {
     format!(
         "[network]\nheartbeat_interval_s = 1\npeer_timeout_s = 6\n\
+         [engine]\nmax_running = {queue}\n\
          [jobs]\nqueue_capacity = {queue}\nretrain_check_s = 1\nretrain_after = 4\n\
          job_timeout_s = 120\n[api]\nmax_body_bytes = 65536\n"
     )
@@ -543,7 +545,54 @@ async fn three_nodes_route_stream_refuse_and_survive_a_dead_host() {
         .unwrap();
     assert_eq!(missing.status(), 404);
 
-    // C's queue holds one job: a burst pinned to it overflows into 429 with Retry-After.
+    // Concurrent chats on one host share its engine's batch and get the answers they get
+    // alone (greedy decoding does not depend on company).
+    let questions = [
+        "What is the capital of Italy?",
+        "Name a large ocean.",
+        "What colour is the sky?",
+        "How many legs does a spider have?",
+    ];
+    let ask = |q: &str| {
+        json!({
+            "model": MODEL,
+            "messages": [{"role": "user", "content": q}],
+            "max_tokens": 12,
+            "temperature": 0,
+            "metainf": {"host": a.peer},
+        })
+    };
+    let mut alone = Vec::new();
+    for q in questions {
+        let (status, v) = post(&a, "/v1/chat/completions", &ask(q)).await;
+        assert_eq!(status, 200, "{v}");
+        alone.push(v["choices"][0]["message"]["content"].clone());
+    }
+    let together: Vec<_> = questions
+        .iter()
+        .map(|q| {
+            let (url, body) = (a.url("/v1/chat/completions"), ask(q));
+            tokio::spawn(async move {
+                let v: Value = http()
+                    .post(url)
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                v
+            })
+        })
+        .collect();
+    for (t, expected) in together.into_iter().zip(&alone) {
+        let v = t.await.unwrap();
+        assert_eq!(&v["choices"][0]["message"]["content"], expected, "{v}");
+    }
+
+    // C's engine runs one sequence and lets one wait: a burst pinned to it overflows into 429
+    // with Retry-After.
     let burst: Vec<_> = (0..4)
         .map(|_| {
             let url = a.url("/v1/chat/completions");

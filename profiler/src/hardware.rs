@@ -36,11 +36,17 @@ impl Default for ProbeOptions {
     }
 }
 
-/// Probes the hardware: the first NVML GPU if there is one, else the CPU.
+/// Probes the device the engine runs on: the first NVML GPU if there is one and this build's
+/// engine runs on GPUs, else the CPU. Records are filed under this profile, so it must be the
+/// device that did the work, not merely one that is present.
 pub fn probe(options: &ProbeOptions) -> Result<HardwareProfile> {
     if options.gpu {
         match probe_gpu() {
-            Ok(profile) => return Ok(profile),
+            Ok(profile) if crate::engine::RUNS_ON_GPU => return Ok(profile),
+            Ok(profile) => info!(
+                gpu = %profile.spec.name,
+                "a GPU is present, but this build runs the engine on the CPU; profiling the CPU"
+            ),
             Err(reason) => info!(%reason, "no GPU through NVML; profiling the CPU"),
         }
     }
@@ -260,6 +266,20 @@ pub fn memory_bandwidth_gbs(threads: usize, budget: Duration) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_profile_is_the_device_the_engine_runs_on() {
+        // Looking for a GPU (NVML present or not): the CPU engine's records say CPU.
+        let p = probe(&ProbeOptions {
+            threads: Some(1),
+            gpu: true,
+            measure: false,
+        })
+        .unwrap();
+        const { assert!(!crate::engine::RUNS_ON_GPU) };
+        assert_eq!(p.spec.device, metainf_protocol::DeviceKind::Cpu);
+        assert_eq!(p.spec.backend, "cpu");
+    }
 
     #[test]
     fn the_cpu_profile_is_sane_and_the_thread_limit_is_part_of_the_id() {

@@ -80,6 +80,41 @@ impl ModelTokenizer {
     }
 }
 
+/// Detokenises one sequence as its tokens come, decoding only a short window each time (the
+/// text since the last two emitted points), so a long output costs O(n), not O(n²). Text that
+/// ends inside a UTF-8 character is held back until the character completes.
+#[derive(Clone, Debug, Default)]
+pub struct TextStream {
+    ids: Vec<u32>,
+    prefix: usize,
+    read: usize,
+}
+
+impl TextStream {
+    /// Adds a token; returns the text it completes, if any.
+    pub fn push(&mut self, tok: &ModelTokenizer, id: u32) -> Result<Option<String>> {
+        self.ids.push(id);
+        let before = tok.decode(&self.ids[self.prefix..self.read])?;
+        let now = tok.decode(&self.ids[self.prefix..])?;
+        if now.ends_with('\u{FFFD}') || now.len() <= before.len() || !now.starts_with(&before) {
+            return Ok(None);
+        }
+        let new = now[before.len()..].to_owned();
+        self.prefix = self.read;
+        self.read = self.ids.len();
+        Ok(Some(new))
+    }
+
+    /// The text still held back (an incomplete character at the end), given up at the end.
+    pub fn flush(&mut self, tok: &ModelTokenizer) -> Result<String> {
+        let before = tok.decode(&self.ids[self.prefix..self.read])?;
+        let now = tok.decode(&self.ids[self.prefix..])?;
+        self.prefix = self.ids.len();
+        self.read = self.ids.len();
+        Ok(now.get(before.len()..).unwrap_or_default().to_owned())
+    }
+}
+
 /// The ChatML template (SmolLM2, Qwen, ...): each message as
 /// `<|im_start|>role\ncontent<|im_end|>\n`, then the opening of the assistant's turn.
 pub fn chat_template(messages: &[ChatMessage]) -> String {

@@ -37,6 +37,51 @@ pub struct Heartbeat {
     pub profile: Option<HardwareProfile>,
     /// Highest sequence number of the node's own records.
     pub records_seq: u64,
+    /// Live load of its serving engine (of its first model), when it serves one.
+    pub load: Option<HostLoad>,
+}
+
+/// The live load of a host's serving engine: what routers predict its wait from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HostLoad {
+    /// Sequences running now.
+    pub running_seqs: u32,
+    /// Sequences waiting for admission.
+    pub waiting_seqs: u32,
+    /// Most sequences the engine runs at once.
+    pub max_running: u32,
+    /// KV blocks in all.
+    pub kv_blocks_total: u32,
+    /// KV blocks held by running sequences.
+    pub kv_blocks_used: u32,
+    /// KV blocks holding reclaimable cached prefixes.
+    pub kv_blocks_cached: u32,
+    /// Recent generation rate over all sequences, tokens per second.
+    pub decode_tok_s: f64,
+    /// Recent mean seconds a sequence spends in the engine.
+    pub seq_s: f64,
+}
+
+impl HostLoad {
+    /// Checks ranges: finite rates, blocks within the pool.
+    pub fn validate(&self) -> Result<()> {
+        validate::in_range("heartbeat.load.decode_tok_s", self.decode_tok_s, 0.0, 1e9)?;
+        validate::in_range("heartbeat.load.seq_s", self.seq_s, 0.0, 1e7)?;
+        let held = u64::from(self.kv_blocks_used) + u64::from(self.kv_blocks_cached);
+        if held > u64::from(self.kv_blocks_total) {
+            return Err(ProtocolError::invalid(
+                "heartbeat.load.kv_blocks_used",
+                "more blocks held than the pool has",
+            ));
+        }
+        if self.running_seqs > self.max_running {
+            return Err(ProtocolError::invalid(
+                "heartbeat.load.running_seqs",
+                "more than the engine's maximum",
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Heartbeat {
@@ -56,6 +101,9 @@ impl Heartbeat {
             }
         }
         validate::finite_nonneg("heartbeat.price_per_hour", self.price_per_hour)?;
+        if let Some(load) = &self.load {
+            load.validate()?;
+        }
         if self.queue_depth > self.queue_capacity {
             return Err(ProtocolError::invalid(
                 "heartbeat.queue_depth",

@@ -29,7 +29,7 @@ pub use error::{ProtocolError, Result};
 pub use hardware::{
     CpuSpec, DeviceKind, GpuSpec, HardwareId, HardwareMeasurements, HardwareProfile, HardwareSpec,
 };
-pub use heartbeat::Heartbeat;
+pub use heartbeat::{Heartbeat, HostLoad};
 pub use id::ContentId;
 pub use job::{
     ChatMessage, Completion, FinishReason, GenerationParams, JobId, JobRequest, JobResult,
@@ -39,6 +39,7 @@ pub use libp2p_identity::{Keypair, PeerId};
 pub use method::{MethodConfig, MethodId, ParamValue};
 pub use model::{ModelDescriptor, ModelId};
 pub use record::{
-    CellIds, Metrics, Percentiles, PerfRecord, RecordId, RecordSource, SignedRecord, VerifiedRecord,
+    CellIds, Metrics, Percentiles, PerfRecord, RecordId, RecordSource, ServedLoad, SignedRecord,
+    VerifiedRecord,
 };
 pub use workload::{Arrival, LengthStats, WorkloadDescriptor, WorkloadId};

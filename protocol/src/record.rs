@@ -103,7 +103,48 @@ pub enum RecordSource {
     Job,
     /// An external benchmark table imported by the origin, named by its dataset label.
     Imported(String),
+    /// A finished client job, served by the host's shared engine alongside other jobs: the
+    /// load it met, so that the tensor can tell interference from the method's effect.
+    Served(ServedLoad),
 }
+
+/// What a served job shared the engine with.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ServedLoad {
+    /// Mean sequences running per engine step while the job ran, its own included.
+    pub mean_running_seqs: f64,
+    /// Mean sequences of other jobs running per such step.
+    pub mean_foreign_seqs: f64,
+    /// Prompt tokens whose KV came from the prefix cache.
+    pub cached_prompt_tokens: u64,
+}
+
+impl ServedLoad {
+    fn validate(&self) -> Result<()> {
+        validate::in_range(
+            "record.source.mean_running_seqs",
+            self.mean_running_seqs,
+            0.0,
+            1e6,
+        )?;
+        validate::in_range(
+            "record.source.mean_foreign_seqs",
+            self.mean_foreign_seqs,
+            0.0,
+            1e6,
+        )?;
+        if self.mean_foreign_seqs > self.mean_running_seqs {
+            return Err(ProtocolError::invalid(
+                "record.source.mean_foreign_seqs",
+                "more foreign sequences than sequences",
+            ));
+        }
+        Ok(())
+    }
+}
+
+// Validated values are finite, so equality is total.
+impl Eq for ServedLoad {}
 
 /// One measurement: the cell P[workload, method, hardware] (for a model) and what was measured.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -163,8 +204,18 @@ impl PerfRecord {
         self.workload.validate()?;
         self.method.validate()?;
         self.metrics.validate()?;
-        if let RecordSource::Imported(label) = &self.source {
-            validate::nonempty_text("record.source", label)?;
+        match &self.source {
+            RecordSource::Imported(label) => validate::nonempty_text("record.source", label)?,
+            RecordSource::Served(load) => {
+                load.validate()?;
+                if load.cached_prompt_tokens > self.metrics.prompt_tokens {
+                    return Err(ProtocolError::invalid(
+                        "record.source.cached_prompt_tokens",
+                        "more cached prompt tokens than prompt tokens",
+                    ));
+                }
+            }
+            RecordSource::Benchmark | RecordSource::Job => {}
         }
         validate::text("record.engine", &self.engine)?;
         Ok(())

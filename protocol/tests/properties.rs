@@ -161,6 +161,27 @@ fn out_of_range_values_are_rejected_even_when_signed() {
         Box::new(|r| {
             r.method = r.method.clone().with_flag("Not A Flag");
         }),
+        Box::new(|r| {
+            r.source = metainf_protocol::RecordSource::Served(metainf_protocol::ServedLoad {
+                mean_running_seqs: f64::INFINITY,
+                mean_foreign_seqs: 0.0,
+                cached_prompt_tokens: 0,
+            })
+        }),
+        Box::new(|r| {
+            r.source = metainf_protocol::RecordSource::Served(metainf_protocol::ServedLoad {
+                mean_running_seqs: 1.0,
+                mean_foreign_seqs: 2.0,
+                cached_prompt_tokens: 0,
+            })
+        }),
+        Box::new(|r| {
+            r.source = metainf_protocol::RecordSource::Served(metainf_protocol::ServedLoad {
+                mean_running_seqs: 1.0,
+                mean_foreign_seqs: 0.0,
+                cached_prompt_tokens: r.metrics.prompt_tokens + 1,
+            })
+        }),
     ];
     for (i, mutate) in cases.iter().enumerate() {
         let mut r = fixtures::record(&k, 5, 1);
@@ -173,6 +194,75 @@ fn out_of_range_values_are_rejected_even_when_signed() {
             matches!(err, ProtocolError::Invalid { .. }),
             "case {i}: {err}"
         );
+    }
+}
+
+#[test]
+fn a_served_record_with_its_co_load_verifies_and_old_sources_keep_their_bytes() {
+    let k = key(4);
+    let mut r = fixtures::record(&k, 2, 1);
+    let benchmark_bytes = codec::canonical_bytes(&r).unwrap();
+    r.source = metainf_protocol::RecordSource::Served(metainf_protocol::ServedLoad {
+        mean_running_seqs: 6.5,
+        mean_foreign_seqs: 5.5,
+        cached_prompt_tokens: r.metrics.prompt_tokens / 2,
+    });
+    let signed = SignedRecord::sign(r.clone(), &k).unwrap();
+    let back = SignedRecord::from_wire(&signed.to_wire().unwrap()).unwrap();
+    assert_eq!(back, signed);
+    back.verify().unwrap();
+    // The new source is an appended variant: records of the older ones encode as before, so
+    // their signatures (and the shipped tensor's) still hold.
+    r.source = metainf_protocol::RecordSource::Benchmark;
+    assert_eq!(codec::canonical_bytes(&r).unwrap(), benchmark_bytes);
+}
+
+#[test]
+fn a_heartbeats_engine_load_is_range_checked() {
+    let mut hb = Heartbeat {
+        peer: key(5).public().to_peer_id(),
+        sent_at_ms: 1,
+        queue_depth: 0,
+        running_jobs: 0,
+        queue_capacity: 4,
+        models: vec![fixtures::smollm2()],
+        price_per_hour: 0.0,
+        free_memory_bytes: 0,
+        hardware: fixtures::cpu_hardware(1).id().unwrap(),
+        profile: Some(fixtures::cpu_hardware(1)),
+        records_seq: 0,
+        load: Some(metainf_protocol::HostLoad {
+            running_seqs: 3,
+            waiting_seqs: 1,
+            max_running: 8,
+            kv_blocks_total: 100,
+            kv_blocks_used: 40,
+            kv_blocks_cached: 60,
+            decode_tok_s: 120.0,
+            seq_s: 2.0,
+        }),
+    };
+    hb.validate().unwrap();
+    let back: Heartbeat = codec::decode(&codec::encode(&hb).unwrap()).unwrap();
+    assert_eq!(back, hb);
+    let ok = hb.load.unwrap();
+    for bad in [
+        metainf_protocol::HostLoad {
+            kv_blocks_cached: 61,
+            ..ok
+        },
+        metainf_protocol::HostLoad {
+            running_seqs: 9,
+            ..ok
+        },
+        metainf_protocol::HostLoad {
+            decode_tok_s: f64::NAN,
+            ..ok
+        },
+        metainf_protocol::HostLoad { seq_s: -1.0, ..ok },
+    ] {
+        hb.load = Some(bad);
+        assert!(hb.validate().is_err(), "{bad:?}");
     }
 }
 

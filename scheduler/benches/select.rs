@@ -61,6 +61,7 @@ fn bench(c: &mut Criterion) {
             queue_depth: i % 4,
             running_jobs: i % 2,
             power_w: None,
+            load: None,
         })
         .collect();
     let methods = MethodConfig::standard_methods();

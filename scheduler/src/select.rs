@@ -4,7 +4,7 @@
 //! their predictions so a user can see why.
 
 use metainf_protocol::{
-    HardwareProfile, MethodConfig, ModelDescriptor, Objective, WorkloadDescriptor,
+    HardwareProfile, HostLoad, MethodConfig, ModelDescriptor, Objective, WorkloadDescriptor,
 };
 use serde::{Deserialize, Serialize};
 
@@ -22,12 +22,45 @@ pub struct Host {
     pub hardware: HardwareProfile,
     /// Price per hour of compute.
     pub price_per_hour: f64,
-    /// Jobs waiting in its queue.
+    /// Jobs (or, from a serving engine, sequences) waiting in its queue.
     pub queue_depth: u32,
-    /// Jobs running on it now.
+    /// Jobs (or sequences) running on it now.
     pub running_jobs: u32,
     /// Average power draw while running, watts, where known (energy objective).
     pub power_w: Option<f64>,
+    /// Live load of its serving engine, where it announces one.
+    #[serde(default)]
+    pub load: Option<HostLoad>,
+}
+
+impl Host {
+    /// Predicted (wait, runtime) of a job of `seqs` sequences whose runtime alone would be
+    /// `alone_s`.
+    ///
+    /// With a serving engine's load: the job waits while the sequences ahead of it (waiting,
+    /// and its own past the engine's free places) drain, `max_running` at a time, each taking
+    /// the engine's recent mean sequence time; once in, it shares every step with the
+    /// sequences running there, which slows a step by up to half at a full batch (decode
+    /// steps are memory-bound: more rows cost little more than one). Without one: the jobs
+    /// ahead, each taking as long as this one.
+    pub fn predict(&self, seqs: u32, alone_s: f64) -> (f64, f64) {
+        match &self.load {
+            Some(l) if l.max_running > 0 => {
+                let max = f64::from(l.max_running);
+                let per_seq = if l.seq_s > 0.0 { l.seq_s } else { alone_s };
+                let occupied = u64::from(l.running_seqs) + u64::from(l.waiting_seqs);
+                let over =
+                    (occupied + u64::from(seqs.max(1))).saturating_sub(u64::from(l.max_running));
+                let wait = over as f64 / max * per_seq;
+                let share = f64::from(l.running_seqs.min(l.max_running)) / max;
+                (wait, alone_s * (1.0 + 0.5 * share))
+            }
+            _ => {
+                let ahead = f64::from(self.queue_depth) + f64::from(self.running_jobs);
+                (ahead * alone_s, alone_s)
+            }
+        }
+    }
 }
 
 /// What to decide.
@@ -103,8 +136,7 @@ impl RuntimeModel for Predictor<'_> {
 /// Scores every pair and chooses (Algorithm 2).
 ///
 /// Hosts with the same hardware share one prediction (fleets have many identical machines).
-/// A host's predicted wait is the jobs ahead of it (queued and running) times this job's
-/// predicted runtime there: the router knows the queue length, not the queued jobs.
+/// A host's predicted wait and slowdown come from its engine's live load ([`Host::predict`]).
 pub fn select(model: &dyn RuntimeModel, query: &Query<'_>) -> Result<Decision> {
     if query.hosts.is_empty() {
         return Err(SelectError::NoCandidates("hosts").into());
@@ -142,14 +174,13 @@ pub fn select(model: &dyn RuntimeModel, query: &Query<'_>) -> Result<Decision> {
     }
     let mut all = Vec::with_capacity(query.hosts.len() * query.methods.len());
     for (hi, host) in query.hosts.iter().enumerate() {
-        let ahead = f64::from(host.queue_depth) + f64::from(host.running_jobs);
         for (mi, p) in grid[host_hw[hi]].iter().enumerate() {
-            let runtime_s = p.runtime_s();
+            let (wait_s, runtime_s) = host.predict(query.workload.requests, p.runtime_s());
             all.push(Scored {
                 host: hi,
                 method: mi,
                 runtime_s,
-                wait_s: ahead * runtime_s,
+                wait_s,
                 cost: host.price_per_hour.max(0.0) * runtime_s / 3600.0,
                 energy_j: host.power_w.map(|w| w * runtime_s),
                 log_std: p.log_std,
@@ -284,7 +315,40 @@ mod tests {
             queue_depth: queue,
             running_jobs: 0,
             power_w: None,
+            load: None,
         }
+    }
+
+    #[test]
+    fn an_engines_live_load_sets_the_wait_and_the_slowdown() {
+        let mut h = host("h", 1, 0.0, 5);
+        // Without a live load: the five jobs ahead, each as long as this one.
+        assert_eq!(h.predict(1, 2.0), (10.0, 2.0));
+        let load = HostLoad {
+            running_seqs: 8,
+            waiting_seqs: 0,
+            max_running: 16,
+            kv_blocks_total: 100,
+            kv_blocks_used: 10,
+            kv_blocks_cached: 0,
+            decode_tok_s: 50.0,
+            seq_s: 4.0,
+        };
+        h.load = Some(load);
+        // Room for 4 more: no wait, a step shared with 8 of 16 is 25 % slower.
+        assert_eq!(h.predict(4, 2.0), (0.0, 2.5));
+        // 12 sequences: 4 past the free places wait a quarter of a 4 s wave.
+        let (wait, _) = h.predict(12, 2.0);
+        assert!((wait - 1.0).abs() < 1e-9, "{wait}");
+        // A queue ahead waits too, even for one sequence.
+        h.load = Some(HostLoad {
+            running_seqs: 16,
+            waiting_seqs: 16,
+            ..load
+        });
+        let (wait, runtime) = h.predict(1, 2.0);
+        assert!((wait - 4.25).abs() < 1e-9, "{wait}");
+        assert!((runtime - 3.0).abs() < 1e-9);
     }
 
     #[test]

@@ -105,6 +105,7 @@ fn predictor_learns_saves_reloads_and_routes() {
             queue_depth: 0,
             running_jobs: 0,
             power_w: None,
+            load: None,
         },
         Host {
             name: "cheap".into(),
@@ -113,6 +114,7 @@ fn predictor_learns_saves_reloads_and_routes() {
             queue_depth: 0,
             running_jobs: 0,
             power_w: None,
+            load: None,
         },
     ];
     let predictor = Predictor {

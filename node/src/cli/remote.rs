@@ -19,6 +19,29 @@ fn block_on(command: impl Future<Output = Result<ExitCode>>) -> Result<ExitCode>
         .block_on(command)
 }
 
+/// `loadgen`: a load test of an OpenAI-compatible endpoint.
+pub(crate) fn loadgen(config: crate::loadgen::LoadConfig, json: bool) -> Result<ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(async move {
+            let report = crate::loadgen::run(config).await?;
+            let mut out = std::io::stdout().lock();
+            if json {
+                serde_json::to_writer_pretty(&mut out, &report)?;
+                writeln!(out)?;
+            } else {
+                write!(out, "{}", report.summary())?;
+            }
+            Ok(if report.failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        })
+}
+
 /// `peers --node`: the peers the node knows, as its API lists them.
 pub(crate) fn peers(node: &str, json: bool) -> Result<ExitCode> {
     block_on(async move {

@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct JobsConfig {
-    /// Jobs that may wait in this host's queue; more are refused as busy (HTTP 429).
+    /// Sequences (prompts) that may wait for a place in this host's engine; more are refused
+    /// as busy (HTTP 429 with `Retry-After`), never queued without bound.
     pub queue_capacity: u32,
     /// Retrain the predictor when this many records arrived since the last training.
     pub retrain_after: u64,
@@ -33,7 +34,7 @@ pub struct JobsConfig {
 impl Default for JobsConfig {
     fn default() -> Self {
         Self {
-            queue_capacity: 16,
+            queue_capacity: 64,
             retrain_after: 8,
             retrain_check_s: 5,
             job_timeout_s: 600,

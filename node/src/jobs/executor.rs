@@ -1,23 +1,25 @@
-//! The host side of a job: one engine per served model on its own thread, fed by a bounded
-//! queue. A job runs with the method the router chose, its text streamed as it is generated,
-//! stop strings honoured; the measured run comes back for the performance record.
+//! The host side of a job: one long-lived serving engine per served model
+//! ([`metainf_profiler::engine::serve`]), shared by every job. A job's sequences join the
+//! running batch with the per-job half of the method the router chose; their tokens come back
+//! here, are detokenised incrementally (off the engine thread), streamed, and checked for stop
+//! strings; the measured run, with the co-load it met, comes back for the performance record.
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 
+use metainf_profiler::engine::serve::{JobOutcome, JobSink, ServeThread, Server, SubmitError};
 use metainf_profiler::engine::{
-    Engine, EngineOptions, FinishReason as EngineFinish, MethodSettings, Request, RunObserver,
-    RunReport, Sampling,
+    CoLoad, Engine, EngineOptions, FinishReason as EngineFinish, JobPolicy, MethodSettings,
+    Request, RunReport, Sampling, SchedConfig,
 };
-use metainf_profiler::tokenizer::chat_template;
+use metainf_profiler::tokenizer::{TextStream, chat_template};
 use metainf_protocol::{
-    Arrival, Completion, FinishReason, JobRequest, MethodConfig, ModelDescriptor, Prompt,
+    Arrival, Completion, FinishReason, HostLoad, JobRequest, MethodConfig, ModelDescriptor, Prompt,
     WorkloadDescriptor,
 };
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::warn;
 
 use crate::net::Offer;
 
@@ -30,9 +32,12 @@ pub enum ExecError {
     /// The job can never run here (unknown model, longer than the context, ...).
     #[error("{0}")]
     Rejected(String),
-    /// The queue is full.
-    #[error("the host's queue is full")]
-    Busy,
+    /// The engine's queue is full.
+    #[error("the host's queue is full; retry in {retry_after_s} s")]
+    Busy {
+        /// Estimated seconds until there is room.
+        retry_after_s: u32,
+    },
     /// The engine failed, or the host is shutting down.
     #[error("{0}")]
     Failed(String),
@@ -46,7 +51,7 @@ pub struct ServedModel {
     /// What the engine loaded.
     pub descriptor: ModelDescriptor,
     /// The engine (its tokenizer is also used by the router).
-    pub engine: Engine,
+    pub engine: Arc<Engine>,
 }
 
 impl ServedModel {
@@ -54,7 +59,10 @@ impl ServedModel {
     pub fn load(path: &Path, threads: Option<usize>) -> Result<Self, String> {
         let descriptor = metainf_profiler::model::describe(path).map_err(|e| e.to_string())?;
         let engine = Engine::load(path, EngineOptions { threads }).map_err(|e| e.to_string())?;
-        Ok(Self { descriptor, engine })
+        Ok(Self {
+            descriptor,
+            engine: Arc::new(engine),
+        })
     }
 
     /// Token ids of each prompt: raw text as is, chats through the model's template.
@@ -98,106 +106,140 @@ pub struct Execution {
     pub report: RunReport,
     /// The workload as run.
     pub workload: WorkloadDescriptor,
+    /// The load it shared in the engine and the cache it used.
+    pub co_load: CoLoad,
+    /// The method as the host ran it: the job's flags with the engine's own parameters.
+    pub method: MethodConfig,
 }
 
-struct Task {
-    request: JobRequest,
-    method: MethodConfig,
-    deltas: Option<mpsc::Sender<Delta>>,
-    cancel: CancellationToken,
-    reply: oneshot::Sender<Result<Execution, ExecError>>,
-}
-
-#[derive(Default)]
-struct Load {
-    queued: AtomicU32,
-    running: AtomicU32,
-}
-
-/// The bounded queue in front of the engines. Cheap to clone.
+/// The serving engines. Cheap to clone.
 #[derive(Clone)]
-pub struct Executor {
-    tx: mpsc::Sender<Task>,
-    load: Arc<Load>,
-    capacity: u32,
-    models: Arc<Vec<Arc<ServedModel>>>,
-    offer: Arc<watch::Sender<Offer>>,
+pub struct Executor(Arc<Inner>);
+
+struct Inner {
+    models: Vec<Arc<ServedModel>>,
+    servers: Vec<Server>,
+    config: SchedConfig,
+    offer: watch::Sender<Offer>,
 }
 
 impl Executor {
-    /// Starts the engine thread. Jobs beyond `capacity` waiting are refused as busy. The thread
-    /// ends when every clone of the executor is dropped; [`EngineThread::join`] waits for it.
-    pub fn start(models: Vec<ServedModel>, capacity: u32) -> (Self, EngineThread) {
-        let capacity = capacity.max(1);
-        let (tx, rx) = mpsc::channel(capacity as usize);
-        let models: Arc<Vec<Arc<ServedModel>>> =
-            Arc::new(models.into_iter().map(Arc::new).collect());
-        let load = Arc::new(Load::default());
-        let offer = Arc::new(watch::Sender::new(Offer {
+    /// Starts one serving engine per model with the host-wide `config`. The engines end when
+    /// every clone of the executor is dropped and their last jobs are done;
+    /// [`EngineThread::join`] waits for them.
+    pub fn start(
+        models: Vec<ServedModel>,
+        config: SchedConfig,
+    ) -> Result<(Self, EngineThread), String> {
+        let models: Vec<Arc<ServedModel>> = models.into_iter().map(Arc::new).collect();
+        let mut servers = Vec::with_capacity(models.len());
+        let mut threads = Vec::with_capacity(models.len());
+        for m in &models {
+            let (server, thread) = Server::start(m.engine.clone(), config)
+                .map_err(|e| format!("cannot start the engine of {}: {e}", m.descriptor.name))?;
+            servers.push(server);
+            threads.push(thread);
+        }
+        let offer = watch::Sender::new(Offer {
             models: models.iter().map(|m| m.descriptor.clone()).collect(),
             queue_depth: 0,
             running_jobs: 0,
-            queue_capacity: capacity,
-        }));
-        let worker = Worker {
-            load: load.clone(),
-            models: models.clone(),
-            offer: offer.clone(),
-        };
-        let executor = Self {
-            tx,
-            load,
-            capacity,
+            queue_capacity: u32::try_from(config.max_waiting).unwrap_or(u32::MAX),
+            load: None,
+        });
+        let executor = Self(Arc::new(Inner {
             models,
+            servers,
+            config,
             offer,
-        };
-        let spawned = std::thread::Builder::new()
-            .name("metainf-executor".into())
-            .spawn(move || worker.work(rx));
-        let handle = match spawned {
-            Ok(h) => Some(h),
-            Err(e) => {
-                warn!(error = %e, "cannot start the executor thread; jobs will fail");
-                None
-            }
-        };
-        (executor, EngineThread(handle))
+        }));
+        executor.publish_load();
+        Ok((executor, EngineThread(threads)))
     }
 
     /// The served models.
     pub fn models(&self) -> &[Arc<ServedModel>] {
-        &self.models
+        &self.0.models
     }
 
     /// The served model called `name`.
     pub fn model(&self, name: &str) -> Option<&Arc<ServedModel>> {
-        self.models.iter().find(|m| m.descriptor.name == name)
+        self.0.models.iter().find(|m| m.descriptor.name == name)
     }
 
-    /// Jobs waiting and running.
+    fn server(&self, name: &str) -> Option<(&Arc<ServedModel>, &Server)> {
+        let i = self
+            .0
+            .models
+            .iter()
+            .position(|m| m.descriptor.name == name)?;
+        Some((self.0.models.get(i)?, self.0.servers.get(i)?))
+    }
+
+    /// Sequences waiting and running, over every engine.
     pub fn load(&self) -> (u32, u32) {
-        (
-            self.load.queued.load(Ordering::Relaxed),
-            self.load.running.load(Ordering::Relaxed),
-        )
+        self.0.servers.iter().fold((0u32, 0u32), |(w, r), s| {
+            let l = s.load();
+            (w.saturating_add(l.waiting), r.saturating_add(l.running))
+        })
     }
 
-    /// Queue capacity.
+    /// The live load of the first engine, as heartbeats carry it.
+    pub fn host_load(&self) -> Option<HostLoad> {
+        self.0.servers.first().map(|s| {
+            let l = s.load();
+            HostLoad {
+                running_seqs: l.running.min(l.max_running),
+                waiting_seqs: l.waiting,
+                max_running: l.max_running,
+                kv_blocks_total: l.kv_blocks_total,
+                kv_blocks_used: l.kv_blocks_used.min(l.kv_blocks_total),
+                kv_blocks_cached: l
+                    .kv_blocks_cached
+                    .min(l.kv_blocks_total.saturating_sub(l.kv_blocks_used)),
+                decode_tok_s: if l.decode_tok_s.is_finite() {
+                    l.decode_tok_s.clamp(0.0, 1e9)
+                } else {
+                    0.0
+                },
+                seq_s: if l.seq_s.is_finite() {
+                    l.seq_s.clamp(0.0, 1e7)
+                } else {
+                    0.0
+                },
+            }
+        })
+    }
+
+    /// Sequences that may wait in an engine.
     pub fn capacity(&self) -> u32 {
-        self.capacity
+        u32::try_from(self.0.config.max_waiting).unwrap_or(u32::MAX)
+    }
+
+    /// The host-wide engine settings.
+    pub fn config(&self) -> &SchedConfig {
+        &self.0.config
     }
 
     /// What the heartbeats announce, kept current.
     pub fn offer(&self) -> watch::Receiver<Offer> {
-        self.offer.subscribe()
+        self.0.offer.subscribe()
     }
 
+    /// Every load change goes out in the heartbeats' offer.
     fn publish_load(&self) {
-        publish_load(&self.load, &self.offer);
+        let (waiting, running) = self.load();
+        let load = self.host_load();
+        self.0.offer.send_modify(|o| {
+            o.queue_depth = waiting.min(o.queue_capacity);
+            o.running_jobs = running;
+            o.load = load;
+        });
     }
 
     /// Runs a job here with `method`; text goes to `deltas` as it is generated. Refused at once
-    /// when the queue is full.
+    /// when the engine's queue is full. Cancelling `cancel` (or dropping the future) takes the
+    /// job's sequences out of the batch.
     pub async fn run(
         &self,
         request: JobRequest,
@@ -205,119 +247,15 @@ impl Executor {
         deltas: Option<mpsc::Sender<Delta>>,
         cancel: CancellationToken,
     ) -> Result<Execution, ExecError> {
-        if self.model(&request.model).is_none() {
+        let Some((model, server)) = self.server(&request.model) else {
             return Err(ExecError::Rejected(format!(
                 "model {:?} is not served by this host",
                 request.model
             )));
-        }
-        let (reply, rx) = oneshot::channel();
-        let task = Task {
-            request,
-            method,
-            deltas,
-            cancel,
-            reply,
         };
-        self.load.queued.fetch_add(1, Ordering::Relaxed);
-        if self.tx.try_send(task).is_err() {
-            self.load.queued.fetch_sub(1, Ordering::Relaxed);
-            return Err(ExecError::Busy);
-        }
-        self.publish_load();
-        rx.await
-            .map_err(|_| ExecError::Failed("the executor stopped".into()))?
-    }
-}
-
-/// Every load change goes out in the heartbeats' offer.
-fn publish_load(load: &Load, offer: &watch::Sender<Offer>) {
-    let (queued, running) = (
-        load.queued.load(Ordering::Relaxed),
-        load.running.load(Ordering::Relaxed),
-    );
-    offer.send_modify(|o| {
-        o.queue_depth = queued.min(o.queue_capacity);
-        o.running_jobs = running;
-    });
-}
-
-/// The engine thread's side: what it needs, without the queue's sender (so that dropping every
-/// [`Executor`] ends it).
-struct Worker {
-    load: Arc<Load>,
-    models: Arc<Vec<Arc<ServedModel>>>,
-    offer: Arc<watch::Sender<Offer>>,
-}
-
-/// The engine thread, to be joined at shutdown.
-#[derive(Debug)]
-pub struct EngineThread(Option<std::thread::JoinHandle<()>>);
-
-impl EngineThread {
-    /// Waits up to `timeout` for the thread to end (it ends once every [`Executor`] clone is
-    /// gone and the running job finished); says so when it does not.
-    pub async fn join(self, timeout: std::time::Duration) {
-        let Some(handle) = self.0 else { return };
-        let joined = tokio::task::spawn_blocking(move || handle.join());
-        match tokio::time::timeout(timeout, joined).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(_) => warn!("the executor thread panicked"),
-            Err(_) => warn!("the executor thread is still running a job; not waiting for it"),
-        }
-    }
-}
-
-impl Worker {
-    fn model(&self, name: &str) -> Option<&Arc<ServedModel>> {
-        self.models.iter().find(|m| m.descriptor.name == name)
-    }
-
-    fn publish_load(&self) {
-        publish_load(&self.load, &self.offer);
-    }
-
-    fn work(self, mut rx: mpsc::Receiver<Task>) {
-        while let Some(task) = rx.blocking_recv() {
-            self.load.queued.fetch_sub(1, Ordering::Relaxed);
-            if task.cancel.is_cancelled() || task.reply.is_closed() {
-                let _ = task.reply.send(Err(ExecError::Cancelled));
-                self.publish_load();
-                continue;
-            }
-            self.load.running.fetch_add(1, Ordering::Relaxed);
-            self.publish_load();
-            let result = self.execute(&task);
-            self.load.running.fetch_sub(1, Ordering::Relaxed);
-            self.publish_load();
-            let _ = task.reply.send(result);
-        }
-        debug!("executor stopped");
-    }
-
-    fn execute(&self, task: &Task) -> Result<Execution, ExecError> {
-        let request = &task.request;
-        let model = self.model(&request.model).ok_or_else(|| {
-            ExecError::Rejected(format!("model {:?} is not served", request.model))
-        })?;
-        let settings = MethodSettings::from_method(&task.method)
-            .map_err(|e| ExecError::Rejected(format!("method {}: {e}", task.method)))?;
+        let settings = MethodSettings::from_method(&method)
+            .map_err(|e| ExecError::Rejected(format!("method {method}: {e}")))?;
         let prompts = model.tokenize(&request.prompts)?;
-        let context = model.engine.model().config.context_length;
-        for (i, p) in prompts.iter().enumerate() {
-            if p.is_empty() {
-                return Err(ExecError::Rejected(format!("prompt {i} is empty")));
-            }
-            let total = p.len() + request.params.max_tokens as usize;
-            if total > context {
-                return Err(ExecError::Rejected(format!(
-                    "prompt {i} has {} tokens; with max_tokens {} that exceeds the model's \
-                     context of {context} tokens",
-                    p.len(),
-                    request.params.max_tokens
-                )));
-            }
-        }
         let tok = model.engine.model().tokenizer();
         let seed = request.params.seed.unwrap_or_else(rand::random);
         let requests: Vec<Request> = prompts
@@ -335,54 +273,156 @@ impl Worker {
                 arrival_s: 0.0,
             })
             .collect();
-        let mut texts = TextTracker::new(model, request, task.deltas.clone(), &task.cancel);
-        let report = model
-            .engine
-            .run_observed(&requests, &settings, &mut texts)
-            .map_err(|e| match e {
-                metainf_profiler::ProfilerError::Cancelled => ExecError::Cancelled,
-                other => ExecError::Failed(format!("the engine failed: {other}")),
-            })?;
-        let completions = report
-            .completions
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                let (text, stopped_by_string) = texts.finish(i, &c.tokens);
-                Completion {
-                    text,
-                    prompt_tokens: u32::try_from(prompts[i].len()).unwrap_or(u32::MAX),
-                    output_tokens: u32::try_from(c.tokens.len()).unwrap_or(u32::MAX),
-                    finish_reason: if stopped_by_string || c.finish == EngineFinish::Stop {
-                        FinishReason::Stop
-                    } else {
-                        FinishReason::Length
-                    },
-                }
-            })
-            .collect();
         let workload = metainf_profiler::bench::describe(None, &requests, Arrival::AllAtOnce);
+        let context = model.engine.model().config.context_length;
+        // Room for every event the job can produce (each sequence's tokens and the end), so the
+        // engine thread never waits on this job and never drops one of its events.
+        let events = requests
+            .iter()
+            .map(|r| (r.max_tokens as usize).min(context) + 1)
+            .sum::<usize>()
+            .saturating_add(1);
+        let (tx, mut rx) = mpsc::channel(events);
+        let handle = server
+            .submit(
+                requests,
+                JobPolicy::of(&settings),
+                Box::new(ChannelSink(tx)),
+            )
+            .map_err(|e| match e {
+                SubmitError::Rejected(r) => ExecError::Rejected(r),
+                SubmitError::Busy { retry_after_s } => ExecError::Busy { retry_after_s },
+                SubmitError::Stopped => ExecError::Failed("the engine has stopped".into()),
+            })?;
+        self.publish_load();
+        let mut texts = TextTracker::new(model, &request, deltas);
+        let outcome = loop {
+            let event = tokio::select! {
+                () = cancel.cancelled() => {
+                    handle.cancel();
+                    break Err(ExecError::Cancelled);
+                }
+                event = rx.recv() => event,
+            };
+            match event {
+                Some(EngineEvent::Token(i, token)) => {
+                    if texts.push(i, token).await {
+                        handle.stop(i);
+                    }
+                    if texts.listener_gone() {
+                        handle.cancel();
+                        break Err(ExecError::Cancelled);
+                    }
+                }
+                Some(EngineEvent::Done(result)) => {
+                    break result.map_err(|e| match e {
+                        metainf_profiler::ProfilerError::Cancelled => ExecError::Cancelled,
+                        other => ExecError::Failed(other.to_string()),
+                    });
+                }
+                None => break Err(ExecError::Failed("the engine stopped".into())),
+            }
+        };
+        drop(handle);
+        self.publish_load();
+        let JobOutcome { report, co_load } = outcome?;
+        let mut completions = Vec::with_capacity(report.completions.len());
+        for (i, c) in report.completions.iter().enumerate() {
+            let (text, output_tokens, stopped_by_string) = texts.finish(i, &c.tokens).await;
+            completions.push(Completion {
+                text,
+                prompt_tokens: u32::try_from(prompts.get(i).map_or(0, Vec::len))
+                    .unwrap_or(u32::MAX),
+                output_tokens,
+                finish_reason: if stopped_by_string || c.finish == EngineFinish::Stop {
+                    FinishReason::Stop
+                } else {
+                    FinishReason::Length
+                },
+            });
+        }
+        let config = self.0.config;
+        let ran = MethodSettings {
+            block_size: config.block_size,
+            kv_budget_bytes: config.kv_budget_bytes,
+            chunk_size: config.chunk_size,
+            ..settings
+        };
         Ok(Execution {
             model: model.descriptor.clone(),
             completions,
             report,
             workload,
+            co_load,
+            method: ran.to_method(),
         })
     }
 }
 
-/// Decodes each prompt's tokens as they come: streams the new text and ends a request when a
-/// stop string appears.
+enum EngineEvent {
+    Token(usize, u32),
+    Done(metainf_profiler::Result<JobOutcome>),
+}
+
+/// The engine thread's side of a job: every event goes into a channel with room for all the
+/// job's events, so the batch never waits on a slow client.
+struct ChannelSink(mpsc::Sender<EngineEvent>);
+
+impl JobSink for ChannelSink {
+    fn token(&mut self, index: usize, token: u32) {
+        let _ = self.0.try_send(EngineEvent::Token(index, token));
+    }
+
+    fn done(self: Box<Self>, outcome: metainf_profiler::Result<JobOutcome>) {
+        let _ = self.0.try_send(EngineEvent::Done(outcome));
+    }
+}
+
+/// The engine threads, to be joined at shutdown.
+#[derive(Debug)]
+pub struct EngineThread(Vec<ServeThread>);
+
+impl EngineThread {
+    /// Waits up to `timeout` for the threads to end (they end once every [`Executor`] clone
+    /// is gone and their jobs are done); says so when they do not.
+    pub async fn join(self, timeout: std::time::Duration) {
+        let joined = tokio::task::spawn_blocking(move || {
+            self.0
+                .into_iter()
+                .map(std::thread::JoinHandle::join)
+                .all(|r| r.is_ok())
+        });
+        match tokio::time::timeout(timeout, joined).await {
+            Ok(Ok(true)) => {}
+            Ok(_) => warn!("an engine thread panicked"),
+            Err(_) => warn!("an engine thread is still running a job; not waiting for it"),
+        }
+    }
+}
+
+/// One sequence's text as it is generated.
+#[derive(Default)]
+struct SeqText {
+    stream: TextStream,
+    /// Visible text so far, cut at a stop string.
+    text: String,
+    /// Bytes of `text` already sent.
+    sent: usize,
+    /// Tokens that count as output (up to the one that completed a stop string).
+    tokens: u32,
+    /// A stop string ended it.
+    stopped: bool,
+}
+
+/// Detokenises each prompt's tokens as they come, streams the new text and finds stop
+/// strings, looking only at the text's new end.
 struct TextTracker<'a> {
     model: &'a ServedModel,
     stop: &'a [String],
+    longest_stop: usize,
     deltas: Option<mpsc::Sender<Delta>>,
-    cancel: &'a CancellationToken,
-    tokens: Vec<Vec<u32>>,
-    /// Bytes of each prompt's text already sent.
-    sent: Vec<usize>,
-    /// Whether a stop string ended the request.
-    stopped: Vec<bool>,
+    gone: bool,
+    seqs: Vec<SeqText>,
 }
 
 impl<'a> TextTracker<'a> {
@@ -390,77 +430,82 @@ impl<'a> TextTracker<'a> {
         model: &'a ServedModel,
         request: &'a JobRequest,
         deltas: Option<mpsc::Sender<Delta>>,
-        cancel: &'a CancellationToken,
     ) -> Self {
-        let n = request.prompts.len();
+        let stop = &request.params.stop;
         Self {
             model,
-            stop: &request.params.stop,
+            stop,
+            longest_stop: stop.iter().map(String::len).max().unwrap_or(0),
             deltas,
-            cancel,
-            tokens: vec![Vec::new(); n],
-            sent: vec![0; n],
-            stopped: vec![false; n],
+            gone: false,
+            seqs: (0..request.prompts.len())
+                .map(|_| SeqText::default())
+                .collect(),
         }
     }
 
-    fn watching(&self) -> bool {
-        self.deltas.is_some() || !self.stop.is_empty()
+    /// Whether the client that listened for deltas has gone.
+    fn listener_gone(&self) -> bool {
+        self.gone
     }
 
-    /// The visible text of `tokens` (stop tokens dropped), cut at the first stop string.
-    fn visible(&self, tokens: &[u32]) -> (String, bool) {
-        let tok = self.model.engine.model().tokenizer();
-        let ids: Vec<u32> = tokens
+    /// Adds a token of sequence `i`; returns true when a stop string has just ended it.
+    async fn push(&mut self, i: usize, token: u32) -> bool {
+        let model = self.model;
+        let tok = model.engine.model().tokenizer();
+        let Some(seq) = self.seqs.get_mut(i) else {
+            return false;
+        };
+        if seq.stopped {
+            return false;
+        }
+        seq.tokens = seq.tokens.saturating_add(1);
+        if tok.stop_ids().contains(&token) {
+            return false;
+        }
+        let piece = match seq.stream.push(tok, token) {
+            Ok(Some(p)) => p,
+            Ok(None) => return false,
+            Err(e) => {
+                warn!(error = %e, "cannot detokenise a token");
+                return false;
+            }
+        };
+        let cut = self.append(i, &piece);
+        self.send_safe(i, cut).await;
+        cut
+    }
+
+    /// Appends text to sequence `i`, cutting it at a stop string that the new end completes.
+    fn append(&mut self, i: usize, piece: &str) -> bool {
+        let Some(seq) = self.seqs.get_mut(i) else {
+            return false;
+        };
+        let from = seq.text.len().saturating_sub(self.longest_stop);
+        seq.text.push_str(piece);
+        let mut from = from;
+        while !seq.text.is_char_boundary(from) {
+            from -= 1;
+        }
+        let cut = self
+            .stop
             .iter()
-            .copied()
-            .filter(|t| !tok.stop_ids().contains(t))
-            .collect();
-        let mut text = tok.decode(&ids).unwrap_or_default();
-        let cut = self.stop.iter().filter_map(|s| text.find(s.as_str())).min();
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| seq.text[from..].find(s.as_str()).map(|at| from + at))
+            .min();
         if let Some(at) = cut {
-            text.truncate(at);
+            seq.text.truncate(at);
+            seq.stopped = true;
         }
-        (text, cut.is_some())
+        cut.is_some()
     }
 
-    /// Sends `text[from..to]` of prompt `i` as a delta and records it as sent; a listener
-    /// that has gone cancels the run.
-    fn send(&mut self, i: usize, text: &str, to: usize) {
-        let from = self.sent[i];
-        if to <= from || !text.is_char_boundary(from) || !text.is_char_boundary(to) {
-            return;
-        }
-        self.sent[i] = to;
-        if let Some(tx) = &self.deltas
-            && tx
-                .blocking_send((i as u32, text[from..to].to_owned()))
-                .is_err()
-        {
-            self.deltas = None;
-            self.cancel.cancel();
-        }
-    }
-
-    /// The final text of request `i` and whether a stop string ended it; streams whatever
-    /// was held back (a possible start of a stop string that never completed).
-    fn finish(&mut self, i: usize, tokens: &[u32]) -> (String, bool) {
-        let (text, cut) = self.visible(tokens);
-        self.send(i, &text, text.len());
-        (text, cut || self.stopped.get(i).copied().unwrap_or(false))
-    }
-}
-
-impl RunObserver for TextTracker<'_> {
-    fn on_token(&mut self, request: usize, token: u32) -> bool {
-        if !self.watching() || request >= self.tokens.len() {
-            return true;
-        }
-        self.tokens[request].push(token);
-        let (text, cut) = self.visible(&self.tokens[request]);
-        // Hold back text that ends inside a UTF-8 sequence or could be the start of a stop
-        // string, so that nothing sent is ever taken back.
-        let mut safe = text.trim_end_matches('\u{FFFD}').len();
+    /// Streams what of sequence `i`'s text can no longer change: all of it once cut, else up
+    /// to a possible start of a stop string at the end.
+    async fn send_safe(&mut self, i: usize, cut: bool) {
+        let Some(seq) = self.seqs.get(i) else { return };
+        let text = &seq.text;
+        let mut safe = text.len();
         if !cut {
             for s in self.stop {
                 for k in (1..s.len()).rev() {
@@ -471,14 +516,64 @@ impl RunObserver for TextTracker<'_> {
                 }
             }
         }
-        self.send(request, &text, safe);
-        if cut {
-            self.stopped[request] = true;
-        }
-        !cut
+        self.send(i, safe).await;
     }
 
-    fn cancelled(&self) -> bool {
-        self.cancel.is_cancelled()
+    async fn send(&mut self, i: usize, to: usize) {
+        let Some(seq) = self.seqs.get_mut(i) else {
+            return;
+        };
+        let from = seq.sent;
+        if to <= from || !seq.text.is_char_boundary(from) || !seq.text.is_char_boundary(to) {
+            return;
+        }
+        seq.sent = to;
+        let piece = seq.text[from..to].to_owned();
+        if let Some(tx) = &self.deltas
+            && tx.send((i as u32, piece)).await.is_err()
+        {
+            self.deltas = None;
+            self.gone = true;
+        }
+    }
+
+    /// The final text of sequence `i`, its output tokens and whether a stop string ended it;
+    /// streams whatever was held back.
+    async fn finish(&mut self, i: usize, tokens: &[u32]) -> (String, u32, bool) {
+        let model = self.model;
+        let tok = model.engine.model().tokenizer();
+        let Some(seq) = self.seqs.get_mut(i) else {
+            return (String::new(), 0, false);
+        };
+        if !seq.stopped {
+            // Tokens the tracker did not see (none, normally) and the held-back end.
+            let seen = seq.tokens as usize;
+            for &t in tokens.iter().skip(seen) {
+                seq.tokens = seq.tokens.saturating_add(1);
+                if !tok.stop_ids().contains(&t)
+                    && let Ok(Some(p)) = seq.stream.push(tok, t)
+                {
+                    seq.text.push_str(&p);
+                }
+            }
+            if let Ok(rest) = seq.stream.flush(tok) {
+                let rest = rest.trim_end_matches('\u{FFFD}').to_owned();
+                self.append(i, &rest);
+            }
+        }
+        let Some(seq) = self.seqs.get(i) else {
+            return (String::new(), 0, false);
+        };
+        let len = seq.text.len();
+        self.send(i, len).await;
+        let Some(seq) = self.seqs.get(i) else {
+            return (String::new(), 0, false);
+        };
+        let output = if seq.stopped {
+            seq.tokens
+        } else {
+            u32::try_from(tokens.len()).unwrap_or(u32::MAX)
+        };
+        (seq.text.clone(), output, seq.stopped)
     }
 }

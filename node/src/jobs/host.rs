@@ -58,7 +58,7 @@ impl JobService {
         }
         let reply = match result {
             Ok(r) => JobReply::Done(Box::new(r)),
-            Err(ExecError::Busy) => JobReply::Busy { retry_after_s: 2 },
+            Err(ExecError::Busy { retry_after_s }) => JobReply::Busy { retry_after_s },
             Err(ExecError::Rejected(r)) => JobReply::Rejected(r),
             Err(ExecError::Failed(r)) => JobReply::Failed(r),
             Err(ExecError::Cancelled) => JobReply::Failed("cancelled".into()),

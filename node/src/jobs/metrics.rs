@@ -44,10 +44,16 @@ pub struct Metrics {
     pub predictor_generation: Gauge,
     /// |ln(measured / predicted runtime)| of finished jobs.
     pub abs_log_error: Histogram,
-    /// Jobs waiting in this host's queue.
+    /// Sequences waiting in this host's engines.
     pub queue_depth: Gauge,
-    /// Jobs running on this host.
+    /// Sequences running in this host's engines.
     pub running_jobs: Gauge,
+    /// KV blocks held by running sequences (first engine).
+    pub kv_blocks_used: Gauge,
+    /// KV blocks holding reclaimable cached prefixes (first engine).
+    pub kv_blocks_cached: Gauge,
+    /// KV blocks in all (first engine).
+    pub kv_blocks_total: Gauge,
     /// Live peers.
     pub peers_alive: Gauge,
     /// HTTP requests, by route and status.
@@ -75,6 +81,9 @@ impl Metrics {
             abs_log_error: Histogram::new([0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0]),
             queue_depth: Gauge::default(),
             running_jobs: Gauge::default(),
+            kv_blocks_used: Gauge::default(),
+            kv_blocks_cached: Gauge::default(),
+            kv_blocks_total: Gauge::default(),
             peers_alive: Gauge::default(),
             http_requests: Family::default(),
             registry: Registry::with_prefix("metainf"),
@@ -119,13 +128,28 @@ impl Metrics {
         );
         registry.register(
             "queue_depth",
-            "Jobs waiting in this host's queue",
+            "Sequences waiting for a place in this host's engines",
             m.queue_depth.clone(),
         );
         registry.register(
             "running_jobs",
-            "Jobs running on this host",
+            "Sequences running in this host's engines",
             m.running_jobs.clone(),
+        );
+        registry.register(
+            "kv_blocks_used",
+            "KV blocks held by running sequences",
+            m.kv_blocks_used.clone(),
+        );
+        registry.register(
+            "kv_blocks_cached",
+            "KV blocks holding cached prefixes no sequence uses",
+            m.kv_blocks_cached.clone(),
+        );
+        registry.register(
+            "kv_blocks_total",
+            "KV blocks of the engine's pool",
+            m.kv_blocks_total.clone(),
         );
         registry.register("peers_alive", "Live peers", m.peers_alive.clone());
         registry.register(

@@ -114,6 +114,11 @@ impl JobService {
         let load = self.load();
         m.queue_depth.set(i64::from(load.waiting));
         m.running_jobs.set(i64::from(load.running));
+        if let Some(l) = self.0.executor.host_load() {
+            m.kv_blocks_used.set(i64::from(l.kv_blocks_used));
+            m.kv_blocks_cached.set(i64::from(l.kv_blocks_cached));
+            m.kv_blocks_total.set(i64::from(l.kv_blocks_total));
+        }
         if self.0.net.is_some() {
             let alive = self
                 .peers()

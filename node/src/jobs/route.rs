@@ -70,6 +70,7 @@ impl JobService {
                     queue_depth: queued.max(mine.saturating_sub(running)),
                     running_jobs: running,
                     power_w: None,
+                    load: self.0.executor.host_load(),
                 },
             });
         }
@@ -93,6 +94,7 @@ impl JobService {
                         .max(self.pending_on(&p.peer).saturating_sub(h.running_jobs)),
                     running_jobs: h.running_jobs,
                     power_w: None,
+                    load: h.load,
                 },
             });
         }

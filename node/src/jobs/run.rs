@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
-use metainf_protocol::{JobRequest, JobResult, MethodConfig, PerfRecord, RecordSource};
+use metainf_protocol::{JobRequest, JobResult, MethodConfig, PerfRecord, RecordSource, ServedLoad};
 use metainf_scheduler::select::Choice;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -65,6 +65,7 @@ impl JobService {
         let mut routed = routed;
         let mut attempts = 0u32;
         let mut all_busy = true;
+        let mut retry_after = 60u32;
         let mut last_error;
         // The host this job is counted against (`accept` counted the first choice).
         let mut counted = routed.hosts.get(routed.decision.chosen.host).copied();
@@ -112,7 +113,8 @@ impl JobService {
                 }
                 Err(ExecError::Rejected(reason)) => break Err(JobError::Rejected(reason)),
                 Err(ExecError::Cancelled) => break Err(JobError::Cancelled),
-                Err(ExecError::Busy) => {
+                Err(ExecError::Busy { retry_after_s }) => {
+                    retry_after = retry_after.min(retry_after_s.max(1));
                     last_error = format!("host {peer} is busy");
                 }
                 Err(ExecError::Failed(reason)) => {
@@ -125,12 +127,12 @@ impl JobService {
             if attempts >= self.0.config.max_attempts.max(1)
                 || deltas.as_ref().is_some_and(|d| d.is_closed())
             {
-                break Err(exhausted(all_busy, attempts, &last_error));
+                break Err(exhausted(all_busy, retry_after, attempts, &last_error));
             }
             routed = match self.route_excluding(request.clone(), &tried).await {
                 Ok(r) => r,
                 Err(JobError::NoHost(_)) => {
-                    break Err(exhausted(all_busy, attempts, &last_error));
+                    break Err(exhausted(all_busy, retry_after, attempts, &last_error));
                 }
                 Err(e) => break Err(e),
             };
@@ -206,7 +208,7 @@ impl JobService {
             .await?;
         let metrics = metainf_profiler::bench::metrics(&exec.report)
             .map_err(|e| ExecError::Failed(e.to_string()))?;
-        let record = match self.record(&exec, &method, &metrics).await {
+        let record = match self.record(&exec, &metrics).await {
             Ok(id) => Some(id),
             Err(e) => {
                 // The client still gets its result; the tensor misses one measurement.
@@ -227,7 +229,6 @@ impl JobService {
     pub(super) async fn record(
         &self,
         exec: &executor::Execution,
-        method: &MethodConfig,
         metrics: &metainf_protocol::Metrics,
     ) -> Result<metainf_protocol::RecordId, String> {
         let record = PerfRecord {
@@ -237,9 +238,13 @@ impl JobService {
             hardware: self.0.profile.clone(),
             model: exec.model.clone(),
             workload: exec.workload.clone(),
-            method: method.clone(),
+            method: exec.method.clone(),
             metrics: metrics.clone(),
-            source: RecordSource::Job,
+            source: RecordSource::Served(ServedLoad {
+                mean_running_seqs: exec.co_load.mean_running,
+                mean_foreign_seqs: exec.co_load.mean_foreign.min(exec.co_load.mean_running),
+                cached_prompt_tokens: exec.co_load.cached_prompt_tokens.min(metrics.prompt_tokens),
+            }),
             engine: ENGINE_NAME.to_owned(),
         };
         let id = self
@@ -295,7 +300,9 @@ impl JobService {
                 }
                 Ok(*result)
             }
-            JobReply::Busy { .. } => Err(ExecError::Busy),
+            JobReply::Busy { retry_after_s } => Err(ExecError::Busy {
+                retry_after_s: retry_after_s.clamp(1, 60),
+            }),
             JobReply::Rejected(reason) => Err(ExecError::Rejected(reason)),
             JobReply::Failed(reason) => Err(ExecError::Failed(reason)),
         }
@@ -341,9 +348,16 @@ pub(super) fn dedup_deltas(
 }
 
 /// The error of a job no host could run: busy everywhere (429) or failing (502).
-pub(super) fn exhausted(all_busy: bool, attempts: u32, last_error: &str) -> JobError {
+pub(super) fn exhausted(
+    all_busy: bool,
+    retry_after_s: u32,
+    attempts: u32,
+    last_error: &str,
+) -> JobError {
     if all_busy {
-        JobError::Overloaded { retry_after_s: 2 }
+        JobError::Overloaded {
+            retry_after_s: retry_after_s.clamp(1, 60),
+        }
     } else {
         JobError::Failed(format!(
             "the job failed on {attempts} host(s); last: {last_error}"

@@ -109,6 +109,8 @@ pub struct Offer {
     pub running_jobs: u32,
     /// Capacity of its queue.
     pub queue_capacity: u32,
+    /// Live load of its serving engine.
+    pub load: Option<metainf_protocol::HostLoad>,
 }
 
 /// A job call from a peer, to be answered through [`InboundJob::respond`].

@@ -117,6 +117,7 @@ impl EventLoop {
             hardware: self.hardware,
             profile: Some(self.profile.clone()),
             records_seq,
+            load: offer.load,
         };
         match codec::encode(&heartbeat) {
             Ok(bytes) => {

@@ -7,6 +7,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use crate::error::{ProfilerError, Result};
+
 /// Hash of the tokens `0..(i+1)·block_size` of a sequence: the previous block's hash chained
 /// with this block's tokens.
 pub(crate) type BlockHash = [u8; 16];
@@ -57,26 +59,35 @@ pub(crate) struct KvPool {
 }
 
 impl KvPool {
-    /// A pool of as many blocks of `block_size` tokens as fit `budget_bytes`.
+    /// A pool of as many blocks of `block_size` tokens as fit `budget_bytes`. Refuses shapes
+    /// whose sizes overflow.
     pub(crate) fn new(
         block_size: usize,
         budget_bytes: usize,
         layers: usize,
         kv_heads: usize,
         head_dim: usize,
-    ) -> Self {
-        let block_floats = layers * kv_heads * block_size * head_dim;
-        let block_bytes = 2 * block_floats * std::mem::size_of::<f32>();
+    ) -> Result<Self> {
+        let overflow = || ProfilerError::Measure("the KV cache's size overflows".into());
+        let block_floats = layers
+            .checked_mul(kv_heads)
+            .and_then(|v| v.checked_mul(block_size))
+            .and_then(|v| v.checked_mul(head_dim))
+            .ok_or_else(overflow)?;
+        let block_bytes = block_floats
+            .checked_mul(2 * std::mem::size_of::<f32>())
+            .ok_or_else(overflow)?;
         let blocks = (budget_bytes / block_bytes.max(1)).min(u32::MAX as usize);
-        Self {
+        let floats = blocks.checked_mul(block_floats).ok_or_else(overflow)?;
+        Ok(Self {
             block_size,
             layers,
             kv_heads,
             head_dim,
             blocks,
             // Zeroed allocations are mapped lazily: untouched blocks cost no memory.
-            keys: vec![0.0; blocks * block_floats],
-            values: vec![0.0; blocks * block_floats],
+            keys: vec![0.0; floats],
+            values: vec![0.0; floats],
             refs: vec![0; blocks],
             hash_of: vec![None; blocks],
             cached: HashMap::new(),
@@ -85,7 +96,7 @@ impl KvPool {
             free: (0..blocks as u32).rev().collect(),
             tick: 0,
             stats: KvStats::default(),
-        }
+        })
     }
 
     pub(crate) fn block_size(&self) -> usize {
@@ -120,7 +131,6 @@ impl KvPool {
     }
 
     /// Cached blocks that no sequence uses.
-    #[cfg(test)]
     pub(crate) fn evictable_blocks(&self) -> usize {
         self.lru.len()
     }
@@ -213,9 +223,9 @@ mod tests {
     use super::*;
 
     fn pool(blocks: usize) -> KvPool {
-        let p = KvPool::new(4, 0, 1, 1, 2);
+        let p = KvPool::new(4, 0, 1, 1, 2).unwrap();
         let bytes = p.block_bytes() * blocks;
-        KvPool::new(4, bytes, 1, 1, 2)
+        KvPool::new(4, bytes, 1, 1, 2).unwrap()
     }
 
     #[test]
@@ -257,5 +267,11 @@ mod tests {
             "a cached block is evicted when nothing is free"
         );
         assert_eq!(p.lookup(&h1), None);
+    }
+
+    #[test]
+    fn shapes_that_overflow_are_refused() {
+        assert!(KvPool::new(usize::MAX, 1 << 20, 30, 3, 64).is_err());
+        assert!(KvPool::new(1 << 40, usize::MAX, 1 << 20, 1 << 20, 64).is_err());
     }
 }

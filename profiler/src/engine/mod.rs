@@ -14,6 +14,8 @@ pub(crate) mod kernels;
 pub mod kv;
 pub mod model;
 pub mod sample;
+pub mod sched;
+pub mod serve;
 pub mod threads;
 
 use std::collections::VecDeque;
@@ -22,16 +24,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use metainf_protocol::{MethodConfig, ParamValue, method::flags, method::params};
-use rand::SeedableRng;
-use rand::rngs::StdRng;
 
 pub use kv::KvStats;
 pub use model::{LlamaConfig, LlamaModel};
 pub use sample::{Sampling, argmax};
 
+pub use sched::{CoLoad, JobPolicy, SchedConfig};
+
 use crate::error::{ProfilerError, Result};
-use kv::{BlockHash, KvPool, chain_hash};
-use model::StepToken;
+use sched::{Scheduler, SeqEvent};
+
+/// Whether this build's engine runs on a GPU (it has no GPU backend yet: every forward pass
+/// runs on the CPU, whatever NVML finds).
+pub const RUNS_ON_GPU: bool = false;
 
 /// Engine-wide options.
 #[derive(Clone, Copy, Debug, Default)]
@@ -290,9 +295,11 @@ impl Engine {
         method: &MethodSettings,
         observer: &mut dyn RunObserver,
     ) -> Result<RunReport> {
-        let mut batcher = Batcher::new(&self.model, method.clone())?;
+        const JOB: sched::JobKey = 0;
+        let mut scheduler =
+            Scheduler::new(&self.model, SchedConfig::for_method(method, usize::MAX))?;
         for r in requests {
-            batcher.check(r)?;
+            scheduler.check(&self.model, r)?;
         }
         let mut order: Vec<usize> = (0..requests.len()).collect();
         order.sort_by(|&a, &b| requests[a].arrival_s.total_cmp(&requests[b].arrival_s));
@@ -300,6 +307,7 @@ impl Engine {
         let mut completions: Vec<Option<Completion>> = vec![None; requests.len()];
         let mut finished = 0;
         let start = Instant::now();
+        scheduler.open(JOB, JobPolicy::of(method), start);
         let mut last_token = 0.0f64;
         while finished < requests.len() {
             let now = start.elapsed().as_secs_f64();
@@ -308,9 +316,9 @@ impl Engine {
                     break;
                 }
                 pending.pop_front();
-                batcher.submit(i, requests[i].clone());
+                scheduler.add(JOB, i, requests[i].clone());
             }
-            if batcher.is_idle() {
+            if scheduler.is_idle() {
                 if let Some(&i) = pending.front() {
                     let wait = (requests[i].arrival_s - now).max(0.0);
                     std::thread::sleep(Duration::from_secs_f64(wait.min(1.0)));
@@ -320,16 +328,26 @@ impl Engine {
             if observer.cancelled() {
                 return Err(ProfilerError::Cancelled);
             }
-            let mut done = self.pool.install(|| batcher.step(&start))?;
-            for (key, token) in std::mem::take(&mut batcher.sampled) {
-                if !observer.on_token(key, token)
-                    && !done.iter().any(|(k, _)| *k == key)
-                    && let Some(stopped) = batcher.stop(key)
-                {
-                    done.push(stopped);
+            let events = self.pool.install(|| scheduler.step(&self.model))?;
+            let mut done = Vec::new();
+            for event in events {
+                match event {
+                    SeqEvent::Token { index, token, .. } => {
+                        if !observer.on_token(index, token)
+                            && let Some(c) = scheduler.stop(JOB, index)
+                        {
+                            done.push((index, c));
+                        }
+                    }
+                    SeqEvent::Finished {
+                        index, completion, ..
+                    } => done.push((index, completion)),
                 }
             }
             for (i, c) in done {
+                if completions[i].is_some() {
+                    continue;
+                }
                 if let Some(t) = c.token_times_s.last() {
                     last_token = last_token.max(*t);
                 }
@@ -338,16 +356,25 @@ impl Engine {
                 observer.on_finish(finished);
             }
         }
-        let kv = batcher.pool.stats();
+        let steps = scheduler.steps();
+        let block_bytes = scheduler.pool().block_bytes();
+        let (_, kv) = scheduler
+            .close(JOB)
+            .ok_or_else(|| ProfilerError::Measure("the run's job vanished".into()))?;
+        let mut kv = KvStats {
+            evictions: scheduler.pool().stats().evictions,
+            ..kv
+        };
+        kv.peak_blocks = kv.peak_blocks.max(scheduler.pool().stats().peak_blocks);
         Ok(RunReport {
             completions: completions
                 .into_iter()
                 .map(|c| c.ok_or_else(|| ProfilerError::Measure("a request did not finish".into())))
                 .collect::<Result<_>>()?,
             wall_s: last_token,
-            peak_kv_bytes: (kv.peak_blocks * batcher.pool.block_bytes()) as u64,
+            peak_kv_bytes: (kv.peak_blocks * block_bytes) as u64,
             kv,
-            steps: batcher.steps,
+            steps,
             prompt_tokens: requests.iter().map(|r| r.prompt.len() as u64).sum(),
         })
     }
@@ -368,327 +395,5 @@ pub trait RunObserver {
     /// Checked before every step: `true` abandons the run with [`ProfilerError::Cancelled`].
     fn cancelled(&self) -> bool {
         false
-    }
-}
-
-struct Seq {
-    key: usize,
-    req: Request,
-    tokens: Vec<u32>,
-    computed: usize,
-    table: Vec<u32>,
-    hashes: Vec<BlockHash>,
-    /// Hashes of the prompt's cacheable full blocks (prefix caching only).
-    prompt_hashes: Vec<BlockHash>,
-    /// Blocks this sequence may still allocate (its worst case, reserved at admission).
-    reserved: usize,
-    rng: StdRng,
-    token_times: Vec<f64>,
-    cached_prompt_tokens: usize,
-}
-
-impl Seq {
-    fn prompt_len(&self) -> usize {
-        self.req.prompt.len()
-    }
-}
-
-/// The iteration-level scheduler over one KV pool: requests are submitted, and each
-/// [`Batcher::step`] runs one forward pass over the tokens the method schedules.
-struct Batcher<'m> {
-    model: &'m LlamaModel,
-    method: MethodSettings,
-    pool: KvPool,
-    waiting: VecDeque<(usize, Request)>,
-    running: Vec<Seq>,
-    reserved: usize,
-    steps: u64,
-    /// Tokens sampled in the last step, as (request key, token).
-    sampled: Vec<(usize, u32)>,
-}
-
-impl<'m> Batcher<'m> {
-    fn new(model: &'m LlamaModel, method: MethodSettings) -> Result<Self> {
-        if method.block_size == 0 || method.max_batch == 0 || method.chunk_size == 0 {
-            return Err(ProfilerError::Measure(
-                "block size, batch and chunk size must be positive".into(),
-            ));
-        }
-        let c = &model.config;
-        let pool = KvPool::new(
-            method.block_size,
-            method.kv_budget_bytes,
-            c.layers,
-            c.kv_heads,
-            c.head_dim,
-        );
-        Ok(Self {
-            model,
-            method,
-            pool,
-            waiting: VecDeque::new(),
-            running: Vec::new(),
-            reserved: 0,
-            steps: 0,
-            sampled: Vec::new(),
-        })
-    }
-
-    fn blocks_for(&self, r: &Request) -> usize {
-        (r.prompt.len() + r.max_tokens as usize).div_ceil(self.method.block_size)
-    }
-
-    /// Refuses what can never run: an empty prompt, more tokens than the context, or more KV
-    /// than the whole budget.
-    fn check(&self, r: &Request) -> Result<()> {
-        let c = &self.model.config;
-        if r.prompt.is_empty() {
-            return Err(ProfilerError::Measure("empty prompt".into()));
-        }
-        if r.max_tokens == 0 {
-            return Err(ProfilerError::Measure(
-                "max_tokens must be at least 1".into(),
-            ));
-        }
-        if let Some(t) = r.prompt.iter().find(|t| **t as usize >= c.vocab) {
-            return Err(ProfilerError::Measure(format!(
-                "token id {t} is outside the vocabulary of {}",
-                c.vocab
-            )));
-        }
-        let total = r.prompt.len() + r.max_tokens as usize;
-        if total > c.context_length {
-            return Err(ProfilerError::Measure(format!(
-                "{} prompt tokens + {} to generate exceed the model's context of {} tokens",
-                r.prompt.len(),
-                r.max_tokens,
-                c.context_length
-            )));
-        }
-        if self.blocks_for(r) > self.pool.total_blocks() {
-            return Err(ProfilerError::Measure(format!(
-                "a request of {total} tokens needs {} MiB of KV cache; the budget is {} MiB",
-                (self.blocks_for(r) * self.pool.block_bytes()) >> 20,
-                self.method.kv_budget_bytes >> 20
-            )));
-        }
-        Ok(())
-    }
-
-    fn submit(&mut self, key: usize, r: Request) {
-        self.waiting.push_back((key, r));
-    }
-
-    fn is_idle(&self) -> bool {
-        self.waiting.is_empty() && self.running.is_empty()
-    }
-
-    /// Admits waiting requests, first come first served, while the method and KV allow.
-    fn admit(&mut self) {
-        if !self.method.continuous_batching && !self.running.is_empty() {
-            return;
-        }
-        let bs = self.method.block_size;
-        while self.running.len() < self.method.max_batch {
-            let Some((key, req)) = self.waiting.pop_front() else {
-                break;
-            };
-            let mut prompt_hashes = Vec::new();
-            let mut table = Vec::new();
-            if self.method.prefix_caching {
-                // At least the last prompt token is computed, to give the first logits.
-                let cacheable = (req.prompt.len() - 1) / bs;
-                for block in req.prompt.chunks_exact(bs).take(cacheable) {
-                    let h = chain_hash(prompt_hashes.last(), block);
-                    prompt_hashes.push(h);
-                }
-                for h in &prompt_hashes {
-                    match self.pool.lookup(h) {
-                        Some(b) => table.push(b),
-                        None => break,
-                    }
-                }
-            }
-            let need = self.blocks_for(&req) - table.len();
-            if self.pool.available() < self.reserved + need {
-                for b in table {
-                    self.pool.release(b);
-                }
-                self.waiting.push_front((key, req));
-                break;
-            }
-            self.reserved += need;
-            let computed = table.len() * bs;
-            let seed = req.sampling.seed;
-            self.running.push(Seq {
-                key,
-                tokens: req.prompt.clone(),
-                computed,
-                hashes: prompt_hashes[..table.len()].to_vec(),
-                table,
-                prompt_hashes,
-                reserved: need,
-                rng: StdRng::seed_from_u64(seed),
-                token_times: Vec::new(),
-                cached_prompt_tokens: computed,
-                req,
-            });
-        }
-    }
-
-    /// Prefix caching at prefill time: takes blocks that became cached since admission, and
-    /// says whether the sequence should wait a step because an earlier sequence is computing
-    /// its next block right now (so the prefix is computed once, not side by side).
-    fn late_lookup(&mut self, i: usize) -> bool {
-        let bs = self.method.block_size;
-        loop {
-            let s = &self.running[i];
-            let next = s.computed / bs;
-            if !s.computed.is_multiple_of(bs)
-                || s.table.len() != next
-                || next >= s.prompt_hashes.len()
-            {
-                return false;
-            }
-            let h = s.prompt_hashes[next];
-            if let Some(b) = self.pool.lookup(&h) {
-                let s = &mut self.running[i];
-                s.table.push(b);
-                s.hashes.push(h);
-                s.computed += bs;
-                s.cached_prompt_tokens += bs;
-                if s.reserved > 0 {
-                    s.reserved -= 1;
-                    self.reserved = self.reserved.saturating_sub(1);
-                }
-                continue;
-            }
-            return self.running[..i]
-                .iter()
-                .any(|e| e.prompt_hashes.get(next) == Some(&h) && e.computed < (next + 1) * bs);
-        }
-    }
-
-    /// One forward step. Returns the requests that finished in it.
-    fn step(&mut self, start: &Instant) -> Result<Vec<(usize, Completion)>> {
-        self.admit();
-        let bs = self.method.block_size;
-        // (sequence, first position, count): decodes first, then prefill under the budget.
-        let mut items: Vec<(usize, usize, usize)> = Vec::new();
-        for (i, s) in self.running.iter().enumerate() {
-            if s.computed >= s.prompt_len() {
-                items.push((i, s.computed, 1));
-            }
-        }
-        let mut budget = if self.method.chunked_prefill {
-            self.method.chunk_size
-        } else {
-            usize::MAX
-        };
-        let mut waits = vec![false; self.running.len()];
-        if self.method.prefix_caching {
-            for (i, wait) in waits.iter_mut().enumerate() {
-                if self.running[i].computed < self.running[i].prompt_len() {
-                    *wait = self.late_lookup(i);
-                }
-            }
-        }
-        for (i, s) in self.running.iter().enumerate() {
-            if s.computed < s.prompt_len() && budget > 0 && !waits[i] {
-                let n = (s.prompt_len() - s.computed).min(budget);
-                items.push((i, s.computed, n));
-                budget -= n;
-            }
-        }
-        if items.is_empty() {
-            return Err(ProfilerError::Measure(
-                "the scheduler found nothing to run (a bug: the earliest sequence never waits)"
-                    .into(),
-            ));
-        }
-        let mut tokens = Vec::new();
-        for &(i, first, n) in &items {
-            let s = &mut self.running[i];
-            while s.table.len() * bs < first + n {
-                let block = self.pool.allocate().ok_or_else(|| {
-                    ProfilerError::Measure("KV cache exhausted despite the reservation".into())
-                })?;
-                s.reserved = s.reserved.saturating_sub(1);
-                self.reserved = self.reserved.saturating_sub(1);
-                s.table.push(block);
-            }
-            for pos in first..first + n {
-                tokens.push(StepToken {
-                    token: s.tokens[pos],
-                    pos,
-                    seq: i,
-                    logits: pos + 1 == s.tokens.len(),
-                });
-            }
-        }
-        let tables: Vec<&[u32]> = self.running.iter().map(|s| s.table.as_slice()).collect();
-        let logits = self.model.forward(&tokens, &tables, &mut self.pool)?;
-        self.steps += 1;
-        let now = start.elapsed().as_secs_f64();
-        let mut logits = logits.into_iter();
-        let mut finished = Vec::new();
-        for &(i, first, n) in &items {
-            let s = &mut self.running[i];
-            s.computed = first + n;
-            if self.method.prefix_caching {
-                while s.hashes.len() < s.computed / bs {
-                    let b = s.hashes.len();
-                    let h = chain_hash(s.hashes.last(), &s.tokens[b * bs..(b + 1) * bs]);
-                    self.pool.register(s.table[b], h);
-                    s.hashes.push(h);
-                }
-            }
-            if s.computed == s.tokens.len() {
-                let l = logits
-                    .next()
-                    .ok_or_else(|| ProfilerError::Measure("missing logits".into()))?;
-                let token = sample::sample(&l, &s.req.sampling, &mut s.rng);
-                s.tokens.push(token);
-                s.token_times.push(now);
-                let generated = s.tokens.len() - s.prompt_len();
-                self.sampled.push((s.key, token));
-                if s.req.stop.contains(&token) {
-                    finished.push((i, FinishReason::Stop));
-                } else if generated >= s.req.max_tokens as usize {
-                    finished.push((i, FinishReason::Length));
-                }
-            }
-        }
-        finished.sort_by_key(|(i, _)| *i);
-        let mut done = Vec::new();
-        for (i, finish) in finished.into_iter().rev() {
-            done.push(self.retire(i, finish));
-        }
-        Ok(done)
-    }
-
-    /// Removes running sequence `i`, releasing its blocks.
-    fn retire(&mut self, i: usize, finish: FinishReason) -> (usize, Completion) {
-        let s = self.running.remove(i);
-        for &b in &s.table {
-            self.pool.release(b);
-        }
-        self.reserved = self.reserved.saturating_sub(s.reserved);
-        (
-            s.key,
-            Completion {
-                tokens: s.tokens[s.req.prompt.len()..].to_vec(),
-                finish,
-                arrival_s: s.req.arrival_s,
-                token_times_s: s.token_times,
-                cached_prompt_tokens: s.cached_prompt_tokens,
-            },
-        )
-    }
-
-    /// Ends the running request `key` now, as stopped (a stop string matched).
-    fn stop(&mut self, key: usize) -> Option<(usize, Completion)> {
-        let i = self.running.iter().position(|s| s.key == key)?;
-        Some(self.retire(i, FinishReason::Stop))
     }
 }

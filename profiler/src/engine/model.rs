@@ -435,7 +435,7 @@ impl LlamaModel {
             c.layers,
             c.kv_heads,
             c.head_dim,
-        );
+        )?;
         let table: Vec<u32> = (0..blocks)
             .map(|_| {
                 kv.allocate()
@@ -524,37 +524,40 @@ impl LlamaModel {
                 );
             }
             let kv_ref = &*kv;
-            attn.par_chunks_mut(q_dim)
-                .zip(qkv.par_chunks(qkv_dim))
-                .zip(tokens.par_iter())
-                .for_each(|((out, row), tok)| {
+            // One task per (token, head), so that a single sequence's decode uses every
+            // thread too; each task keeps its score buffer across the heads it runs.
+            attn.par_chunks_mut(d).enumerate().for_each_init(
+                Vec::new,
+                |scores: &mut Vec<f32>, (task, o)| {
+                    let (ti, head) = (task / c.heads, task % c.heads);
+                    let tok = &tokens[ti];
+                    let row = &qkv[ti * qkv_dim..(ti + 1) * qkv_dim];
                     let table = tables[tok.seq];
-                    let mut scores = vec![0f32; tok.pos + 1];
-                    for head in 0..c.heads {
-                        let g = head / group;
-                        let q = &row[head * d..(head + 1) * d];
-                        let mut max = f32::NEG_INFINITY;
-                        for (p, s) in scores.iter_mut().enumerate() {
-                            let k = kv_ref.key(l, table[p / block_size], g, p % block_size);
-                            *s = dot(q, k) * scale;
-                            max = max.max(*s);
-                        }
-                        let mut sum = 0f32;
-                        for s in scores.iter_mut() {
-                            *s = (*s - max).exp();
-                            sum += *s;
-                        }
-                        let o = &mut out[head * d..(head + 1) * d];
-                        o.fill(0.0);
-                        for (p, s) in scores.iter().enumerate() {
-                            let v = kv_ref.value(l, table[p / block_size], g, p % block_size);
-                            let w = s / sum;
-                            for (oi, vi) in o.iter_mut().zip(v) {
-                                *oi += w * vi;
-                            }
+                    let g = head / group;
+                    let q = &row[head * d..(head + 1) * d];
+                    scores.clear();
+                    let mut max = f32::NEG_INFINITY;
+                    for p in 0..=tok.pos {
+                        let k = kv_ref.key(l, table[p / block_size], g, p % block_size);
+                        let s = dot(q, k) * scale;
+                        max = max.max(s);
+                        scores.push(s);
+                    }
+                    let mut sum = 0f32;
+                    for s in scores.iter_mut() {
+                        *s = (*s - max).exp();
+                        sum += *s;
+                    }
+                    o.fill(0.0);
+                    for (p, s) in scores.iter().enumerate() {
+                        let v = kv_ref.value(l, table[p / block_size], g, p % block_size);
+                        let w = s / sum;
+                        for (oi, vi) in o.iter_mut().zip(v) {
+                            *oi += w * vi;
                         }
                     }
-                });
+                },
+            );
             layer.wo.matmul(self.isa, &attn, t, &mut proj);
             add_in_place(&mut x, &proj);
             rms_norm(&x, &layer.ffn_norm, c.rms_eps, &mut normed);
