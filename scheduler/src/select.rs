@@ -33,27 +33,35 @@ pub struct Host {
     pub load: Option<HostLoad>,
 }
 
+/// How much one more sequence in a batch slows every step, relative to a step's fixed cost:
+/// a step of `b` sequences costs `1 + STEP_COST_PER_SEQ · b`. Measured on the 2-core machine of
+/// BENCHMARKS.md (a decode step of 4 sequences took 2.2× one sequence's); an engine whose steps
+/// are memory-bound (a GPU) shares far more cheaply, which the learned predictor refines.
+pub const STEP_COST_PER_SEQ: f64 = 0.67;
+
 impl Host {
     /// Predicted (wait, runtime) of a job of `seqs` sequences whose runtime alone would be
     /// `alone_s`.
     ///
-    /// With a serving engine's load: the job waits while the sequences ahead of it (waiting,
-    /// and its own past the engine's free places) drain, `max_running` at a time, each taking
-    /// the engine's recent mean sequence time; once in, it shares every step with the
-    /// sequences running there, which slows a step by up to half at a full batch (decode
-    /// steps are memory-bound: more rows cost little more than one). Without one: the jobs
-    /// ahead, each taking as long as this one.
+    /// With a serving engine's load: the job waits while the sequences ahead of it (running
+    /// and waiting, and its own past the engine's free places) drain, `max_running` at a time,
+    /// each taking the engine's recent mean sequence time; once in, it shares every step with
+    /// the others in the batch, each step costing [`STEP_COST_PER_SEQ`] more per sequence.
+    /// Without one: the jobs ahead, each taking as long as this one.
     pub fn predict(&self, seqs: u32, alone_s: f64) -> (f64, f64) {
         match &self.load {
             Some(l) if l.max_running > 0 => {
-                let max = f64::from(l.max_running);
+                let max = u64::from(l.max_running);
+                let own = u64::from(seqs.max(1)).min(max);
+                let ahead = u64::from(l.running_seqs) + u64::from(l.waiting_seqs);
                 let per_seq = if l.seq_s > 0.0 { l.seq_s } else { alone_s };
-                let occupied = u64::from(l.running_seqs) + u64::from(l.waiting_seqs);
-                let over =
-                    (occupied + u64::from(seqs.max(1))).saturating_sub(u64::from(l.max_running));
-                let wait = over as f64 / max * per_seq;
-                let share = f64::from(l.running_seqs.min(l.max_running)) / max;
-                (wait, alone_s * (1.0 + 0.5 * share))
+                let over = (ahead + u64::from(seqs.max(1))).saturating_sub(max);
+                let wait = over as f64 / max as f64 * per_seq;
+                let others = ahead.min(max - own) as f64;
+                let own = own as f64;
+                let factor =
+                    (1.0 + STEP_COST_PER_SEQ * (own + others)) / (1.0 + STEP_COST_PER_SEQ * own);
+                (wait, alone_s * factor)
             }
             _ => {
                 let ahead = f64::from(self.queue_depth) + f64::from(self.running_jobs);
@@ -334,21 +342,38 @@ mod tests {
             decode_tok_s: 50.0,
             seq_s: 4.0,
         };
+        let c = STEP_COST_PER_SEQ;
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
         h.load = Some(load);
-        // Room for 4 more: no wait, a step shared with 8 of 16 is 25 % slower.
-        assert_eq!(h.predict(4, 2.0), (0.0, 2.5));
-        // 12 sequences: 4 past the free places wait a quarter of a 4 s wave.
+        // Room for 4 more: no wait, but every step is shared with 8 others.
+        let (wait, runtime) = h.predict(4, 2.0);
+        assert_eq!(wait, 0.0);
+        assert!(
+            close(runtime, 2.0 * (1.0 + 12.0 * c) / (1.0 + 4.0 * c)),
+            "{runtime}"
+        );
+        // An idle engine: no wait, no slowdown.
+        h.load = Some(HostLoad {
+            running_seqs: 0,
+            ..load
+        });
+        assert_eq!(h.predict(4, 2.0), (0.0, 2.0));
+        // 12 sequences beside 8: 4 past the free places wait a quarter of a 4 s sequence.
+        h.load = Some(load);
         let (wait, _) = h.predict(12, 2.0);
-        assert!((wait - 1.0).abs() < 1e-9, "{wait}");
-        // A queue ahead waits too, even for one sequence.
+        assert!(close(wait, 1.0), "{wait}");
+        // A queue ahead waits too, even for one sequence, and the batch is full.
         h.load = Some(HostLoad {
             running_seqs: 16,
             waiting_seqs: 16,
             ..load
         });
         let (wait, runtime) = h.predict(1, 2.0);
-        assert!((wait - 4.25).abs() < 1e-9, "{wait}");
-        assert!((runtime - 3.0).abs() < 1e-9);
+        assert!(close(wait, 4.25), "{wait}");
+        assert!(
+            close(runtime, 2.0 * (1.0 + 16.0 * c) / (1.0 + c)),
+            "{runtime}"
+        );
     }
 
     #[test]

@@ -60,9 +60,10 @@ struct Inner {
     started: Instant,
     /// Records in the store, as last counted.
     records: AtomicU64,
-    /// Jobs this node sent to each host that have not ended yet: a host's heartbeat is up to
-    /// an interval old, and a burst of jobs must not all see the same empty queue.
-    pending: std::sync::Mutex<std::collections::HashMap<PeerId, u32>>,
+    /// Jobs (and their sequences) this node sent to each host that have not ended yet: a
+    /// host's heartbeat is up to an interval old, and a burst of jobs must not all see the same
+    /// empty queue.
+    pending: std::sync::Mutex<std::collections::HashMap<PeerId, (u32, u32)>>,
 }
 
 /// The node's job service. Cheap to clone.

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::time::Instant;
 
 use libp2p::PeerId;
-use metainf_protocol::{Arrival, JobId, JobRequest, ModelDescriptor, WorkloadDescriptor};
+use metainf_protocol::{Arrival, HostLoad, JobId, JobRequest, ModelDescriptor, WorkloadDescriptor};
 use metainf_scheduler::SchedulerError;
 use metainf_scheduler::select::{Decision, Host, Query, SelectError};
 use tracing::warn;
@@ -70,7 +70,11 @@ impl JobService {
                     queue_depth: queued.max(mine.saturating_sub(running)),
                     running_jobs: running,
                     power_w: None,
-                    load: self.0.executor.host_load(),
+                    load: self
+                        .0
+                        .executor
+                        .host_load()
+                        .map(|l| self.with_pending(l, &self.0.peer_id)),
                 },
             });
         }
@@ -94,7 +98,7 @@ impl JobService {
                         .max(self.pending_on(&p.peer).saturating_sub(h.running_jobs)),
                     running_jobs: h.running_jobs,
                     power_w: None,
-                    load: h.load,
+                    load: h.load.map(|l| self.with_pending(l, &p.peer)),
                 },
             });
         }
@@ -203,19 +207,47 @@ impl JobService {
         })
     }
 
+    /// A host's announced load with the sequences this node sent it since: jobs accepted
+    /// count at once, before the engine (or a heartbeat) shows them.
+    fn with_pending(&self, mut load: HostLoad, peer: &PeerId) -> HostLoad {
+        let pending = self.pending_seqs_on(peer);
+        load.waiting_seqs = load
+            .waiting_seqs
+            .max(pending.saturating_sub(load.running_seqs));
+        load
+    }
+
+    /// Jobs this node sent to `peer` that have not ended.
     pub(super) fn pending_on(&self, peer: &PeerId) -> u32 {
+        self.pending_counts(peer).0
+    }
+
+    /// Their sequences.
+    pub(super) fn pending_seqs_on(&self, peer: &PeerId) -> u32 {
+        self.pending_counts(peer).1
+    }
+
+    fn pending_counts(&self, peer: &PeerId) -> (u32, u32) {
         self.0
             .pending
             .lock()
-            .map(|p| p.get(peer).copied().unwrap_or(0))
-            .unwrap_or(0)
+            .map(|p| p.get(peer).copied().unwrap_or((0, 0)))
+            .unwrap_or((0, 0))
     }
 
-    pub(super) fn count_pending(&self, peer: PeerId, up: bool) {
+    /// Counts a job of `seqs` sequences for (`up`) or against `peer`.
+    pub(super) fn count_pending(&self, peer: PeerId, up: bool, seqs: usize) {
+        let seqs = u32::try_from(seqs).unwrap_or(u32::MAX);
         if let Ok(mut p) = self.0.pending.lock() {
-            let n = p.entry(peer).or_insert(0);
-            *n = if up { *n + 1 } else { n.saturating_sub(1) };
-            if *n == 0 {
+            let (jobs, s) = p.entry(peer).or_insert((0, 0));
+            if up {
+                *jobs = jobs.saturating_add(1);
+                *s = s.saturating_add(seqs);
+            } else {
+                *jobs = jobs.saturating_sub(1);
+                *s = s.saturating_sub(seqs);
+            }
+            if *jobs == 0 {
                 p.remove(&peer);
             }
         }

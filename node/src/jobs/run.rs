@@ -38,7 +38,7 @@ impl JobService {
     /// Persists an accepted job as queued, and counts it against its host until it ends.
     pub async fn accept(&self, routed: &Routed) {
         if let Some(&peer) = routed.hosts.get(routed.decision.chosen.host) {
-            self.count_pending(peer, true);
+            self.count_pending(peer, true, routed.request.prompts.len());
         }
         self.save(JobEntry {
             request: routed.request.clone(),
@@ -78,9 +78,9 @@ impl JobService {
             };
             if counted != Some(peer) {
                 if let Some(old) = counted.replace(peer) {
-                    self.count_pending(old, false);
+                    self.count_pending(old, false, request.prompts.len());
                 }
-                self.count_pending(peer, true);
+                self.count_pending(peer, true, request.prompts.len());
             }
             attempts += 1;
             tried.insert(peer);
@@ -138,7 +138,7 @@ impl JobService {
             };
         };
         if let Some(peer) = counted {
-            self.count_pending(peer, false);
+            self.count_pending(peer, false, request.prompts.len());
         }
         let latency_s = accepted.elapsed().as_secs_f64();
         let choice = match &result {

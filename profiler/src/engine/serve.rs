@@ -3,9 +3,10 @@
 //! sequences join the running batch at the next step, their tokens go to each job's
 //! [`JobSink`] as they are sampled, and each job starts, finishes and is cancelled on its own.
 //!
-//! The thread blocks on its queue while there is nothing to do. Submissions past the waiting
-//! limit are refused at once ([`SubmitError::Busy`], with a retry estimate), never queued
-//! without bound; a job that can never fit is refused as [`SubmitError::Rejected`].
+//! The thread blocks on its queue while there is nothing to do. A job is refused at once while
+//! the waiting queue is full ([`SubmitError::Busy`], with a retry estimate), so nothing queues
+//! without bound (at most the limit plus one job); a job that can never fit is refused as
+//! [`SubmitError::Rejected`].
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -172,8 +173,8 @@ impl Server {
         let scheduler = Scheduler::new(engine.model(), config)?;
         let total_blocks = scheduler.pool().total_blocks();
         let block_bytes = scheduler.pool().block_bytes();
-        // Each submission holds at least one sequence, and at most `max_waiting` sequences are
-        // in flight or waiting: the channel never needs more room than that.
+        // Each submission holds at least one sequence and is taken only while fewer than
+        // `max_waiting` are in flight or waiting: the channel never needs more room than that.
         let (tx, rx) = mpsc::sync_channel(config.max_waiting.clamp(1, 1 << 16));
         let gauges = Arc::new(Gauges::default());
         let worker = Worker {
@@ -242,13 +243,6 @@ impl Server {
                 "a job needs at least one prompt".into(),
             ));
         }
-        if requests.len() > self.config.max_waiting {
-            return Err(SubmitError::Rejected(format!(
-                "a job of {} prompts is larger than this engine's queue of {}",
-                requests.len(),
-                self.config.max_waiting
-            )));
-        }
         for (i, r) in requests.iter().enumerate() {
             sched::check_request(
                 self.engine.model(),
@@ -261,8 +255,11 @@ impl Server {
         }
         let n = requests.len();
         let g = &self.gauges;
+        // A job is taken while the queue has room, whatever its size (a batch job of many
+        // prompts is never refused for being large): at most `max_waiting` sequences plus one
+        // job's wait.
         let before = g.inflight.fetch_add(n, Ordering::AcqRel);
-        if before + g.waiting.load(Ordering::Relaxed) + n > self.config.max_waiting {
+        if before + g.waiting.load(Ordering::Relaxed) >= self.config.max_waiting {
             g.inflight.fetch_sub(n, Ordering::AcqRel);
             return Err(SubmitError::Busy {
                 retry_after_s: self.retry_after_s(),
