@@ -372,8 +372,11 @@ pub async fn run(config: LoadConfig) -> Result<LoadReport> {
     if config.rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
         bail!("--rate must be a positive number of arrivals per second");
     }
+    // A fresh connection per request: a server may close an idle kept-alive connection just
+    // as the client reuses it (llama-server does), which would fail a request it never saw.
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(config.timeout_s.max(1)))
+        .pool_max_idle_per_host(0)
         .build()
         .context("cannot build the HTTP client")?;
     let url = config.url.trim_end_matches('/').to_owned();
