@@ -375,13 +375,32 @@ impl JobService {
 pub(super) fn count_records(store: &Store) -> u64 {
     store
         .origin_states()
-        .map(|s| s.values().map(|o| o.max).sum())
+        // Sequence numbers come from the network: a record with seq u64::MAX is valid, and a
+        // plain sum would overflow.
+        .map(|s| s.values().fold(0u64, |n, o| n.saturating_add(o.max)))
         .unwrap_or(0)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn records_with_the_largest_sequence_numbers_do_not_overflow_the_count() {
+        use metainf_protocol::{Keypair, SignedRecord, fixtures};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("store")).unwrap();
+        let records = (1u8..=2)
+            .map(|i| {
+                let key = Keypair::ed25519_from_bytes([i; 32]).unwrap();
+                let mut r = fixtures::record(&key, 1, u64::from(i));
+                r.seq = u64::MAX;
+                SignedRecord::sign(r, &key).unwrap().verify().unwrap()
+            })
+            .collect();
+        store.put(records).unwrap();
+        assert_eq!(count_records(&store), u64::MAX);
+    }
 
     fn log(generation: u64, err: f64) -> DecisionLog {
         DecisionLog {

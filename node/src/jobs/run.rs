@@ -317,11 +317,14 @@ pub(super) fn dedup_deltas(
 ) -> mpsc::Sender<Delta> {
     let (tx, mut rx) = mpsc::channel::<Delta>(64);
     tokio::spawn(async move {
-        let mut seen: Vec<usize> = Vec::new();
+        // One counter per prompt of the job; a delta for a prompt the job does not have (a
+        // hostile or broken host) is dropped, never allocated for.
+        let prompts = sent.lock().map(|s| s.len()).unwrap_or(0);
+        let mut seen: Vec<usize> = vec![0; prompts];
         while let Some((prompt, text)) = rx.recv().await {
             let i = prompt as usize;
-            if seen.len() <= i {
-                seen.resize(i + 1, 0);
+            if i >= seen.len() {
+                continue;
             }
             let start = seen[i];
             seen[i] += text.len();
@@ -394,6 +397,10 @@ mod tests {
         assert_eq!(next(&mut rx).await, (0, " wor".into()));
         assert_eq!(next(&mut rx).await, (0, "ld".into()));
         assert_eq!(next(&mut rx).await, (1, "B".into()));
+        // A host naming a prompt the job does not have is ignored (no 32 GiB counter vector).
+        second.send((u32::MAX, "evil".into())).await.unwrap();
+        second.send((0, "!".into())).await.unwrap();
+        assert_eq!(next(&mut rx).await, (0, "!".into()));
         drop(second);
         drop(out);
         assert!(rx.recv().await.is_none(), "nothing else was sent");
