@@ -345,6 +345,14 @@ impl Worker {
             let started = Instant::now();
             let engine = self.engine.clone();
             let stepped = engine.pool.install(|| self.scheduler.step(engine.model()));
+            // The queue as this step left it is visible before any of its tokens are: whoever
+            // sees a sequence's token sees it admitted.
+            self.gauges
+                .waiting
+                .store(self.scheduler.waiting(), Ordering::Relaxed);
+            self.gauges
+                .running
+                .store(self.scheduler.running(), Ordering::Relaxed);
             match stepped {
                 Ok(events) => self.deliver(events),
                 Err(e) => self.fail_all(&e),
