@@ -31,34 +31,49 @@ pub enum Scenario {
     SharedPrefix,
 }
 
-/// A load test.
-#[derive(Clone, Debug)]
+/// A load test (also the flags of `metainf-node loadgen`).
+#[derive(Clone, Debug, clap::Args)]
 pub struct LoadConfig {
-    /// Base URL of the endpoint (`http://127.0.0.1:8080`); `/v1/...` is appended.
+    /// The endpoint's base URL (`/v1/chat/completions` is appended).
+    #[arg(long, default_value = "http://127.0.0.1:8080", value_name = "URL")]
     pub url: String,
-    /// Model name to ask for; `None` = the first `GET /v1/models` lists.
+    /// Model name to ask for [default: the first `GET /v1/models` lists].
+    #[arg(long = "model-name", value_name = "NAME")]
     pub model: Option<String>,
-    /// The scenario.
+    /// The load: concurrent chats, sequential chats, multi-turn conversations with their
+    /// history resent, or many users behind one shared system prompt.
+    #[arg(long, value_enum, default_value = "concurrent")]
     pub scenario: Scenario,
-    /// Closed-loop clients (ignored under `sequential`: one).
+    /// Closed-loop clients, each sending its next request when its last one is done
+    /// (`sequential`: one).
+    #[arg(long, default_value_t = 8)]
     pub clients: usize,
-    /// Open-loop arrivals per second (Poisson); `None` = closed loop.
+    /// Open-loop Poisson arrivals per second instead of closed-loop clients.
+    #[arg(long)]
     pub rate: Option<f64>,
     /// Conversations (single-turn scenarios: requests).
+    #[arg(long, default_value_t = 8)]
     pub conversations: usize,
     /// Turns per conversation (multi-turn).
+    #[arg(long, default_value_t = 3)]
     pub turns: usize,
     /// Most tokens per answer.
+    #[arg(long, default_value_t = 64)]
     pub max_tokens: u32,
-    /// Sampling temperature.
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
     pub temperature: f64,
-    /// Approximate tokens of the system prompt of `multi-turn` and `shared-prefix`.
+    /// Approximate tokens of the long system prompt (multi-turn, shared-prefix).
+    #[arg(long, default_value_t = 800)]
     pub system_tokens: usize,
-    /// Seed of the prompts and arrivals.
+    /// Seed of the prompts and the arrivals.
+    #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// Most seconds one request may take.
+    #[arg(long = "timeout-s", default_value_t = 600)]
     pub timeout_s: u64,
     /// Show a progress bar.
+    #[arg(skip)]
     pub progress: bool,
 }
 

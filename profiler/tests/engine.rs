@@ -12,7 +12,6 @@ use std::sync::OnceLock;
 use metainf_profiler::engine::{
     Engine, EngineOptions, FinishReason, MethodSettings, Request, RunReport, Sampling,
 };
-use metainf_profiler::tokenizer::chat_template;
 use metainf_profiler::workload::{Preset, generate};
 use metainf_protocol::{Arrival, ChatMessage, MethodConfig};
 
@@ -22,14 +21,7 @@ fn engine() -> &'static Engine {
 }
 
 fn request(messages: &[ChatMessage], max_tokens: u32) -> Request {
-    let tok = engine().model().tokenizer();
-    Request {
-        prompt: tok.encode(&chat_template(messages)).unwrap(),
-        max_tokens,
-        stop: tok.stop_ids().to_vec(),
-        sampling: Sampling::default(),
-        arrival_s: 0.0,
-    }
+    common::chat_request(engine(), messages, max_tokens)
 }
 
 fn user(text: &str) -> Vec<ChatMessage> {

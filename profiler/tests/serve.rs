@@ -17,7 +17,6 @@ use metainf_profiler::engine::serve::{JobOutcome, JobSink, Server, SubmitError};
 use metainf_profiler::engine::{
     Engine, EngineOptions, JobPolicy, MethodSettings, Request, Sampling, SchedConfig,
 };
-use metainf_profiler::tokenizer::chat_template;
 use metainf_protocol::{ChatMessage, MethodConfig};
 
 fn engine() -> Arc<Engine> {
@@ -41,15 +40,7 @@ fn chat(system: &str, user: &str) -> Vec<ChatMessage> {
 }
 
 fn request(messages: &[ChatMessage], max_tokens: u32) -> Request {
-    let e = engine();
-    let tok = e.model().tokenizer();
-    Request {
-        prompt: tok.encode(&chat_template(messages)).unwrap(),
-        max_tokens,
-        stop: tok.stop_ids().to_vec(),
-        sampling: Sampling::default(),
-        arrival_s: 0.0,
-    }
+    common::chat_request(&engine(), messages, max_tokens)
 }
 
 const SYSTEM: &str = "You are a concise assistant for a travel agency. Answer in one or two \

@@ -199,40 +199,9 @@ pub(crate) enum Command {
     /// Load-test any OpenAI-compatible endpoint (a metainf node, llama-server, ...) with
     /// streamed chats: output tok/s, TTFT, ITL and end-to-end percentiles.
     Loadgen {
-        /// The endpoint's base URL (`/v1/chat/completions` is appended).
-        #[arg(long, default_value = "http://127.0.0.1:8080", value_name = "URL")]
-        url: String,
-        /// Model name to ask for [default: the first `GET /v1/models` lists].
-        #[arg(long = "model-name", value_name = "NAME")]
-        model_name: Option<String>,
-        /// The load: concurrent chats, sequential chats, multi-turn conversations with their
-        /// history resent, or many users behind one shared system prompt.
-        #[arg(long, value_enum, default_value = "concurrent")]
-        scenario: crate::loadgen::Scenario,
-        /// Closed-loop clients (each sends its next request when its last one is done).
-        #[arg(long, default_value_t = 8)]
-        clients: usize,
-        /// Open-loop Poisson arrivals per second instead of closed-loop clients.
-        #[arg(long)]
-        rate: Option<f64>,
-        /// Conversations (single-turn scenarios: requests).
-        #[arg(long, default_value_t = 8)]
-        conversations: usize,
-        /// Turns per conversation (multi-turn).
-        #[arg(long, default_value_t = 3)]
-        turns: usize,
-        /// Most tokens per answer.
-        #[arg(long, default_value_t = 64)]
-        max_tokens: u32,
-        /// Sampling temperature; 0 is greedy.
-        #[arg(long, default_value_t = 0.0)]
-        temperature: f64,
-        /// Approximate tokens of the long system prompt (multi-turn, shared-prefix).
-        #[arg(long, default_value_t = 800)]
-        system_tokens: usize,
-        /// Seed of the prompts and the arrivals.
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
+        /// The load test.
+        #[command(flatten)]
+        load: crate::loadgen::LoadConfig,
         /// Print the report (every request included) as JSON.
         #[arg(long)]
         json: bool,

@@ -95,37 +95,10 @@ fn dispatch(command: Command, config: &Config) -> Result<ExitCode> {
             json,
         }),
         Command::Jobs { node, json } => remote::jobs(&node, json),
-        Command::Loadgen {
-            url,
-            model_name,
-            scenario,
-            clients,
-            rate,
-            conversations,
-            turns,
-            max_tokens,
-            temperature,
-            system_tokens,
-            seed,
-            json,
-        } => remote::loadgen(
-            crate::loadgen::LoadConfig {
-                url,
-                model: model_name,
-                scenario,
-                clients,
-                rate,
-                conversations,
-                turns,
-                max_tokens,
-                temperature,
-                system_tokens,
-                seed,
-                timeout_s: 600,
-                progress: !json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
-            },
-            json,
-        ),
+        Command::Loadgen { mut load, json } => {
+            load.progress = !json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+            remote::loadgen(load, json)
+        }
         Command::Status { node } => remote::status(&node),
         Command::Profile { json } => bench::profile(config.engine.threads, json),
         Command::Generate {

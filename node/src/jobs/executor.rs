@@ -540,11 +540,12 @@ impl<'a> TextTracker<'a> {
     /// The final text of sequence `i`, its output tokens and whether a stop string ended it;
     /// streams whatever was held back.
     async fn finish(&mut self, i: usize, tokens: &[u32]) -> (String, u32, bool) {
+        if i >= self.seqs.len() {
+            return (String::new(), 0, false);
+        }
         let model = self.model;
         let tok = model.engine.model().tokenizer();
-        let Some(seq) = self.seqs.get_mut(i) else {
-            return (String::new(), 0, false);
-        };
+        let seq = &mut self.seqs[i];
         if !seq.stopped {
             // Tokens the tracker did not see (none, normally) and the held-back end.
             let seen = seq.tokens as usize;
@@ -561,14 +562,9 @@ impl<'a> TextTracker<'a> {
                 self.append(i, &rest);
             }
         }
-        let Some(seq) = self.seqs.get(i) else {
-            return (String::new(), 0, false);
-        };
-        let len = seq.text.len();
+        let len = self.seqs[i].text.len();
         self.send(i, len).await;
-        let Some(seq) = self.seqs.get(i) else {
-            return (String::new(), 0, false);
-        };
+        let seq = &self.seqs[i];
         let output = if seq.stopped {
             seq.tokens
         } else {

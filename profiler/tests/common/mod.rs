@@ -12,3 +12,23 @@ pub(crate) fn model_path() -> PathBuf {
     );
     path
 }
+
+/// A greedy request for `messages` through the engine's chat template, its stop tokens the
+/// model's.
+#[allow(dead_code)]
+pub(crate) fn chat_request(
+    engine: &metainf_profiler::engine::Engine,
+    messages: &[metainf_protocol::ChatMessage],
+    max_tokens: u32,
+) -> metainf_profiler::engine::Request {
+    let tok = engine.model().tokenizer();
+    metainf_profiler::engine::Request {
+        prompt: tok
+            .encode(&metainf_profiler::tokenizer::chat_template(messages))
+            .expect("the prompt tokenizes"),
+        max_tokens,
+        stop: tok.stop_ids().to_vec(),
+        sampling: metainf_profiler::engine::Sampling::default(),
+        arrival_s: 0.0,
+    }
+}
