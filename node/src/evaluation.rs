@@ -7,7 +7,7 @@ use std::sync::Mutex;
 
 use metainf_profiler::engine::{Engine, EngineOptions};
 use metainf_protocol::PerfRecord;
-use metainf_scheduler::import::{ColumnMap, csv_records};
+use metainf_scheduler::import::{ColumnMap, CsvTable, csv_table};
 use metainf_scheduler::{Embedder, SchedulerError};
 
 use crate::error::{NodeError, Result};
@@ -79,9 +79,39 @@ pub enum TensorSource {
     Store(PathBuf),
 }
 
+/// Rows of a table that cannot be used: all-or-nothing unless `skip_invalid`, when they are
+/// reported (the first few with their lines) and left out.
+fn check_rows(table: CsvTable, skip_invalid: bool, what: &str) -> Result<Vec<PerfRecord>> {
+    if let Some((line, reason)) = table.rejected.first() {
+        if !skip_invalid {
+            return Err(NodeError::Scheduler(SchedulerError::Import {
+                location: format!("{what} line {line}"),
+                reason: format!(
+                    "{reason} ({} unusable rows in all; --skip-invalid leaves them out)",
+                    table.rejected.len()
+                ),
+            }));
+        }
+        for (line, reason) in table.rejected.iter().take(10) {
+            tracing::warn!("{what}:{line}: {reason}");
+        }
+        tracing::warn!(
+            "left out {} unusable rows of {what}; {} rows used",
+            table.rejected.len(),
+            table.records.len()
+        );
+    }
+    Ok(table.records)
+}
+
 /// Loads the records of a source. A CSV needs `map`; its records are attributed to a throwaway
-/// origin (they are evaluated, not stored).
-pub fn load_records(source: &TensorSource, map: Option<&ColumnMap>) -> Result<Vec<PerfRecord>> {
+/// origin (they are evaluated, not stored). `skip_invalid`: a CSV's unusable rows are
+/// reported and left out instead of failing the load.
+pub fn load_records(
+    source: &TensorSource,
+    map: Option<&ColumnMap>,
+    skip_invalid: bool,
+) -> Result<Vec<PerfRecord>> {
     match source {
         TensorSource::Store(dir) => Ok(Store::open_read_only(dir)?.perf_records()?),
         TensorSource::File(path) if path.extension().is_some_and(|e| e == "csv") => {
@@ -95,7 +125,8 @@ pub fn load_records(source: &TensorSource, map: Option<&ColumnMap>) -> Result<Ve
             let origin = metainf_protocol::Keypair::generate_ed25519()
                 .public()
                 .to_peer_id();
-            Ok(csv_records(file, map, origin, 1, crate::clock::now_ms())?)
+            let table = csv_table(file, map, origin, 1, crate::clock::now_ms())?;
+            check_rows(table, skip_invalid, &path.display().to_string())
         }
         TensorSource::File(path) => {
             let (records, invalid) = jsonl_records(path)?;
@@ -116,16 +147,22 @@ pub fn load_records(source: &TensorSource, map: Option<&ColumnMap>) -> Result<Ve
 
 /// Reads a CSV table through `map`, signs every row as a record of this node
 /// (source `imported`) and stores them. Rows are all-or-nothing: a bad row fails the import
-/// before anything is stored.
+/// before anything is stored, unless `skip_invalid`, when bad rows are reported in
+/// [`ImportReport::invalid`] and the others stored.
 pub fn import_csv(
     signer: &RecordSigner,
     input: impl Read,
     map: &ColumnMap,
+    skip_invalid: bool,
 ) -> Result<ImportReport> {
     // Numbered again by the signer; the parse only needs some origin.
-    let records = csv_records(input, map, signer.origin(), 1, crate::clock::now_ms())?;
+    let table = csv_table(input, map, signer.origin(), 1, crate::clock::now_ms())?;
+    let rejected = table.rejected.clone();
+    let lines = (table.records.len() + rejected.len()) as u64;
+    let records = check_rows(table, skip_invalid, "the table")?;
     let mut report = ImportReport {
-        lines: records.len() as u64,
+        lines,
+        invalid: rejected,
         ..ImportReport::default()
     };
     for (_, outcome) in signer.store_all(records)? {

@@ -63,7 +63,7 @@ fn eval_scores_every_selector_on_files_and_on_the_store() {
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["cells"], 10);
-    assert_eq!(report["rows"].as_array().unwrap().len(), 11);
+    assert_eq!(report["rows"].as_array().unwrap().len(), 12);
     let meta = row(&report, "MetaInf");
     let global = row(&report, "Global Best");
     assert!(meta["accuracy"].as_f64().unwrap() >= 0.9, "{meta}");
@@ -291,4 +291,88 @@ fn the_committed_tensor_of_this_project_evaluates_as_benchmarks_md_says() {
         "{report}"
     );
     assert!(meta["mean_rank"].as_f64().unwrap() < global["mean_rank"].as_f64().unwrap());
+}
+
+#[test]
+fn ordinary_public_tables_import_with_categorical_columns_unknown_sizes_and_bad_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("public.csv");
+    // A categorical workload column (`scenario`), models whose names carry no size, and on
+    // line 3 a row without a metric: what public benchmark tables look like.
+    let mut table = String::from("hardware,model,method,scenario,qps,ttft_s\n");
+    table.push_str("H100 x4,Phi-1,vLLM,sharegpt,1,\n");
+    for hw in ["H100 x4", "A100 x2", "L40S"] {
+        for model in ["Phi-1", "Mixtral"] {
+            for scenario in ["sharegpt", "short_input"] {
+                for qps in [1, 8] {
+                    // vLLM wins at low load, llm-d at high load.
+                    for (method, low, high) in [("vLLM", 1.0, 3.0), ("llm-d", 1.5, 1.2)] {
+                        let ttft = if qps == 1 { low } else { high };
+                        table.push_str(&format!("{hw},{model},{method},{scenario},{qps},{ttft}\n"));
+                    }
+                }
+            }
+        }
+    }
+    std::fs::write(&csv, &table).unwrap();
+    let data = dir.path().join("node");
+    let map = "hardware=hardware,model=model,method=method,metric=ttft_s,workload=scenario;qps";
+    // All or nothing by default: the bad row is named and nothing is evaluated.
+    let err = bin()
+        .args(["eval", "--map", map, "--tensor"])
+        .arg(&csv)
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(!err.status.success());
+    let stderr = String::from_utf8_lossy(&err.stderr);
+    assert!(
+        stderr.contains("line 2") && stderr.contains("--skip-invalid"),
+        "{stderr}"
+    );
+    // With --skip-invalid the rest is used; the choice of features is printed per kind.
+    let out = run_ok(
+        bin()
+            .args(["eval", "--skip-invalid", "--map", map, "--tensor"])
+            .arg(&csv)
+            .arg("--data-dir")
+            .arg(&data),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("hardware  learned effects only"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("workload  numeric facts"), "{stdout}");
+    let json = run_ok(
+        bin()
+            .args(["eval", "--json", "--skip-invalid", "--map", map, "--tensor"])
+            .arg(&csv)
+            .arg("--data-dir")
+            .arg(&data),
+    );
+    let report: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(report["cells"], 24);
+    let meta = row(&report, "MetaInf");
+    let global = row(&report, "Global Best");
+    assert!(meta["accuracy"].as_f64().unwrap() >= 0.9, "{report}");
+    assert!(global["accuracy"].as_f64().unwrap() <= 0.6, "{report}");
+    assert!(meta["coverage_80"].as_f64().is_some(), "{report}");
+    // Import into the store: the good rows are signed and stored, the bad one reported, and
+    // the exit status says some were left out.
+    let import = bin()
+        .args(["tensor", "import-csv", "--skip-invalid", "--map", map])
+        .arg(&csv)
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert_eq!(import.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&import.stderr);
+    assert!(
+        stderr.contains("imported 48 new records from 49 rows")
+            && stderr.contains("1 unusable rows left out"),
+        "{stderr}"
+    );
 }

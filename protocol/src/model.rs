@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{ProtocolError, Result};
+use crate::error::Result;
 use crate::id::ContentId;
 use crate::validate;
 
@@ -16,7 +16,8 @@ pub struct ModelDescriptor {
     pub name: String,
     /// Architecture family (`llama`).
     pub architecture: String,
-    /// Number of parameters.
+    /// Number of parameters; 0 where it is unknown (an imported table whose model name carries
+    /// no size).
     pub parameters: u64,
     /// Weight format as loaded (`Q4_1`, `Q8_0`, `F16`, ...).
     pub quantization: String,
@@ -40,12 +41,6 @@ impl ModelDescriptor {
         validate::nonempty_text("model.architecture", &self.architecture)?;
         validate::nonempty_text("model.quantization", &self.quantization)?;
         validate::in_range("model.bits_per_weight", self.bits_per_weight, 0.5, 64.0)?;
-        if self.parameters == 0 {
-            return Err(ProtocolError::invalid(
-                "model.parameters",
-                "must be positive",
-            ));
-        }
         Ok(())
     }
 }

@@ -26,8 +26,12 @@ use crate::error::{Result, SchedulerError};
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Encoding {
-    /// Numeric facts only.
+    /// Per entity kind, its numeric facts where they tell the training entities apart, and
+    /// nothing otherwise: MetaInf's learned per-entity effects then carry what is known about
+    /// each hardware, model and workload (see [`FeatureSpace::choices`]).
     #[default]
+    Auto,
+    /// Numeric facts only.
     Numeric,
     /// One-hot identities only (the paper's ablation).
     OneHot,
@@ -49,13 +53,14 @@ impl FromStr for Encoding {
 
     fn from_str(s: &str) -> Result<Self> {
         match s {
+            "auto" => Ok(Self::Auto),
             "numeric" => Ok(Self::Numeric),
             "onehot" | "one-hot" => Ok(Self::OneHot),
             "text" => Ok(Self::Text),
             "numeric+text" | "numeric-text" => Ok(Self::NumericText),
             other => Err(SchedulerError::invalid(
                 "encoding",
-                format!("`{other}` (expected numeric, onehot, text or numeric+text)"),
+                format!("`{other}` (expected auto, numeric, onehot, text or numeric+text)"),
             )),
         }
     }
@@ -75,7 +80,7 @@ pub struct FeatureConfig {
 impl Default for FeatureConfig {
     fn default() -> Self {
         Self {
-            encoding: Encoding::Numeric,
+            encoding: Encoding::Auto,
             style: PromptStyle::Rich,
             svd_k: 64,
         }
@@ -108,6 +113,9 @@ pub struct FeatureSpace {
     /// Projected embeddings of the training entities (a query for a known entity needs no
     /// embedder), by kind and content id.
     known: HashMap<ContentId, Vec<f64>>,
+    /// With [`Encoding::Auto`]: the kinds whose numeric facts are used.
+    #[serde(default)]
+    numeric_kinds: BTreeSet<String>,
 }
 
 fn kind_key(kind: Kind) -> String {
@@ -152,18 +160,23 @@ pub fn workload_numeric(w: &WorkloadDescriptor, extra_keys: &[String]) -> Vec<f6
     v
 }
 
-/// Numeric facts of a hardware profile.
+/// `ln(1 + v)`, or NaN (a missing value, which the trees route on their own) where the fact
+/// is unknown (recorded as 0).
+fn ln1p_known(v: f64) -> f64 {
+    if v > 0.0 { v.ln_1p() } else { f64::NAN }
+}
+
+/// Numeric facts of a hardware profile; facts it does not record are NaN (missing).
 pub fn hardware_numeric(h: &HardwareProfile) -> Vec<f64> {
     let s = &h.spec;
-    let (gflops, bw) = h
-        .measured
-        .as_ref()
-        .map_or((0.0, 0.0), |m| (m.matmul_gflops, m.mem_bandwidth_gbs));
+    let (gflops, bw) = h.measured.as_ref().map_or((f64::NAN, f64::NAN), |m| {
+        (m.matmul_gflops, m.mem_bandwidth_gbs)
+    });
     let gpu = s.gpu.as_ref();
     vec![
         f64::from(u8::from(s.device == DeviceKind::Gpu)),
         ln1p(f64::from(s.compute_units)),
-        ln1p(s.memory_bytes as f64 / 1e9),
+        ln1p_known(s.memory_bytes as f64 / 1e9),
         ln1p(gflops),
         ln1p(bw),
         ln1p(gpu.map_or(0.0, |g| f64::from(g.sm_count))),
@@ -173,13 +186,19 @@ pub fn hardware_numeric(h: &HardwareProfile) -> Vec<f64> {
     ]
 }
 
-/// Numeric facts of a model.
+/// Numeric facts of a model; unknown ones (no size in an imported name, no quantization or
+/// context length) are NaN (missing), never a made-up value.
 pub fn model_numeric(m: &ModelDescriptor) -> Vec<f64> {
+    let bits = if m.quantization == "unknown" {
+        f64::NAN
+    } else {
+        m.bits_per_weight
+    };
     vec![
-        ln1p(m.parameters as f64 / 1e6),
-        m.bits_per_weight,
-        ln1p(f64::from(m.context_length)),
-        ln1p(m.parameters as f64 * m.bits_per_weight / 8e6),
+        ln1p_known(m.parameters as f64 / 1e6),
+        bits,
+        ln1p_known(f64::from(m.context_length)),
+        ln1p_known(m.parameters as f64 * bits / 8e6),
     ]
 }
 
@@ -280,7 +299,42 @@ impl FeatureSpace {
             onehot,
             projections: BTreeMap::new(),
             known: HashMap::new(),
+            numeric_kinds: BTreeSet::new(),
         };
+        if config.encoding == Encoding::Auto {
+            // A kind's facts are used where they tell its training entities apart; methods
+            // always keep theirs (flags and parameters).
+            let distinct = |rows: Vec<Vec<f64>>| -> bool {
+                let key = |r: &Vec<f64>| -> Vec<u64> { r.iter().map(|v| v.to_bits()).collect() };
+                rows.iter().map(key).collect::<BTreeSet<_>>().len() > 1
+            };
+            let extra = &space.extra_keys;
+            if distinct(
+                workloads
+                    .iter()
+                    .map(|&i| workload_numeric(&tensor.workloads[i], extra))
+                    .collect(),
+            ) {
+                space.numeric_kinds.insert(kind_key(Kind::Workload));
+            }
+            if distinct(
+                hardware
+                    .iter()
+                    .map(|&i| hardware_numeric(&tensor.hardware[i]))
+                    .collect(),
+            ) {
+                space.numeric_kinds.insert(kind_key(Kind::Hardware));
+            }
+            if distinct(
+                models
+                    .iter()
+                    .map(|&i| model_numeric(&tensor.models[i]))
+                    .collect(),
+            ) {
+                space.numeric_kinds.insert(kind_key(Kind::Model));
+            }
+            space.numeric_kinds.insert(kind_key(Kind::Method));
+        }
         if config.encoding.needs_text() {
             let cache = cache.ok_or_else(|| {
                 SchedulerError::invalid("encoding", "text embeddings need an embedder")
@@ -319,6 +373,31 @@ impl FeatureSpace {
     /// The configuration.
     pub fn config(&self) -> FeatureConfig {
         self.config
+    }
+
+    /// What describes each entity kind (workload, hardware, model, method), in words: the
+    /// features chosen, and for [`Encoding::Auto`] why.
+    pub fn choices(&self) -> BTreeMap<String, String> {
+        Kind::ALL
+            .into_iter()
+            .map(|kind| {
+                let key = kind_key(kind);
+                let what = match self.config.encoding {
+                    Encoding::Auto if self.numeric_kinds.contains(&key) => {
+                        "numeric facts".to_owned()
+                    }
+                    Encoding::Auto => {
+                        "learned effects only (its numeric facts do not tell the training entities apart)"
+                            .to_owned()
+                    }
+                    Encoding::Numeric => "numeric facts".to_owned(),
+                    Encoding::OneHot => "one-hot identity".to_owned(),
+                    Encoding::Text => "text embedding".to_owned(),
+                    Encoding::NumericText => "numeric facts and text embedding".to_owned(),
+                };
+                (key, what)
+            })
+            .collect()
     }
 
     fn onehot_slots(&self, kind: Kind, id: ContentId) -> Vec<f64> {
@@ -366,6 +445,8 @@ impl FeatureSpace {
         cache: Option<&EmbeddingCache>,
     ) -> Result<Vec<f64>> {
         Ok(match self.config.encoding {
+            Encoding::Auto if self.numeric_kinds.contains(&kind_key(kind)) => numeric(),
+            Encoding::Auto => Vec::new(),
             Encoding::Numeric => numeric(),
             Encoding::OneHot => self.onehot_slots(kind, id()?),
             Encoding::Text => self.text(kind, id()?, describe, cache)?,
@@ -468,9 +549,24 @@ mod tests {
     fn numeric_rows_have_one_length_and_see_the_flags() {
         let t = tensor();
         let all: Vec<usize> = (0..t.cells.len()).collect();
-        let fs = FeatureSpace::fit(&t, &all, FeatureConfig::default(), None).unwrap();
+        let numeric = FeatureConfig {
+            encoding: Encoding::Numeric,
+            ..FeatureConfig::default()
+        };
+        let fs = FeatureSpace::fit(&t, &all, numeric, None).unwrap();
         let ctx = fs.tensor_contexts(&t, None).unwrap();
         assert!(ctx.iter().all(|r| r.len() == ctx[0].len()));
+        // Auto keeps only what tells the training entities apart: the fixture's five
+        // workloads have the same numbers, its one model too; its two hardware profiles
+        // differ.
+        let auto = FeatureSpace::fit(&t, &all, FeatureConfig::default(), None).unwrap();
+        let choices = auto.choices();
+        assert_eq!(choices["hardware"], "numeric facts");
+        assert!(choices["workload"].starts_with("learned effects only"));
+        assert!(choices["model"].starts_with("learned effects only"));
+        assert_eq!(choices["method"], "numeric facts");
+        let auto_ctx = auto.tensor_contexts(&t, None).unwrap();
+        assert_eq!(auto_ctx[0].len(), 9);
         let m = fs.tensor_methods(&t, None).unwrap();
         let cb = t
             .methods

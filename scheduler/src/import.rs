@@ -174,7 +174,18 @@ fn method(value: &str) -> MethodConfig {
         .unwrap_or_else(|| MethodConfig::baseline().with_flag(&key_of(value)))
 }
 
-/// Reads a CSV table into records of `origin` numbered from `first_seq`, measured at `now_ms`.
+/// A table read through a column map: the records of its usable rows, and the rows it could
+/// not use with their line numbers and why.
+#[derive(Clone, Debug, Default)]
+pub struct CsvTable {
+    /// One record per usable row, numbered in order.
+    pub records: Vec<PerfRecord>,
+    /// (line, reason) of every row left out.
+    pub rejected: Vec<(u64, String)>,
+}
+
+/// Reads a CSV table into records of `origin` numbered from `first_seq`, measured at `now_ms`;
+/// the first unusable row fails the whole table, naming its line.
 pub fn csv_records(
     input: impl Read,
     map: &ColumnMap,
@@ -182,6 +193,40 @@ pub fn csv_records(
     first_seq: u64,
     now_ms: u64,
 ) -> Result<Vec<PerfRecord>> {
+    let table = csv_table(input, map, origin, first_seq, now_ms)?;
+    match table.rejected.first() {
+        Some((line, reason)) => Err(SchedulerError::Import {
+            location: format!("line {line}"),
+            reason: reason.clone(),
+        }),
+        None => Ok(table.records),
+    }
+}
+
+/// How a workload column's values become facts.
+enum WorkloadColumn {
+    /// Every value is a number (or empty: unknown).
+    Numeric,
+    /// Some value is not: each distinct value is a 0/1 fact `column.value`.
+    Categorical,
+}
+
+/// Reads a CSV table as [`csv_records`] does, keeping every usable row: a row that cannot be
+/// used (a metric that is not a positive number, an empty key column, a malformed line) is
+/// reported in [`CsvTable::rejected`] and the rest stays usable. Only a table whose header
+/// lacks a mapped column fails as a whole.
+///
+/// A workload column whose values are not all numbers is categorical (`scenario` =
+/// `sharegpt` becomes the fact `scenario.sharegpt` = 1); an empty workload value is an
+/// unknown fact, left out. Facts the table does not give (a model name without a size) stay
+/// unknown rather than invalid.
+pub fn csv_table(
+    input: impl Read,
+    map: &ColumnMap,
+    origin: PeerId,
+    first_seq: u64,
+    now_ms: u64,
+) -> Result<CsvTable> {
     let mut reader = csv::ReaderBuilder::new()
         .trim(csv::Trim::All)
         .from_reader(input);
@@ -209,41 +254,68 @@ pub fn csv_records(
         col(&map.method)?,
         col(&map.metric)?,
     );
-    let rows: Vec<csv::StringRecord> = reader
-        .records()
-        .enumerate()
-        .map(|(i, r)| {
-            r.map_err(|e| SchedulerError::Import {
-                location: format!("line {}", i + 2),
-                reason: e.to_string(),
-            })
-        })
-        .collect::<Result<_>>()?;
+    let mut table = CsvTable::default();
+    let mut rows: Vec<(u64, csv::StringRecord)> = Vec::new();
+    for (i, r) in reader.records().enumerate() {
+        let fallback = i as u64 + 2;
+        match r {
+            Ok(r) => rows.push((r.position().map_or(fallback, |p| p.line()), r)),
+            Err(e) => {
+                let line = e.position().map_or(fallback, |p| p.line());
+                table.rejected.push((line, e.to_string()));
+            }
+        }
+    }
     let roles = [hw, md, me, mt];
-    let workload_cols: Vec<usize> = if map.workload.is_empty() {
+    let numeric = |c: usize| {
+        rows.iter().all(|(_, r)| {
+            r.get(c)
+                .is_some_and(|v| v.is_empty() || v.parse::<f64>().is_ok_and(f64::is_finite))
+        })
+    };
+    let workload_cols: Vec<(usize, WorkloadColumn)> = if map.workload.is_empty() {
         (0..headers.len())
             .filter(|c| !roles.contains(c))
-            .filter(|&c| {
-                rows.iter()
-                    .all(|r| r.get(c).is_some_and(|v| v.parse::<f64>().is_ok()))
-            })
+            .filter(|&c| numeric(c))
+            .map(|c| (c, WorkloadColumn::Numeric))
             .collect()
     } else {
-        map.workload.iter().map(|w| col(w)).collect::<Result<_>>()?
+        map.workload
+            .iter()
+            .map(|w| {
+                let c = col(w)?;
+                let kind = if numeric(c) {
+                    WorkloadColumn::Numeric
+                } else {
+                    WorkloadColumn::Categorical
+                };
+                Ok((c, kind))
+            })
+            .collect::<Result<_>>()?
     };
-    let mut out = Vec::with_capacity(rows.len());
-    for (i, row) in rows.iter().enumerate() {
-        let line = i + 2;
+    for (line, row) in &rows {
         let field = |c: usize| row.get(c).unwrap_or("");
-        let err = |reason: String| SchedulerError::Import {
-            location: format!("line {line}"),
-            reason,
+        let value: f64 = match field(mt).parse() {
+            Ok(v) => v,
+            Err(_) => {
+                table
+                    .rejected
+                    .push((*line, format!("metric `{}` is not a number", field(mt))));
+                continue;
+            }
         };
-        let value: f64 = field(mt)
-            .parse()
-            .map_err(|_| err(format!("metric `{}` is not a number", field(mt))))?;
         if !(value.is_finite() && value > 0.0) {
-            return Err(err(format!("metric {value} is not a positive number")));
+            table
+                .rejected
+                .push((*line, format!("metric {value} is not a positive number")));
+            continue;
+        }
+        if let Some((_, what)) = [(hw, "hardware"), (md, "model"), (me, "method")]
+            .into_iter()
+            .find(|(c, _)| field(*c).is_empty())
+        {
+            table.rejected.push((*line, format!("empty {what}")));
+            continue;
         }
         let wall = if map.higher_is_better {
             1.0 / value
@@ -251,24 +323,25 @@ pub fn csv_records(
             value
         };
         let mut extra = BTreeMap::new();
-        for &c in &workload_cols {
-            let v: f64 = field(c).parse().map_err(|_| {
-                err(format!(
-                    "workload column `{}` = `{}` is not a number",
-                    headers[c],
-                    field(c)
-                ))
-            })?;
-            extra.insert(key_of(&headers[c]), v);
-        }
-        for (c, what) in [(hw, "hardware"), (md, "model"), (me, "method")] {
-            if field(c).is_empty() {
-                return Err(err(format!("empty {what}")));
+        for (c, kind) in &workload_cols {
+            let v = field(*c);
+            if v.is_empty() {
+                continue;
+            }
+            match kind {
+                WorkloadColumn::Numeric => {
+                    if let Ok(v) = v.parse::<f64>() {
+                        extra.insert(key_of(&headers[*c]), v);
+                    }
+                }
+                WorkloadColumn::Categorical => {
+                    extra.insert(key_of(&format!("{}.{v}", headers[*c])), 1.0);
+                }
             }
         }
         let record = PerfRecord {
             origin,
-            seq: first_seq + i as u64,
+            seq: first_seq.saturating_add(table.records.len() as u64),
             measured_at_ms: now_ms,
             hardware: hardware(field(hw), &map.label),
             model: model(field(md)),
@@ -298,10 +371,13 @@ pub fn csv_records(
             source: RecordSource::Imported(map.label.clone()),
             engine: format!("imported:{}", map.label),
         };
-        record.validate().map_err(|e| err(e.to_string()))?;
-        out.push(record);
+        match record.validate() {
+            Ok(()) => table.records.push(record),
+            Err(e) => table.rejected.push((*line, e.to_string())),
+        }
     }
-    Ok(out)
+    table.rejected.sort_by_key(|(line, _)| *line);
+    Ok(table)
 }
 
 #[cfg(test)]
@@ -382,5 +458,49 @@ T4,Llama-2-7B,vllm,8,512,900.0,z
         );
         assert_eq!(parameters_from_name("SmolLM2-135M-Instruct"), 135_000_000);
         assert_eq!(parameters_from_name("gpt"), 0);
+    }
+
+    #[test]
+    fn ordinary_public_tables_import_categorical_unknown_and_bad_rows() {
+        let origin = Keypair::generate_ed25519().public().to_peer_id();
+        // A categorical workload column, a model whose name has no size, one row whose metric
+        // is missing and one with too few fields.
+        let table = "\
+hardware,model,method,scenario,qps,ttft
+H100,Phi-1,vLLM,sharegpt,1,0.5
+H100,Phi-1,llm-d,sharegpt,1,0.4
+H100,Phi-1,vLLM,short_input,,0.2
+H100,Phi-1,llm-d,short_input,2,
+H100,Phi-1
+";
+        let map = ColumnMap::parse(
+            "hardware=hardware,model=model,method=method,metric=ttft,workload=scenario;qps",
+            false,
+            "llmd",
+        )
+        .unwrap();
+        let t = csv_table(table.as_bytes(), &map, origin, 1, 1).unwrap();
+        assert_eq!(t.records.len(), 3, "{:?}", t.rejected);
+        let lines: Vec<u64> = t.rejected.iter().map(|r| r.0).collect();
+        assert_eq!(lines, [5, 6], "{:?}", t.rejected);
+        assert!(t.rejected[0].1.contains("not a number"), "{:?}", t.rejected);
+        // Numbered without gaps.
+        let seqs: Vec<u64> = t.records.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, [1, 2, 3]);
+        let w = &t.records[0].workload.extra;
+        assert_eq!(w.get("scenario.sharegpt"), Some(&1.0));
+        assert_eq!(w.get("qps"), Some(&1.0));
+        // An empty numeric value is an unknown fact, not a zero.
+        let w = &t.records[2].workload.extra;
+        assert_eq!(w.get("scenario.short_input"), Some(&1.0));
+        assert!(!w.contains_key("qps"));
+        // No size in the name: unknown, and still a valid record.
+        assert_eq!(t.records[0].model.parameters, 0);
+        assert!(t.records[0].validate().is_ok());
+        let tensor = Tensor::from_records(&t.records).unwrap();
+        assert_eq!(tensor.comparable_cells(2).len(), 1);
+        // Strict reading fails on the first bad row and names it.
+        let e = csv_records(table.as_bytes(), &map, origin, 1, 1).unwrap_err();
+        assert!(e.to_string().contains("line 5"), "{e}");
     }
 }

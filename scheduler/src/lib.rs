@@ -15,6 +15,7 @@ pub mod features;
 pub mod import;
 mod mlp;
 pub mod predictor;
+pub mod robust;
 pub mod select;
 pub mod selectors;
 

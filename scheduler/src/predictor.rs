@@ -5,20 +5,25 @@
 //! `XGRegressor` at the same error). Each ensemble member sees a different row subsample and
 //! seed; the prediction is the members' mean and the uncertainty their standard deviation.
 
+use std::collections::HashMap;
+
 use forust_ml::GradientBooster;
 use forust_ml::data::Matrix;
 use forust_ml::objective::ObjectiveType;
 use forust_ml::sampler::SampleMethod;
-use metainf_protocol::{HardwareProfile, MethodConfig, ModelDescriptor, WorkloadDescriptor};
+use metainf_protocol::{
+    ContentId, HardwareProfile, MethodConfig, ModelDescriptor, WorkloadDescriptor,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::dataset::Tensor;
 use crate::embed::EmbeddingCache;
 use crate::error::{Result, SchedulerError};
 use crate::features::{Context, FeatureConfig, FeatureSpace};
+use crate::robust::{ContextIds, EntityIds, FitData, Robust, RobustConfig, SavedRobust};
 
 /// Version of the saved predictor format.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 
 /// Hyper-parameters of the boosted ensemble.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -81,6 +86,8 @@ struct FlatNode {
     feature: u32,
     left: u32,
     right: u32,
+    /// Where a missing value (NaN: an unknown fact) goes, as forust learned it.
+    missing: u32,
     value: f32,
 }
 
@@ -138,6 +145,7 @@ impl FlatForest {
                             feature: 0,
                             left: me,
                             right: me,
+                            missing: me,
                             value: n.weight_value,
                         }
                     } else {
@@ -146,6 +154,7 @@ impl FlatForest {
                             feature: n.split_feature as u32,
                             left: child(n.left_child),
                             right: child(n.right_child),
+                            missing: child(n.missing_node),
                             value: 0.0,
                         }
                     });
@@ -179,11 +188,12 @@ impl FlatForest {
                         let node = &self.nodes[*i as usize];
                         // `feature < cols` is checked when the forest is built.
                         let v = data[off + node.feature as usize];
-                        *i = if v < node.threshold {
+                        let next = if v < node.threshold {
                             node.left
                         } else {
                             node.right
                         };
+                        *i = if v.is_nan() { node.missing } else { next };
                     }
                 }
                 for (r, i) in idx.iter().take(live).enumerate() {
@@ -316,7 +326,7 @@ impl Gbdt {
             .collect()
     }
 
-    fn to_json(&self) -> Result<Vec<String>> {
+    pub(crate) fn to_json(&self) -> Result<Vec<String>> {
         self.members
             .iter()
             .map(|b| {
@@ -326,7 +336,7 @@ impl Gbdt {
             .collect()
     }
 
-    fn from_json(members: &[String], cols: usize) -> Result<Self> {
+    pub(crate) fn from_json(members: &[String], cols: usize) -> Result<Self> {
         let members = members
             .iter()
             .map(|j| {
@@ -451,11 +461,14 @@ impl TwoStage {
     }
 }
 
-/// The trained meta-predictor: a fitted feature space and the boosted ensemble.
+/// The trained meta-predictor: a fitted feature space and the gated selection model
+/// ([`Robust`]: Global Best plus the corrections its held-out training cells support).
 #[derive(Debug)]
 pub struct MetaPredictor {
     features: FeatureSpace,
-    model: TwoStage,
+    model: Robust,
+    /// Training method id → its slot in the model.
+    slots: HashMap<ContentId, usize>,
     params: GbdtParams,
     trained_on: usize,
 }
@@ -465,10 +478,8 @@ struct SavedPredictor {
     version: u32,
     features: FeatureSpace,
     params: GbdtParams,
-    level_cols: usize,
-    level: Vec<String>,
-    relative_cols: usize,
-    relative: Vec<String>,
+    methods: Vec<ContentId>,
+    model: SavedRobust,
     trained_on: usize,
 }
 
@@ -481,6 +492,22 @@ impl MetaPredictor {
         params: GbdtParams,
         cache: Option<&EmbeddingCache>,
     ) -> Result<Self> {
+        let robust = RobustConfig {
+            params,
+            ..RobustConfig::default()
+        };
+        Self::train_with(tensor, cells, config, robust, cache)
+    }
+
+    /// As [`MetaPredictor::train`], with the selection model's configuration.
+    pub fn train_with(
+        tensor: &Tensor,
+        cells: Option<&[usize]>,
+        config: FeatureConfig,
+        robust: RobustConfig,
+        cache: Option<&EmbeddingCache>,
+    ) -> Result<Self> {
+        let params = robust.params;
         let all: Vec<usize>;
         let cells = match cells {
             Some(c) => c,
@@ -495,14 +522,27 @@ impl MetaPredictor {
         let features = FeatureSpace::fit(tensor, cells, config, cache)?;
         let contexts = features.tensor_contexts(tensor, cache)?;
         let methods = features.tensor_methods(tensor, cache)?;
+        let ids = EntityIds::of(tensor)?;
         let trained_on = cells
             .iter()
             .map(|&c| tensor.cells[c].measured().count())
             .sum();
-        let model = TwoStage::fit(tensor, cells, &contexts, &methods, params)?;
+        let data = FitData {
+            tensor,
+            contexts: &contexts,
+            methods: &methods,
+            ids: &ids,
+        };
+        let model = Robust::fit(&data, cells, robust)?;
         Ok(Self {
             features,
             model,
+            slots: ids
+                .methods
+                .iter()
+                .enumerate()
+                .map(|(i, id)| (*id, i))
+                .collect(),
             params,
             trained_on,
         })
@@ -513,18 +553,14 @@ impl MetaPredictor {
         &self.features
     }
 
+    /// The selection model.
+    pub fn model(&self) -> &Robust {
+        &self.model
+    }
+
     /// Number of (cell, method) measurements it was trained on.
     pub fn trained_on(&self) -> usize {
         self.trained_on
-    }
-
-    /// Predictions `[context][method]` for rows built by [`MetaPredictor::features`].
-    pub fn predict_rows(
-        &self,
-        contexts: &[Vec<f64>],
-        methods: &[Vec<f64>],
-    ) -> Vec<Vec<Prediction>> {
-        self.model.predict(contexts, methods)
     }
 
     /// Predictions for every (hardware, method) pair of one workload and model, indexed
@@ -541,6 +577,10 @@ impl MetaPredictor {
             .iter()
             .map(|m| self.features.method(m, cache))
             .collect::<Result<Vec<_>>>()?;
+        let slots = methods
+            .iter()
+            .map(|m| Ok(self.slots.get(&m.id()?).copied()))
+            .collect::<Result<Vec<_>>>()?;
         let contexts = hardware
             .iter()
             .map(|h| {
@@ -554,19 +594,33 @@ impl MetaPredictor {
                 )
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(self.model.predict(&contexts, &method_rows))
+        // Ids are hashed only where the model has effects to look up.
+        let model_id = self.model.uses_ids(1).then(|| model.id()).transpose()?;
+        let workload_id = self.model.uses_ids(2).then(|| workload.id()).transpose()?;
+        let ids = hardware
+            .iter()
+            .map(|h| {
+                let hw = self.model.uses_ids(0).then(|| h.id()).transpose()?;
+                Ok(ContextIds([hw, model_id, workload_id]))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(self.model.predict(&contexts, &ids, &method_rows, &slots))
     }
 
     /// Serialises the predictor (JSON).
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let mut methods = vec![ContentId([0; 32]); self.slots.len()];
+        for (id, &slot) in &self.slots {
+            if let Some(m) = methods.get_mut(slot) {
+                *m = *id;
+            }
+        }
         let saved = SavedPredictor {
             version: FORMAT_VERSION,
             features: self.features.clone(),
             params: self.params,
-            level_cols: self.model.level.cols,
-            level: self.model.level.to_json()?,
-            relative_cols: self.model.relative.cols,
-            relative: self.model.relative.to_json()?,
+            methods,
+            model: self.model.save()?,
             trained_on: self.trained_on,
         };
         serde_json::to_vec(&saved).map_err(|e| SchedulerError::Persist(e.to_string()))
@@ -582,12 +636,21 @@ impl MetaPredictor {
                 saved.version
             )));
         }
+        let model = Robust::load(saved.model)?;
+        if saved.methods.len() != model.methods() {
+            return Err(SchedulerError::Persist(
+                "the saved method list does not match the model".into(),
+            ));
+        }
         Ok(Self {
             features: saved.features,
-            model: TwoStage {
-                level: Gbdt::from_json(&saved.level, saved.level_cols)?,
-                relative: Gbdt::from_json(&saved.relative, saved.relative_cols)?,
-            },
+            model,
+            slots: saved
+                .methods
+                .into_iter()
+                .enumerate()
+                .map(|(i, id)| (id, i))
+                .collect(),
             params: saved.params,
             trained_on: saved.trained_on,
         })

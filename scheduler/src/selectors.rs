@@ -21,7 +21,9 @@ use smartcore::svm::svr::{SVR, SVRParameters};
 
 use crate::dataset::Tensor;
 use crate::error::{Result, SchedulerError};
-use crate::predictor::{GbdtParams, TwoStage, training_rows};
+use crate::eval::Split;
+use crate::predictor::{GbdtParams, Prediction, TwoStage, training_rows};
+use crate::robust::{EntityIds, FitData, Robust, RobustConfig};
 
 /// What a selector learns from.
 #[derive(Clone, Copy, Debug)]
@@ -34,13 +36,42 @@ pub struct TrainSet<'a> {
     pub contexts: &'a [Vec<f64>],
     /// Features of every method of the tensor.
     pub methods: &'a [Vec<f64>],
+    /// Entity ids of the tensor (for learned per-entity effects).
+    pub ids: &'a EntityIds,
+    /// The split the selection will face (MetaInf gates its corrections on inner folds held
+    /// out the same way).
+    pub split: Split,
+}
+
+/// A selector's output for query cells.
+#[derive(Clone, Debug, Default)]
+pub struct Scored {
+    /// Scores (lower is better) of every tensor method, per query cell.
+    pub scores: Vec<Vec<f64>>,
+    /// Absolute predictions with calibrated uncertainty, where the selector makes them.
+    pub predictions: Option<Vec<Vec<Prediction>>>,
+    /// What the selector chose while fitting, in words.
+    pub note: Option<String>,
+}
+
+impl From<Vec<Vec<f64>>> for Scored {
+    fn from(scores: Vec<Vec<f64>>) -> Self {
+        Self {
+            scores,
+            ..Self::default()
+        }
+    }
 }
 
 /// The selectors of the evaluation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum SelectorKind {
-    /// MetaInf: boosted trees on (context, method) features.
+    /// MetaInf: Global Best plus learned corrections (method prior, shrunk per-entity effects,
+    /// boosted trees), each gated on held-out training cells ([`crate::robust`]).
     MetaInf,
+    /// The earlier MetaInf: two boosted ensembles regressing the level and the within-cell
+    /// deviation of log runtime, used as they come (no prior, no gate).
+    MetaInfLevel,
     /// The method fastest on average over the training cells.
     GlobalBest,
     /// Cluster the training contexts (k-means), best method per cluster.
@@ -63,8 +94,9 @@ pub enum SelectorKind {
 
 impl SelectorKind {
     /// All selectors, MetaInf first.
-    pub const ALL: [SelectorKind; 10] = [
+    pub const ALL: [SelectorKind; 11] = [
         SelectorKind::MetaInf,
+        SelectorKind::MetaInfLevel,
         SelectorKind::GlobalBest,
         SelectorKind::Isac,
         SelectorKind::ArgoSmart,
@@ -80,6 +112,7 @@ impl SelectorKind {
     pub fn name(self) -> &'static str {
         match self {
             SelectorKind::MetaInf => "MetaInf",
+            SelectorKind::MetaInfLevel => "MetaInf-level",
             SelectorKind::GlobalBest => "Global Best",
             SelectorKind::Isac => "ISAC",
             SelectorKind::ArgoSmart => "ARGOSMART",
@@ -93,19 +126,20 @@ impl SelectorKind {
     }
 
     /// Scores (lower is better) of every tensor method in each query cell.
-    pub fn fit_score(self, train: &TrainSet<'_>, queries: &[usize]) -> Result<Vec<Vec<f64>>> {
+    pub fn fit_score(self, train: &TrainSet<'_>, queries: &[usize]) -> Result<Scored> {
         if train.cells.is_empty() {
             return Err(SchedulerError::Data("no training cells".into()));
         }
         // smartcore asserts on some inputs (SVR on a few rows of imported tables did); a
         // learner that panics is an error of that learner, never a crash of the node.
         let run = std::panic::AssertUnwindSafe(|| match self {
-            SelectorKind::GlobalBest => Ok(global_best(train, queries)),
-            SelectorKind::Isac => isac(train, queries),
-            SelectorKind::ArgoSmart => argosmart(train, queries),
-            SelectorKind::Alors => alors(train, queries),
+            SelectorKind::GlobalBest => Ok(global_best(train, queries).into()),
+            SelectorKind::Isac => isac(train, queries).map(Scored::from),
+            SelectorKind::ArgoSmart => argosmart(train, queries).map(Scored::from),
+            SelectorKind::Alors => alors(train, queries).map(Scored::from),
             SelectorKind::MetaInf => meta_inf(train, queries),
-            _ => regression(self, train, queries),
+            SelectorKind::MetaInfLevel => meta_inf_level(train, queries).map(Scored::from),
+            _ => regression(self, train, queries).map(Scored::from),
         });
         std::panic::catch_unwind(run).unwrap_or_else(|panic| {
             let reason = panic
@@ -153,8 +187,9 @@ fn relative(tensor: &Tensor, c: usize) -> Vec<Option<f64>> {
     logs.into_iter().map(|l| l.map(|l| l - mean)).collect()
 }
 
-/// Mean relative log runtime per method over `cells` (missing methods: 0).
-fn mean_relative(tensor: &Tensor, cells: impl Iterator<Item = usize>) -> Vec<f64> {
+/// Mean relative log runtime per method over `cells` (missing methods: 0): Global Best's
+/// scores.
+pub(crate) fn mean_relative(tensor: &Tensor, cells: impl Iterator<Item = usize>) -> Vec<f64> {
     let n = tensor.methods.len();
     let mut sum = vec![0.0; n];
     let mut count = vec![0u32; n];
@@ -177,7 +212,9 @@ fn global_best(train: &TrainSet<'_>, queries: &[usize]) -> Vec<Vec<f64>> {
     vec![scores; queries.len()]
 }
 
-/// z-score standardisation fitted on training rows.
+/// z-score standardisation fitted on training rows. Missing values (NaN: unknown facts) are
+/// left out of the fit and become the mean (0) when applied: the smartcore learners take no
+/// NaN.
 struct Standardizer {
     mean: Vec<f64>,
     std: Vec<f64>,
@@ -186,21 +223,33 @@ struct Standardizer {
 impl Standardizer {
     fn fit(rows: &[&[f64]]) -> Self {
         let d = rows.first().map_or(0, |r| r.len());
-        let n = rows.len().max(1) as f64;
-        let mut mean = vec![0.0; d];
+        let mut sum = vec![0.0; d];
+        let mut count = vec![0.0f64; d];
         for r in rows {
-            for (m, v) in mean.iter_mut().zip(r.iter()) {
-                *m += v / n;
+            for ((s, n), v) in sum.iter_mut().zip(&mut count).zip(r.iter()) {
+                if !v.is_nan() {
+                    *s += v;
+                    *n += 1.0;
+                }
             }
         }
+        let mean: Vec<f64> = sum
+            .iter()
+            .zip(&count)
+            .map(|(s, n)| s / n.max(1.0))
+            .collect();
         let mut var = vec![0.0; d];
         for r in rows {
             for ((s, v), m) in var.iter_mut().zip(r.iter()).zip(&mean) {
-                *s += (v - m).powi(2) / n;
+                if !v.is_nan() {
+                    *s += (v - m).powi(2);
+                }
             }
         }
         let std = var
             .into_iter()
+            .zip(&count)
+            .map(|(v, n)| v / n.max(1.0))
             .map(|v| if v > 1e-12 { v.sqrt() } else { 1.0 })
             .collect();
         Self { mean, std }
@@ -210,7 +259,7 @@ impl Standardizer {
         row.iter()
             .zip(&self.mean)
             .zip(&self.std)
-            .map(|((v, m), s)| (v - m) / s)
+            .map(|((v, m), s)| if v.is_nan() { 0.0 } else { (v - m) / s })
             .collect()
     }
 }
@@ -405,8 +454,41 @@ fn alors(train: &TrainSet<'_>, queries: &[usize]) -> Result<Vec<Vec<f64>>> {
         .collect())
 }
 
-/// MetaInf: the two-stage boosted trees the router uses, predicted ln runtimes as scores.
-fn meta_inf(train: &TrainSet<'_>, queries: &[usize]) -> Result<Vec<Vec<f64>>> {
+/// MetaInf: the gated model the router uses ([`Robust`]), predicted ln runtimes as scores.
+fn meta_inf(train: &TrainSet<'_>, queries: &[usize]) -> Result<Scored> {
+    let data = FitData {
+        tensor: train.tensor,
+        contexts: train.contexts,
+        methods: train.methods,
+        ids: train.ids,
+    };
+    let model = Robust::fit(
+        &data,
+        train.cells,
+        RobustConfig {
+            split: train.split,
+            ..RobustConfig::default()
+        },
+    )?;
+    let contexts: Vec<Vec<f64>> = queries.iter().map(|&c| train.contexts[c].clone()).collect();
+    let ids: Vec<_> = queries
+        .iter()
+        .map(|&c| train.ids.context(train.tensor, c))
+        .collect();
+    let slots: Vec<Option<usize>> = (0..train.methods.len()).map(Some).collect();
+    let predictions = model.predict(&contexts, &ids, train.methods, &slots);
+    Ok(Scored {
+        scores: predictions
+            .iter()
+            .map(|row| row.iter().map(|p| p.log_runtime).collect())
+            .collect(),
+        predictions: Some(predictions),
+        note: Some(model.gate().describe()),
+    })
+}
+
+/// The earlier MetaInf: the two-stage boosted trees, predicted ln runtimes as scores.
+fn meta_inf_level(train: &TrainSet<'_>, queries: &[usize]) -> Result<Vec<Vec<f64>>> {
     let model = TwoStage::fit(
         train.tensor,
         train.cells,
@@ -421,6 +503,9 @@ fn meta_inf(train: &TrainSet<'_>, queries: &[usize]) -> Result<Vec<Vec<f64>>> {
         .map(|row| row.into_iter().map(|p| p.log_runtime).collect())
         .collect())
 }
+
+/// Most training rows SVR is fitted on.
+const SVR_ROWS: usize = 1500;
 
 /// The smartcore regressors and the MLP: rows (context ++ method) → ln runtime.
 fn regression(
@@ -483,6 +568,11 @@ fn regression(
                         ),
                     ));
                 }
+                // Its fit grows with the square of the rows (45-50 s per split on 5k rows
+                // here): an even subsample of at most SVR_ROWS rows.
+                let stride = x.len().div_ceil(SVR_ROWS).max(1);
+                let x: Vec<Vec<f64>> = x.iter().step_by(stride).cloned().collect();
+                let y: Vec<f64> = y.iter().step_by(stride).copied().collect();
                 let xm = matrix(&x, name)?;
                 let gamma = 1.0 / x.first().map_or(1, Vec::len).max(1) as f64;
                 let params = SVRParameters::default()
@@ -534,11 +624,14 @@ mod tests {
         let contexts = fs.tensor_contexts(&t, None).unwrap();
         let methods = fs.tensor_methods(&t, None).unwrap();
         let (train, test) = all.split_at(7);
+        let ids = EntityIds::of(&t).unwrap();
         let set = TrainSet {
             tensor: &t,
             cells: train,
             contexts: &contexts,
             methods: &methods,
+            ids: &ids,
+            split: Split::Random,
         };
         let cb = t
             .methods
@@ -546,7 +639,7 @@ mod tests {
             .position(|m| m.short_name() == "cb")
             .unwrap();
         for kind in SelectorKind::ALL {
-            let scores = kind.fit_score(&set, test).unwrap();
+            let scores = kind.fit_score(&set, test).unwrap().scores;
             assert_eq!(scores.len(), test.len(), "{}", kind.name());
             for s in &scores {
                 assert_eq!(s.len(), 8);

@@ -253,8 +253,10 @@ pub(crate) enum Command {
         /// Seed of the random split.
         #[arg(long, default_value_t = 42)]
         seed: u64,
-        /// Features: numeric, onehot, text (the paper's LLM embeddings) or numeric+text.
-        #[arg(long, default_value = "numeric")]
+        /// Features: auto (per entity kind, its numeric facts where they vary, else MetaInf's
+        /// learned per-entity effects alone; the choice is printed), numeric, onehot, text (the
+        /// paper's LLM embeddings) or numeric+text.
+        #[arg(long, default_value = "auto")]
         encoding: metainf_scheduler::Encoding,
         /// Description style for text embeddings: basic, rich or cot.
         #[arg(long, default_value = "rich")]
@@ -278,6 +280,10 @@ pub(crate) enum Command {
         /// The CSV metric is higher-is-better (throughput) rather than lower (latency).
         #[arg(long)]
         higher_is_better: bool,
+        /// Leave out (and report, with their lines) CSV rows that cannot be used instead of
+        /// refusing the whole table.
+        #[arg(long)]
+        skip_invalid: bool,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -317,6 +323,10 @@ pub(crate) enum TensorCommand {
         /// Source label kept in the records [default: the file name].
         #[arg(long)]
         label: Option<String>,
+        /// Leave out (and report, with their lines) rows that cannot be used instead of
+        /// refusing the whole table; the exit status is then 1 if there were any.
+        #[arg(long)]
+        skip_invalid: bool,
     },
     /// Count records, origins, hardware, models, workloads, methods and cells.
     Stats {

@@ -18,9 +18,10 @@ pub(crate) fn eval(
     map: Option<&ColumnMap>,
     metric: metainf_scheduler::Metric,
     eval: &EvalConfig,
+    skip_invalid: bool,
     json: bool,
 ) -> Result<ExitCode> {
-    let records = load_records(source, map)?;
+    let records = load_records(source, map, skip_invalid)?;
     let tensor = metainf_scheduler::Tensor::from_records_with(&records, metric)?;
     eprintln!(
         "tensor of {metric:?}: {} records, {} cells ({} hardware, {} models, {} workloads, {} methods)",
@@ -66,6 +67,12 @@ pub(crate) fn eval(
         report.features.style,
         report.features.svd_k
     )?;
+    for (kind, what) in &report.choices {
+        writeln!(out, "  {kind:<9} {what}")?;
+    }
+    if !report.gates.is_empty() {
+        writeln!(out, "MetaInf kept, per fold: {}", report.gates.join("; "))?;
+    }
     let budget = eval.budget.is_some();
     write!(
         out,
@@ -75,7 +82,7 @@ pub(crate) fn eval(
     if budget {
         write!(out, " {:>9}", "feasible")?;
     }
-    writeln!(out, " {:>8}", "fit s")?;
+    writeln!(out, " {:>8} {:>8}", "80% cov", "fit s")?;
     for r in &report.rows {
         write!(
             out,
@@ -84,6 +91,10 @@ pub(crate) fn eval(
         )?;
         if let Some(f) = r.feasible {
             write!(out, " {f:>9.3}")?;
+        }
+        match r.coverage_80 {
+            Some(c) => write!(out, " {c:>8.3}")?,
+            None => write!(out, " {:>8}", "-")?,
         }
         write!(out, " {:>8.2}", r.seconds)?;
         match &r.error {

@@ -140,6 +140,7 @@ fn dispatch(command: Command, config: &Config) -> Result<ExitCode> {
             price_per_unit_hour,
             map,
             higher_is_better,
+            skip_invalid,
             json,
         } => {
             let source = match tensor {
@@ -168,7 +169,15 @@ fn dispatch(command: Command, config: &Config) -> Result<ExitCode> {
                     price_per_unit_hour,
                 }),
             };
-            eval::eval(config, &source, map.as_ref(), metric, &eval, json)
+            eval::eval(
+                config,
+                &source,
+                map.as_ref(),
+                metric,
+                &eval,
+                skip_invalid,
+                json,
+            )
         }
     }
 }

@@ -75,6 +75,7 @@ pub(crate) fn command(command: TensorCommand, config: &Config) -> Result<ExitCod
             map,
             higher_is_better,
             label,
+            skip_invalid,
         } => {
             let label = label.unwrap_or_else(|| {
                 file.file_stem()
@@ -83,12 +84,20 @@ pub(crate) fn command(command: TensorCommand, config: &Config) -> Result<ExitCod
             let map = ColumnMap::parse(&map, higher_is_better, &label)?;
             let node = Node::open(config)?;
             let f = File::open(&file).with_context(|| format!("cannot open {}", file.display()))?;
-            let report = import_csv(&node.signer()?, BufReader::new(f), &map)?;
+            let report = import_csv(&node.signer()?, BufReader::new(f), &map, skip_invalid)?;
             eprintln!(
-                "imported {} new records from {} rows ({} already present, {} conflicting)",
-                report.stored, report.lines, report.duplicates, report.conflicts
+                "imported {} new records from {} rows ({} already present, {} conflicting, {} unusable rows left out)",
+                report.stored,
+                report.lines,
+                report.duplicates,
+                report.conflicts,
+                report.invalid.len()
             );
-            Ok(ExitCode::SUCCESS)
+            Ok(if report.invalid.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         TensorCommand::Stats { json } => {
             let store = Store::open_read_only(&store_dir)?;
