@@ -130,6 +130,10 @@ pub enum Base {
     GlobalBest,
     /// The availability-aware method prior of the fixed-effects fit.
     Prior,
+    /// The method terms of a ridge regression of ln runtime on (context, method) features
+    /// over every cell, those with a single method included: where most cells measured one
+    /// method, they still say how fast it is against the context's level.
+    Regression,
 }
 
 /// Which layers a fitted model uses.
@@ -181,6 +185,12 @@ impl Gate {
                 alpha: 0.0,
                 weight: 1.0,
             },
+            Gate {
+                base: Base::Regression,
+                lambda: None,
+                alpha: 0.0,
+                weight: 1.0,
+            },
         ];
         out.extend(LAMBDAS.iter().rev().map(|&l| Gate {
             base: Base::Prior,
@@ -203,6 +213,7 @@ impl Gate {
         let mut s = match self.base {
             Base::GlobalBest => "Global Best".to_owned(),
             Base::Prior => "method prior".to_owned(),
+            Base::Regression => "regression prior".to_owned(),
         };
         if let Some(l) = self.lambda {
             s.push_str(&format!(" + entity effects (λ {l})"));
@@ -372,6 +383,8 @@ struct Parts {
     n_methods: usize,
     global_best: Vec<f64>,
     prior: Vec<f64>,
+    /// The ridge regression's method terms ([`Base::Regression`]).
+    regression: Vec<f64>,
     /// Entity effects under each of [`LAMBDAS`].
     effects: Vec<Effects>,
     /// The trees on the relative residuals.
@@ -513,10 +526,12 @@ impl Parts {
             y.push(r.value - effect(&level_effects, &r.ids, 0));
         }
         let level = fit_trees(&rows, &y, params)?;
+        let regression = regression_prior(data, cells);
         Ok(Self {
             n_methods,
             global_best,
             prior,
+            regression,
             effects,
             trees,
             trees_fx,
@@ -583,6 +598,7 @@ impl Parts {
                             .and_then(|s| match gate.base {
                                 Base::GlobalBest => self.global_best.get(s),
                                 Base::Prior => self.prior.get(s),
+                                Base::Regression => self.regression.get(s),
                             })
                             .copied()
                             .unwrap_or(0.0);
@@ -629,6 +645,44 @@ impl Parts {
             })
             .collect()
     }
+}
+
+/// [`Base::Regression`]: ridge of ln runtime on standardised (context ++ method) rows of every
+/// measured entry of `cells`; a method's term is its row's contribution beyond the context's,
+/// centred over the methods. All zero (the average) where the fit is impossible.
+fn regression_prior(data: &FitData<'_>, cells: &[usize]) -> Vec<f64> {
+    let n_methods = data.tensor.methods.len();
+    let mut rows = Vec::new();
+    let mut y = Vec::new();
+    for &c in cells {
+        for (m, rt) in data.tensor.cells[c].measured() {
+            let mut row = data.contexts[c].clone();
+            row.extend_from_slice(&data.methods[m]);
+            rows.push(row);
+            y.push(vec![rt.max(1e-9).ln()]);
+        }
+    }
+    let refs: Vec<&[f64]> = rows.iter().map(Vec::as_slice).collect();
+    let z = crate::selectors::Standardizer::fit(&refs);
+    let x: Vec<Vec<f64>> = refs.iter().map(|r| z.apply(r)).collect();
+    let Ok(fit) = crate::selectors::RidgeFit::fit(&x, &y, 1.0) else {
+        return vec![0.0; n_methods];
+    };
+    // Any context row: the model is additive, so the method terms do not depend on it.
+    let Some(&c) = cells.first() else {
+        return vec![0.0; n_methods];
+    };
+    let scores: Vec<f64> = data
+        .methods
+        .iter()
+        .map(|m| {
+            let mut row = data.contexts[c].clone();
+            row.extend_from_slice(m);
+            fit.predict(&z.apply(&row)).first().copied().unwrap_or(0.0)
+        })
+        .collect();
+    let mean = scores.iter().sum::<f64>() / scores.len().max(1) as f64;
+    scores.iter().map(|s| s - mean).collect()
 }
 
 /// Which residual trees a fit makes.
@@ -946,6 +1000,7 @@ impl Robust {
             n_methods: p.n_methods,
             global_best: p.global_best.clone(),
             prior: p.prior.clone(),
+            regression: p.regression.clone(),
             effects: p.effects.clone(),
             trees: trees(&p.trees)?,
             trees_fx: trees(&p.trees_fx)?,
@@ -966,6 +1021,7 @@ impl Robust {
         if saved.effects.len() != LAMBDAS.len()
             || saved.global_best.len() != saved.n_methods
             || saved.prior.len() != saved.n_methods
+            || saved.regression.len() != saved.n_methods
         {
             return Err(SchedulerError::Persist(
                 "the saved selection model is inconsistent".into(),
@@ -976,6 +1032,7 @@ impl Robust {
                 n_methods: saved.n_methods,
                 global_best: saved.global_best,
                 prior: saved.prior,
+                regression: saved.regression,
                 effects: saved.effects,
                 trees: trees(saved.trees)?,
                 trees_fx: trees(saved.trees_fx)?,
@@ -996,6 +1053,7 @@ pub(crate) struct SavedRobust {
     n_methods: usize,
     global_best: Vec<f64>,
     prior: Vec<f64>,
+    regression: Vec<f64>,
     effects: Vec<Effects>,
     trees: Option<(usize, Vec<String>)>,
     trees_fx: Option<(usize, Vec<String>)>,
@@ -1004,4 +1062,89 @@ pub(crate) struct SavedRobust {
     level: Option<(usize, Vec<String>)>,
     gate: Gate,
     calibration: Calibration,
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::features::{FeatureConfig, FeatureSpace};
+    use crate::import::{ColumnMap, csv_records};
+    use metainf_protocol::Keypair;
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+
+    fn tensor(csv: &str) -> Tensor {
+        let map = ColumnMap::parse(
+            "hardware=gpu,model=model,method=method,metric=seconds,workload=w",
+            false,
+            "t",
+        )
+        .unwrap();
+        let origin = Keypair::generate_ed25519().public().to_peer_id();
+        Tensor::from_records(&csv_records(csv.as_bytes(), &map, origin, 1, 1).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn the_method_prior_is_not_fooled_by_which_methods_a_cell_has() {
+        // `x` is measured only beside the very slow `s` (cells A) and beside `b`, which is 10 %
+        // faster than it (cells B). Relative to their cells' means, `x` looks best; within the
+        // cells where they meet, `b` is.
+        let mut csv = String::from("gpu,model,method,w,seconds\n");
+        for i in 0..6 {
+            csv.push_str(&format!("g,m,x,{i},1.0\ng,m,s,{i},4.0\n"));
+        }
+        for i in 6..10 {
+            csv.push_str(&format!("g,m,x,{i},1.0\ng,m,b,{i},0.9\ng,m,c,{i},1.1\n"));
+        }
+        let t = tensor(&csv);
+        let cells: Vec<usize> = (0..t.cells.len()).collect();
+        let space = FeatureSpace::fit(&t, &cells, FeatureConfig::default(), None).unwrap();
+        let contexts = space.tensor_contexts(&t, None).unwrap();
+        let methods = space.tensor_methods(&t, None).unwrap();
+        let ids = EntityIds::of(&t).unwrap();
+        let data = FitData {
+            tensor: &t,
+            contexts: &contexts,
+            methods: &methods,
+            ids: &ids,
+        };
+        let parts = Parts::fit(&data, &cells, GbdtParams::default(), WhichTrees::ALL).unwrap();
+        let slot = |name: &str| t.methods.iter().position(|m| m.has(name)).unwrap();
+        let (x, b) = (slot("x"), slot("b"));
+        assert!(
+            parts.global_best[x] < parts.global_best[b],
+            "Global Best prefers x"
+        );
+        assert!(
+            parts.prior[b] < parts.prior[x],
+            "the prior prefers b: {:?}",
+            parts.prior
+        );
+        // b is 10 % faster than x: the prior says so in log units.
+        assert!((parts.prior[x] - parts.prior[b] - (1.0f64 / 0.9).ln()).abs() < 0.02);
+    }
+
+    #[test]
+    fn the_calibrated_interval_covers_about_eighty_percent() {
+        let mut rng = StdRng::seed_from_u64(5);
+        // Errors whose scale is twice the ensemble's spread, plus a floor.
+        let draw = |rng: &mut StdRng| {
+            let spread: f64 = rng.gen_range(0.05..0.5);
+            let normal: f64 = (0..12).map(|_| rng.gen_range(0.0..1.0)).sum::<f64>() - 6.0;
+            (normal * (2.0 * spread + 0.1), spread)
+        };
+        let fit: Vec<(f64, f64)> = (0..2000).map(|_| draw(&mut rng)).collect();
+        let cal = Calibration::fit(&fit);
+        assert_eq!(cal.samples, 2000);
+        let held: Vec<(f64, f64)> = (0..4000).map(|_| draw(&mut rng)).collect();
+        let covered = held
+            .iter()
+            .filter(|(e, s)| e.abs() <= Z80 * cal.log_std(*s))
+            .count() as f64
+            / held.len() as f64;
+        assert!((0.76..=0.84).contains(&covered), "coverage {covered}");
+        // Too few errors: the uninformed default, one e-fold either way.
+        assert_eq!(Calibration::fit(&fit[..5]), Calibration::default());
+    }
 }

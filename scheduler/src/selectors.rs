@@ -215,13 +215,13 @@ fn global_best(train: &TrainSet<'_>, queries: &[usize]) -> Vec<Vec<f64>> {
 /// z-score standardisation fitted on training rows. Missing values (NaN: unknown facts) are
 /// left out of the fit and become the mean (0) when applied: the smartcore learners take no
 /// NaN.
-struct Standardizer {
+pub(crate) struct Standardizer {
     mean: Vec<f64>,
     std: Vec<f64>,
 }
 
 impl Standardizer {
-    fn fit(rows: &[&[f64]]) -> Self {
+    pub(crate) fn fit(rows: &[&[f64]]) -> Self {
         let d = rows.first().map_or(0, |r| r.len());
         let mut sum = vec![0.0; d];
         let mut count = vec![0.0f64; d];
@@ -255,7 +255,7 @@ impl Standardizer {
         Self { mean, std }
     }
 
-    fn apply(&self, row: &[f64]) -> Vec<f64> {
+    pub(crate) fn apply(&self, row: &[f64]) -> Vec<f64> {
         row.iter()
             .zip(&self.mean)
             .zip(&self.std)
@@ -346,13 +346,13 @@ fn argosmart(train: &TrainSet<'_>, queries: &[usize]) -> Result<Vec<Vec<f64>>> {
 
 /// Ridge regression `(XᵀX + αI) w = Xᵀy` with an unpenalised intercept (X centred); `y` may
 /// have several columns: weights d × t and intercepts t.
-struct RidgeFit {
+pub(crate) struct RidgeFit {
     w: Vec<Vec<f64>>,
     b: Vec<f64>,
 }
 
 impl RidgeFit {
-    fn fit(x: &[Vec<f64>], y: &[Vec<f64>], alpha: f64) -> Result<Self> {
+    pub(crate) fn fit(x: &[Vec<f64>], y: &[Vec<f64>], alpha: f64) -> Result<Self> {
         let n = x.len();
         let d = x.first().map_or(0, Vec::len);
         let t = y.first().map_or(0, Vec::len);
@@ -399,7 +399,7 @@ impl RidgeFit {
         Ok(Self { w, b })
     }
 
-    fn predict(&self, row: &[f64]) -> Vec<f64> {
+    pub(crate) fn predict(&self, row: &[f64]) -> Vec<f64> {
         (0..self.b.len())
             .map(|k| self.b[k] + row.iter().zip(&self.w).map(|(v, w)| v * w[k]).sum::<f64>())
             .collect()
