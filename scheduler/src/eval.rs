@@ -623,23 +623,35 @@ mod tests {
     }
 
     #[test]
-    fn without_structure_metainf_is_global_best() {
-        for seed in [1, 2, 3] {
+    fn without_structure_metainf_is_global_best_on_average() {
+        // Pure noise around a usually-best method: whatever a fold's gate keeps, averaged over
+        // tables MetaInf loses nothing to Global Best, and most folds keep Global Best itself.
+        // (One table alone varies by ±0.07 in accuracy either way: 72 cells.)
+        let (mut acc, mut regret, mut kept, mut gates) = (0.0, 0.0, 0, 0);
+        let seeds = 1..=8u64;
+        let n = seeds.clone().count() as f64;
+        for seed in seeds {
             let t = named_table(0.2, false, seed);
             let config = EvalConfig {
                 selectors: vec![SelectorKind::MetaInf, SelectorKind::GlobalBest],
-                seed,
+                seed: seed + 50,
                 ..EvalConfig::default()
             };
             let r = evaluate(&t, &config, None).unwrap();
             let (meta, global) = (row(&r, "MetaInf"), row(&r, "Global Best"));
-            // Within noise: one standard error of a share over 72 cells is ~0.06 (4 cells).
-            assert!(
-                meta.regret <= global.regret + 0.02 && meta.accuracy >= global.accuracy - 0.06,
-                "seed {seed}: {meta:?} {global:?} {:?}",
-                r.gates
-            );
+            acc += (meta.accuracy - global.accuracy) / n;
+            regret += (meta.regret - global.regret) / n;
+            kept += r.gates.iter().filter(|g| *g == "Global Best").count();
+            gates += r.gates.len();
         }
+        assert!(
+            acc >= -0.01 && regret <= 0.005,
+            "mean Δaccuracy {acc}, Δregret {regret}"
+        );
+        assert!(
+            kept * 10 >= gates * 6,
+            "{kept} of {gates} folds kept Global Best"
+        );
     }
 
     #[test]

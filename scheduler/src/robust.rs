@@ -720,6 +720,9 @@ fn fit_trees(rows: &[Vec<f64>], y: &[f64], params: GbdtParams) -> Result<Option<
 /// Per held-out cell of the inner folds: regret and hit of each candidate.
 #[derive(Default)]
 struct GateTally {
+    /// The inner folds could not hold out groups like the split faced (one group left in
+    /// training) and held out cells instead: an easier problem, so the evidence counts half.
+    fell_back: bool,
     regret: Vec<Vec<f64>>,
     hit: Vec<Vec<f64>>,
     errors: Vec<Vec<(f64, f64)>>,
@@ -736,8 +739,9 @@ impl GateTally {
     /// lowest regret is kept; nothing qualifies: Global Best. (Keeping the simplest within one
     /// standard error of it instead was tried: on the public tables it kept too little.)
     ///
-    /// The kept candidate's weight is its evidence: 0.5 when it just qualifies, rising to 1
-    /// at half as much evidence again.
+    /// The kept candidate's weight is its evidence beyond the bar: 0 when it just qualifies
+    /// (the ranking is Global Best's), rising to 1 at twice the evidence the bar asks for,
+    /// so that a marginal decision moves the ranking only marginally.
     fn choose(&self, candidates: &[Gate]) -> (Gate, Vec<(Gate, f64, f64)>) {
         let trials: Vec<(Gate, f64, f64)> = candidates
             .iter()
@@ -768,7 +772,10 @@ impl GateTally {
                 let both = z.min(zh) / BOTH_SE;
                 let lower = if zh >= -1.0 { gain / bar } else { 0.0 };
                 let more_accurate = if gain > 0.0 { zh / GATE_SE } else { 0.0 };
-                let evidence = both.max(lower).max(more_accurate);
+                let mut evidence = both.max(lower).max(more_accurate);
+                if self.fell_back {
+                    evidence /= 2.0;
+                }
                 (evidence > 1.0 && gain > 1e-3).then_some((i, evidence))
             })
             .collect();
@@ -780,7 +787,7 @@ impl GateTally {
             return (Gate::GLOBAL_BEST, trials);
         };
         let gate = Gate {
-            weight: (evidence - 0.5).clamp(0.5, 1.0),
+            weight: (evidence - 1.0).clamp(0.0, 1.0),
             ..candidates[chosen]
         };
         (gate, trials)
@@ -830,6 +837,7 @@ impl Robust {
         // calibrated for it.
         let inner = config.params;
         let mut tally = GateTally {
+            fell_back: false,
             regret: vec![Vec::new(); candidates.len()],
             hit: vec![Vec::new(); candidates.len()],
             errors: vec![Vec::new(); candidates.len()],
@@ -855,6 +863,7 @@ impl Robust {
                     // instead.
                     split = Split::Random;
                     inner_folds = folds(tensor, &comparable, split, config.folds, seed);
+                    tally.fell_back = config.split != Split::Random;
                 }
                 for test in &inner_folds {
                     let held: std::collections::BTreeSet<usize> =
