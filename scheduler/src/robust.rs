@@ -725,7 +725,33 @@ struct GateTally {
     fell_back: bool,
     regret: Vec<Vec<f64>>,
     hit: Vec<Vec<f64>>,
-    errors: Vec<Vec<(f64, f64)>>,
+    errors: Vec<Vec<HeldOut>>,
+}
+
+/// One held-out measurement of the inner folds, against Global Best's prediction (which
+/// shares the candidate's level), so that the error of any blend of the two follows.
+#[derive(Clone, Copy, Debug)]
+struct HeldOut {
+    /// ln runtime − Global Best's prediction.
+    residual: f64,
+    /// The candidate's prediction − Global Best's.
+    delta: f64,
+    /// Global Best's spread (the level's).
+    base_spread: f64,
+    /// The candidate's spread.
+    spread: f64,
+}
+
+impl HeldOut {
+    /// (error, spread) of the prediction `weight` of the way from Global Best's to the
+    /// candidate's, as [`Parts::predict`] blends them.
+    fn blended(&self, weight: f64) -> (f64, f64) {
+        let extra = (self.spread.powi(2) - self.base_spread.powi(2)).max(0.0);
+        (
+            self.residual - weight * self.delta,
+            (self.base_spread.powi(2) + weight.powi(2) * extra).sqrt(),
+        )
+    }
 }
 
 impl GateTally {
@@ -886,23 +912,30 @@ impl Robust {
                         test.iter().map(|&c| data.contexts[c].clone()).collect();
                     let test_ids: Vec<ContextIds> =
                         test.iter().map(|&c| data.ids.context(tensor, c)).collect();
-                    for (i, gate) in candidates.iter().enumerate() {
-                        let predictions = parts.predict(
-                            gate,
-                            &test_contexts,
-                            &test_ids,
-                            data.methods,
-                            &all_slots,
-                            &raw,
-                        );
-                        for (&c, p) in test.iter().zip(&predictions) {
-                            let cell = &tensor.cells[c];
-                            let Some((best, best_rt)) = cell.best() else {
-                                continue;
-                            };
-                            let slot = per_cell
-                                .entry(c)
-                                .or_insert_with(|| vec![(0.0, 0.0, 0.0); candidates.len()]);
+                    let predictions: Vec<Vec<Vec<Prediction>>> = candidates
+                        .iter()
+                        .map(|gate| {
+                            parts.predict(
+                                gate,
+                                &test_contexts,
+                                &test_ids,
+                                data.methods,
+                                &all_slots,
+                                &raw,
+                            )
+                        })
+                        .collect();
+                    for (t, &c) in test.iter().enumerate() {
+                        let cell = &tensor.cells[c];
+                        let Some((best, best_rt)) = cell.best() else {
+                            continue;
+                        };
+                        let slot = per_cell
+                            .entry(c)
+                            .or_insert_with(|| vec![(0.0, 0.0, 0.0); candidates.len()]);
+                        let global_best = &predictions[0][t];
+                        for (i, candidate) in predictions.iter().enumerate() {
+                            let p = &candidate[t];
                             let chosen = cell
                                 .measured()
                                 .min_by(|a, b| p[a.0].log_runtime.total_cmp(&p[b.0].log_runtime));
@@ -913,8 +946,13 @@ impl Robust {
                                 slot[i].2 += 1.0;
                             }
                             for (m, rt) in cell.measured() {
-                                tally.errors[i]
-                                    .push((rt.max(1e-9).ln() - p[m].log_runtime, p[m].log_std));
+                                let g = global_best[m];
+                                tally.errors[i].push(HeldOut {
+                                    residual: rt.max(1e-9).ln() - g.log_runtime,
+                                    delta: p[m].log_runtime - g.log_runtime,
+                                    base_spread: g.log_std,
+                                    spread: p[m].log_std,
+                                });
                             }
                         }
                     }
@@ -943,7 +981,11 @@ impl Robust {
                 } == *g
             })
             .unwrap_or(0);
-        let calibration = Calibration::fit(&tally.errors[chosen]);
+        let errors: Vec<(f64, f64)> = tally.errors[chosen]
+            .iter()
+            .map(|h| h.blended(gate.weight))
+            .collect();
+        let calibration = Calibration::fit(&errors);
         let parts = Parts::fit(data, cells, config.params, WhichTrees::for_gate(&gate))?;
         Ok(Self {
             parts,
