@@ -224,6 +224,35 @@ impl Tensor {
     }
 }
 
+/// Relative log runtimes of a cell: ln(rt) minus the cell's mean ln(rt), `None` where missing.
+pub(crate) fn relative(tensor: &Tensor, c: usize) -> Vec<Option<f64>> {
+    let cell = &tensor.cells[c];
+    let logs: Vec<Option<f64>> = cell.runtime_s.iter().map(|r| r.map(f64::ln)).collect();
+    let known: Vec<f64> = logs.iter().flatten().copied().collect();
+    let mean = known.iter().sum::<f64>() / known.len().max(1) as f64;
+    logs.into_iter().map(|l| l.map(|l| l - mean)).collect()
+}
+
+/// Mean relative log runtime per method over `cells` (missing methods: 0): Global Best's
+/// scores.
+pub(crate) fn mean_relative(tensor: &Tensor, cells: impl Iterator<Item = usize>) -> Vec<f64> {
+    let n = tensor.methods.len();
+    let mut sum = vec![0.0; n];
+    let mut count = vec![0u32; n];
+    for c in cells {
+        for (m, r) in relative(tensor, c).into_iter().enumerate() {
+            if let Some(r) = r {
+                sum[m] += r;
+                count[m] += 1;
+            }
+        }
+    }
+    sum.iter()
+        .zip(&count)
+        .map(|(s, &k)| if k > 0 { s / f64::from(k) } else { 0.0 })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]

@@ -38,8 +38,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::dataset::Tensor;
 use crate::error::{Result, SchedulerError};
-use crate::eval::{Split, folds};
-use crate::predictor::{Gbdt, GbdtParams, Prediction};
+use crate::gbdt::{Gbdt, GbdtParams, Prediction};
+use crate::linear::{RidgeFit, Standardizer};
+use crate::split::{Split, folds};
 
 /// The standard normal's 90 % quantile: ± this many σ is an 80 % interval.
 pub const Z80: f64 = 1.281_551_565_545;
@@ -237,7 +238,7 @@ impl Gate {
     }
 }
 
-/// Split-conformal calibration of the spread: `log_std = k · (σ + τ) / Z80`.
+/// Split-conformal calibration of the spread: `log_std = max(k · (σ + τ) / Z80, floor)`.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Calibration {
     /// The 80 % quantile of |error| / (σ + τ) on held-out training cells.
@@ -247,6 +248,12 @@ pub struct Calibration {
     pub tau: f64,
     /// Held-out errors the multiplier was fitted on (0: the uninformed default).
     pub samples: usize,
+    /// Least `log_std`: where the inner folds could not hold out the kind of group the model
+    /// will face (one left in training), the error on an unseen one cannot be measured, and
+    /// knowing nothing of it, its level is taken to be as uncertain as the levels of the
+    /// training cells are spread (their standard deviation); else 0.
+    #[serde(default)]
+    pub floor: f64,
 }
 
 impl Default for Calibration {
@@ -256,13 +263,14 @@ impl Default for Calibration {
             k: Z80,
             tau: 1.0,
             samples: 0,
+            floor: 0.0,
         }
     }
 }
 
 impl Calibration {
     fn log_std(&self, spread: f64) -> f64 {
-        self.k * (spread.max(0.0) + self.tau) / Z80
+        (self.k * (spread.max(0.0) + self.tau) / Z80).max(self.floor)
     }
 
     fn fit(errors: &[(f64, f64)]) -> Self {
@@ -280,6 +288,7 @@ impl Calibration {
             k: ratios[rank - 1].max(1e-6),
             tau,
             samples: errors.len(),
+            floor: 0.0,
         }
     }
 }
@@ -448,7 +457,7 @@ impl Parts {
         let n_methods = tensor.methods.len();
         let logs: Vec<Vec<(usize, f64)>> = cells.iter().map(|&c| log_entries(tensor, c)).collect();
         let (levels, prior) = fixed_effects(&logs, n_methods);
-        let global_best = crate::selectors::mean_relative(tensor, cells.iter().copied());
+        let global_best = crate::dataset::mean_relative(tensor, cells.iter().copied());
         // Relative residuals of the cells with a choice.
         let mut residuals = Vec::new();
         let mut level_residuals = Vec::new();
@@ -663,9 +672,9 @@ fn regression_prior(data: &FitData<'_>, cells: &[usize]) -> Vec<f64> {
         }
     }
     let refs: Vec<&[f64]> = rows.iter().map(Vec::as_slice).collect();
-    let z = crate::selectors::Standardizer::fit(&refs);
+    let z = Standardizer::fit(&refs);
     let x: Vec<Vec<f64>> = refs.iter().map(|r| z.apply(r)).collect();
-    let Ok(fit) = crate::selectors::RidgeFit::fit(&x, &y, 1.0) else {
+    let Ok(fit) = RidgeFit::fit(&x, &y, 1.0) else {
         return vec![0.0; n_methods];
     };
     // Any context row: the model is additive, so the method terms do not depend on it.
@@ -907,6 +916,7 @@ impl Robust {
                         k: Z80,
                         tau: 0.0,
                         samples: 0,
+                        floor: 0.0,
                     };
                     let test_contexts: Vec<Vec<f64>> =
                         test.iter().map(|&c| data.contexts[c].clone()).collect();
@@ -985,7 +995,20 @@ impl Robust {
             .iter()
             .map(|h| h.blended(gate.weight))
             .collect();
-        let calibration = Calibration::fit(&errors);
+        let mut calibration = Calibration::fit(&errors);
+        if tally.fell_back {
+            let levels: Vec<f64> = cells
+                .iter()
+                .filter_map(|&c| {
+                    let logs = log_entries(tensor, c);
+                    (!logs.is_empty())
+                        .then(|| logs.iter().map(|(_, l)| l).sum::<f64>() / logs.len() as f64)
+                })
+                .collect();
+            let n = levels.len().max(1) as f64;
+            let mean = levels.iter().sum::<f64>() / n;
+            calibration.floor = (levels.iter().map(|l| (l - mean).powi(2)).sum::<f64>() / n).sqrt();
+        }
         let parts = Parts::fit(data, cells, config.params, WhichTrees::for_gate(&gate))?;
         Ok(Self {
             parts,

@@ -13,17 +13,17 @@ use smartcore::ensemble::random_forest_regressor::{
 };
 use smartcore::linalg::basic::arrays::Array;
 use smartcore::linalg::basic::matrix::DenseMatrix;
-use smartcore::linalg::traits::cholesky::CholeskyDecomposable;
 use smartcore::linalg::traits::svd::SVDDecomposable;
 use smartcore::neighbors::knn_regressor::{KNNRegressor, KNNRegressorParameters};
 use smartcore::svm::Kernels;
 use smartcore::svm::svr::{SVR, SVRParameters};
 
-use crate::dataset::Tensor;
+use crate::dataset::{Tensor, mean_relative, relative};
 use crate::error::{Result, SchedulerError};
-use crate::eval::Split;
-use crate::predictor::{GbdtParams, Prediction, TwoStage, training_rows};
+use crate::gbdt::{GbdtParams, Prediction, TwoStage, training_rows};
+use crate::linear::{RidgeFit, Standardizer, matrix};
 use crate::robust::{EntityIds, FitData, Robust, RobustConfig};
+use crate::split::Split;
 
 /// What a selector learns from.
 #[derive(Clone, Copy, Debug)]
@@ -178,94 +178,9 @@ impl FromStr for SelectorKind {
     }
 }
 
-/// Relative log runtimes of a cell: ln(rt) minus the cell's mean ln(rt), `None` where missing.
-fn relative(tensor: &Tensor, c: usize) -> Vec<Option<f64>> {
-    let cell = &tensor.cells[c];
-    let logs: Vec<Option<f64>> = cell.runtime_s.iter().map(|r| r.map(f64::ln)).collect();
-    let known: Vec<f64> = logs.iter().flatten().copied().collect();
-    let mean = known.iter().sum::<f64>() / known.len().max(1) as f64;
-    logs.into_iter().map(|l| l.map(|l| l - mean)).collect()
-}
-
-/// Mean relative log runtime per method over `cells` (missing methods: 0): Global Best's
-/// scores.
-pub(crate) fn mean_relative(tensor: &Tensor, cells: impl Iterator<Item = usize>) -> Vec<f64> {
-    let n = tensor.methods.len();
-    let mut sum = vec![0.0; n];
-    let mut count = vec![0u32; n];
-    for c in cells {
-        for (m, r) in relative(tensor, c).into_iter().enumerate() {
-            if let Some(r) = r {
-                sum[m] += r;
-                count[m] += 1;
-            }
-        }
-    }
-    sum.iter()
-        .zip(&count)
-        .map(|(s, &k)| if k > 0 { s / f64::from(k) } else { 0.0 })
-        .collect()
-}
-
 fn global_best(train: &TrainSet<'_>, queries: &[usize]) -> Vec<Vec<f64>> {
     let scores = mean_relative(train.tensor, train.cells.iter().copied());
     vec![scores; queries.len()]
-}
-
-/// z-score standardisation fitted on training rows. Missing values (NaN: unknown facts) are
-/// left out of the fit and become the mean (0) when applied: the smartcore learners take no
-/// NaN.
-pub(crate) struct Standardizer {
-    mean: Vec<f64>,
-    std: Vec<f64>,
-}
-
-impl Standardizer {
-    pub(crate) fn fit(rows: &[&[f64]]) -> Self {
-        let d = rows.first().map_or(0, |r| r.len());
-        let mut sum = vec![0.0; d];
-        let mut count = vec![0.0f64; d];
-        for r in rows {
-            for ((s, n), v) in sum.iter_mut().zip(&mut count).zip(r.iter()) {
-                if !v.is_nan() {
-                    *s += v;
-                    *n += 1.0;
-                }
-            }
-        }
-        let mean: Vec<f64> = sum
-            .iter()
-            .zip(&count)
-            .map(|(s, n)| s / n.max(1.0))
-            .collect();
-        let mut var = vec![0.0; d];
-        for r in rows {
-            for ((s, v), m) in var.iter_mut().zip(r.iter()).zip(&mean) {
-                if !v.is_nan() {
-                    *s += (v - m).powi(2);
-                }
-            }
-        }
-        let std = var
-            .into_iter()
-            .zip(&count)
-            .map(|(v, n)| v / n.max(1.0))
-            .map(|v| if v > 1e-12 { v.sqrt() } else { 1.0 })
-            .collect();
-        Self { mean, std }
-    }
-
-    pub(crate) fn apply(&self, row: &[f64]) -> Vec<f64> {
-        row.iter()
-            .zip(&self.mean)
-            .zip(&self.std)
-            .map(|((v, m), s)| if v.is_nan() { 0.0 } else { (v - m) / s })
-            .collect()
-    }
-}
-
-fn matrix(rows: &[Vec<f64>], model: &str) -> Result<DenseMatrix<f64>> {
-    DenseMatrix::from_2d_vec(&rows.to_vec()).map_err(|e| SchedulerError::model(model, e))
 }
 
 /// The training cells' contexts, standardised, and the standardiser for queries.
@@ -342,68 +257,6 @@ fn argosmart(train: &TrainSet<'_>, queries: &[usize]) -> Result<Vec<Vec<f64>>> {
             }
         })
         .collect())
-}
-
-/// Ridge regression `(XᵀX + αI) w = Xᵀy` with an unpenalised intercept (X centred); `y` may
-/// have several columns: weights d × t and intercepts t.
-pub(crate) struct RidgeFit {
-    w: Vec<Vec<f64>>,
-    b: Vec<f64>,
-}
-
-impl RidgeFit {
-    pub(crate) fn fit(x: &[Vec<f64>], y: &[Vec<f64>], alpha: f64) -> Result<Self> {
-        let n = x.len();
-        let d = x.first().map_or(0, Vec::len);
-        let t = y.first().map_or(0, Vec::len);
-        if n == 0 || d == 0 || t == 0 {
-            return Err(SchedulerError::Data("ridge needs rows".into()));
-        }
-        let mean: Vec<f64> = (0..d)
-            .map(|j| x.iter().map(|r| r[j]).sum::<f64>() / n as f64)
-            .collect();
-        let ymean: Vec<f64> = (0..t)
-            .map(|j| y.iter().map(|r| r[j]).sum::<f64>() / n as f64)
-            .collect();
-        let mut xtx = vec![vec![0.0; d]; d];
-        let mut xty = vec![vec![0.0; t]; d];
-        for (row, yr) in x.iter().zip(y) {
-            let xc: Vec<f64> = row.iter().zip(&mean).map(|(v, m)| v - m).collect();
-            for i in 0..d {
-                for j in i..d {
-                    xtx[i][j] += xc[i] * xc[j];
-                }
-                for k in 0..t {
-                    xty[i][k] += xc[i] * (yr[k] - ymean[k]);
-                }
-            }
-        }
-        for i in 0..d {
-            let (upper, lower) = xtx.split_at_mut(i);
-            for (j, row) in upper.iter().enumerate() {
-                lower[0][j] = row[i];
-            }
-            lower[0][i] += alpha;
-        }
-        let a = matrix(&xtx, "Ridge")?;
-        let b = matrix(&xty, "Ridge")?;
-        let w = a
-            .cholesky_solve_mut(b)
-            .map_err(|e| SchedulerError::model("Ridge", e))?;
-        let w: Vec<Vec<f64>> = (0..d)
-            .map(|i| (0..t).map(|k| *w.get((i, k))).collect())
-            .collect();
-        let b = (0..t)
-            .map(|k| ymean[k] - (0..d).map(|i| w[i][k] * mean[i]).sum::<f64>())
-            .collect();
-        Ok(Self { w, b })
-    }
-
-    pub(crate) fn predict(&self, row: &[f64]) -> Vec<f64> {
-        (0..self.b.len())
-            .map(|k| self.b[k] + row.iter().zip(&self.w).map(|(v, w)| v * w[k]).sum::<f64>())
-            .collect()
-    }
 }
 
 fn alors(train: &TrainSet<'_>, queries: &[usize]) -> Result<Vec<Vec<f64>>> {
