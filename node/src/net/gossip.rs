@@ -17,6 +17,23 @@ use super::event::{GossipRecord, GossipTicket, GossipVerdict, NetEvent};
 use super::event_loop::EventLoop;
 use crate::clock::now_ms;
 
+/// How far ahead of this node's clock a heartbeat's `sent_at_ms` may be.
+const MAX_CLOCK_SKEW_MS: u64 = 60_000;
+
+/// Whether `heartbeat` is newer state of its peer: sent after the one this node holds (if
+/// any), within the peer timeout of now, and not from further ahead than the clock skew allowed.
+fn fresh(
+    previous: Option<&Heartbeat>,
+    heartbeat: &Heartbeat,
+    now_ms: u64,
+    max_age_ms: u64,
+) -> bool {
+    let sent = heartbeat.sent_at_ms;
+    previous.is_none_or(|p| sent > p.sent_at_ms)
+        && sent <= now_ms.saturating_add(MAX_CLOCK_SKEW_MS)
+        && sent >= now_ms.saturating_sub(max_age_ms)
+}
+
 impl EventLoop {
     pub(super) fn on_gossip_event(&mut self, event: gossipsub::Event) {
         let gossipsub::Event::Message {
@@ -70,6 +87,15 @@ impl EventLoop {
             _ => return GossipVerdict::Reject,
         };
         let peer = heartbeat.peer;
+        let previous = self.peers.get(&peer).and_then(|s| s.heartbeat.as_ref());
+        let max_age_ms = self.config.peer_timeout_s.saturating_mul(1000);
+        if !fresh(previous, &heartbeat, now_ms(), max_age_ms) {
+            // A replay (gossipsub forgets a message id after its duplicate window), an old
+            // copy or a clock far ahead: neither newer state nor a sign of life. Ignored, not
+            // rejected: the relay that forwarded it may be honest.
+            debug!(%peer, sent_at_ms = heartbeat.sent_at_ms, "ignored a stale heartbeat");
+            return GossipVerdict::Ignore;
+        }
         self.seen(peer);
         if let Some(status) = self.peers.get_mut(&peer) {
             status.heartbeat = Some(heartbeat.clone());
@@ -130,5 +156,53 @@ impl EventLoop {
             }
             Err(e) => debug!(error = %e, "cannot encode a heartbeat"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use metainf_protocol::ContentId;
+
+    #[test]
+    fn only_newer_recent_heartbeats_count() {
+        let peer = metainf_protocol::Keypair::generate_ed25519()
+            .public()
+            .to_peer_id();
+        let beat = |sent_at_ms| Heartbeat {
+            peer,
+            sent_at_ms,
+            queue_depth: 0,
+            running_jobs: 0,
+            queue_capacity: 16,
+            models: Vec::new(),
+            price_per_hour: 0.0,
+            free_memory_bytes: 0,
+            hardware: ContentId([0; 32]),
+            profile: None,
+            records_seq: 0,
+            load: None,
+        };
+        let now = 10_000_000;
+        let held = beat(now - 5_000);
+        // The first one heard, and a newer one.
+        assert!(fresh(None, &beat(now), now, 30_000));
+        assert!(fresh(Some(&held), &beat(now - 1_000), now, 30_000));
+        // A replay of the held one, or an older one, after gossipsub's duplicate window.
+        assert!(!fresh(Some(&held), &held, now, 30_000));
+        assert!(!fresh(Some(&held), &beat(now - 6_000), now, 30_000));
+        // Older than the peer timeout (a replay after a restart), or far ahead of this clock
+        // (which would shut the peer's real heartbeats out until then).
+        assert!(!fresh(None, &beat(now - 31_000), now, 30_000));
+        assert!(!fresh(
+            None,
+            &beat(now + MAX_CLOCK_SKEW_MS + 1),
+            now,
+            30_000
+        ));
+        assert!(fresh(None, &beat(now + 1_000), now, 30_000));
+        // Untrusted numbers do not overflow.
+        assert!(!fresh(None, &beat(u64::MAX), 5, u64::MAX));
+        assert!(fresh(None, &beat(0), 5, u64::MAX));
     }
 }
