@@ -245,6 +245,11 @@ impl PerfRecord {
     }
 }
 
+/// Longest signer key encoding accepted (an ed25519 key is 36 bytes; RSA keys are not used).
+pub const MAX_SIGNER_BYTES: usize = 128;
+/// Longest signature accepted (ed25519: 64 bytes; ECDSA and secp256k1 DER: at most 72).
+pub const MAX_SIGNATURE_BYTES: usize = 128;
+
 /// A record with its origin's signature: what travels and what is stored.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SignedRecord {
@@ -279,10 +284,27 @@ impl SignedRecord {
         })
     }
 
-    /// Verifies the signature, that the signer is the origin, and every value range.
+    /// Verifies the signature, that the signer is the origin, and every value range; and that
+    /// the envelope is the one [`SignedRecord::sign`] makes: the signer in its canonical
+    /// encoding (protobuf decoding tolerates padding, which the signature does not cover, so a
+    /// padded copy would be a second envelope of the same record) and the whole within
+    /// [`MAX_RECORD_BYTES`] however it arrived (in a sync batch, not only alone on the wire).
     pub fn verify(self) -> Result<VerifiedRecord> {
+        if self.signer.len() > MAX_SIGNER_BYTES || self.signature.len() > MAX_SIGNATURE_BYTES {
+            return Err(ProtocolError::InvalidKey(format!(
+                "signer of {} bytes or signature of {} bytes (at most {MAX_SIGNER_BYTES} and {MAX_SIGNATURE_BYTES})",
+                self.signer.len(),
+                self.signature.len()
+            )));
+        }
         let public = PublicKey::try_decode_protobuf(&self.signer)
             .map_err(|e| ProtocolError::InvalidKey(e.to_string()))?;
+        if public.encode_protobuf() != self.signer {
+            return Err(ProtocolError::InvalidKey(
+                "the signer is not in its canonical encoding".into(),
+            ));
+        }
+        self.to_wire()?;
         let signer = public.to_peer_id();
         if signer != self.record.origin {
             return Err(ProtocolError::SignerNotOrigin {

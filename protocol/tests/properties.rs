@@ -112,6 +112,24 @@ fn tampered_fields_fail_verification() {
 }
 
 #[test]
+fn padded_or_oversized_envelopes_are_refused() {
+    let k = key(1);
+    let rec = fixtures::signed(&k, 7, 3);
+    // An unknown protobuf field after the key: decoders skip it, the signature does not cover
+    // it; a second envelope of the same record.
+    let mut padded = rec.clone();
+    padded.signer.extend_from_slice(&[0x18, 0x01]);
+    assert!(matches!(padded.verify(), Err(ProtocolError::InvalidKey(_))));
+    let mut long = rec.clone();
+    long.signer.extend(std::iter::repeat_n(0u8, 200));
+    assert!(matches!(long.verify(), Err(ProtocolError::InvalidKey(_))));
+    let mut long = rec.clone();
+    long.signature.extend(std::iter::repeat_n(0u8, 200));
+    assert!(matches!(long.verify(), Err(ProtocolError::InvalidKey(_))));
+    rec.verify().unwrap();
+}
+
+#[test]
 fn forged_origin_is_rejected() {
     let honest = key(1);
     let forger = key(2);
