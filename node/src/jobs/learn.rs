@@ -82,8 +82,12 @@ impl Learner {
         params: GbdtParams,
         count: u64,
     ) -> Result<Option<u64>, String> {
-        let Ok(_guard) = self.training.try_lock() else {
-            return Ok(None);
+        let _guard = match self.training.try_lock() {
+            Ok(guard) => guard,
+            // A training that panicked (a learner's bug on some data) poisoned the lock; it
+            // must not stop every later one.
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(None),
         };
         let records = store.perf_records().map_err(|e| e.to_string())?;
         if records.is_empty() {
@@ -400,6 +404,31 @@ mod tests {
             .collect();
         store.put(records).unwrap();
         assert_eq!(count_records(&store), u64::MAX);
+    }
+
+    #[test]
+    fn a_training_that_panicked_does_not_stop_later_ones() {
+        use metainf_protocol::{Keypair, SignedRecord, fixtures};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("store")).unwrap();
+        let key = Keypair::ed25519_from_bytes([3; 32]).unwrap();
+        let records = (0..16)
+            .map(|v| {
+                let r = fixtures::record(&key, v + 1, v);
+                SignedRecord::sign(r, &key).unwrap().verify().unwrap()
+            })
+            .collect();
+        store.put(records).unwrap();
+        let learner = Learner::default();
+        // Poison the training lock the way a panicking learner would.
+        let poisoned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _guard = learner.training.lock().unwrap();
+            panic!("a learner failed");
+        }));
+        assert!(poisoned.is_err() && learner.training.is_poisoned());
+        let generation = learner.retrain(&store, GbdtParams::default(), 16).unwrap();
+        assert_eq!(generation, Some(1));
+        assert!(learner.current().is_some());
     }
 
     fn log(generation: u64, err: f64) -> DecisionLog {
