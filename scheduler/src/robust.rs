@@ -5,28 +5,31 @@
 //! (which method is faster inside it). The relative part is what a selection ranks, and it is
 //! built in layers, from the most to the least supported:
 //!
-//! 1. **A method prior** `b[m]`: a two-way fixed-effects fit `ln rt(c, m) = a[c] + b[m] + e`,
-//!    alternating between cell levels and method effects, so a method measured only in slow
-//!    cells is not mistaken for a fast one (availability-aware, unlike a mean of
-//!    within-cell deviations, which is what Global Best ranks by).
+//! 1. **A method prior** `b[m]`: a two-way fixed-effects fit `ln rt(c, m) = a[c] + b[m] + e`
+//!    over the cells with a choice, alternating between cell levels and method effects, so a
+//!    method measured only beside slow ones is not mistaken for a fast one (availability-aware,
+//!    unlike a mean of within-cell deviations, which is what Global Best ranks by). Or **a
+//!    regression prior**: the method terms of a ridge regression of ln runtime over every cell,
+//!    single-method cells included.
 //! 2. **Learned entity effects** `u_k[entity][m]`: per hardware, model and workload, how each
 //!    method deviates from its prior there, backfitted and shrunk towards zero by support
 //!    (`sum / (n + λ)`): entities seen in few cells move the ranking little, unseen ones not at
 //!    all. They need no facts about the entity, only its identity, so they work on any
 //!    imported table.
-//! 3. **Boosted trees** on (context, method) features for what the effects leave, so that
-//!    unseen entities with known facts (a new GPU, a longer prompt) still get corrections.
+//! 3. **Boosted trees** on (context, method) features for what the prior (and the effects)
+//!    leave, so that unseen entities with known facts (a new GPU, a longer prompt) still get
+//!    corrections.
 //!
 //! A **gate** chooses, per fit and on the training cells only, among Global Best itself and
-//! these layers (with three shrinkage strengths and two tree weights): inner folds grouped
-//! like the evaluation's split (held-out hardware is gated on held-out hardware), per-cell
-//! regret, and a candidate replaces Global Best only when it lowers regret by more than one
-//! standard error without losing accuracy. Where the data has no structure, MetaInf *is*
-//! Global Best; where it has, the corrections are kept.
+//! these layers ([`Gate::candidates`]): inner folds grouped like the evaluation's split
+//! (held-out hardware is gated on held-out hardware), per-cell log regret and hits, and a
+//! candidate replaces Global Best only with evidence beyond its standard errors
+//! (the rule of `GateTally::choose`), weighted by that evidence. Where the data has no structure, MetaInf
+//! *is* Global Best; where it has, the corrections are kept.
 //!
 //! The absolute prediction (level + relative) carries an uncertainty calibrated the same way:
-//! a split-conformal multiplier on the ensemble spread, fitted on the inner folds' errors, so
-//! that ± 1.28 σ covers about 80 % of held-out measurements.
+//! a split-conformal multiplier on the ensemble spread, fitted on the inner folds' errors of the
+//! blend kept, so that ± 1.28 σ covers about 80 % of held-out measurements.
 //!
 //! Only cells with at least two measured methods teach relative effects; a method missing from
 //! a cell is neither a target nor a candidate there.
