@@ -44,6 +44,27 @@ fn records(hardware: u32) -> Vec<PerfRecord> {
     out
 }
 
+/// p50, p99 and max of 5,000 timed single decisions with `model`, printed with the layers its
+/// gate kept.
+fn percentiles(model: &MetaPredictor, query: &Query<'_>) {
+    let predictor = Predictor { model, cache: None };
+    let mut times: Vec<f64> = (0..5000)
+        .map(|_| {
+            let start = std::time::Instant::now();
+            std::hint::black_box(select(&predictor, std::hint::black_box(query)).unwrap());
+            start.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    println!(
+        "select 8 methods x 100 hosts over 5000 decisions ({}): p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+        model.model().gate().describe(),
+        times[2500],
+        times[4950],
+        times[4999]
+    );
+}
+
 fn bench(c: &mut Criterion) {
     let tensor = Tensor::from_records(&records(50)).unwrap();
     let model = MetaPredictor::train(
@@ -81,21 +102,7 @@ fn bench(c: &mut Criterion) {
         objective: Objective::Runtime,
         explore: 0.0,
     };
-    let mut times: Vec<f64> = (0..5000)
-        .map(|_| {
-            let start = std::time::Instant::now();
-            std::hint::black_box(select(&predictor, std::hint::black_box(&query)).unwrap());
-            start.elapsed().as_secs_f64() * 1e3
-        })
-        .collect();
-    times.sort_by(f64::total_cmp);
-    println!(
-        "select 8 methods x 100 hosts over 5000 decisions ({}): p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
-        model.model().gate().describe(),
-        times[2500],
-        times[4950],
-        times[4999]
-    );
+    percentiles(&model, &query);
     // The heaviest model the gate can keep: every layer, both tree ensembles evaluated.
     let heavy = MetaPredictor::train_with(
         &tensor,
@@ -108,25 +115,7 @@ fn bench(c: &mut Criterion) {
         None,
     )
     .unwrap();
-    let heavy_predictor = Predictor {
-        model: &heavy,
-        cache: None,
-    };
-    let mut times: Vec<f64> = (0..5000)
-        .map(|_| {
-            let start = std::time::Instant::now();
-            std::hint::black_box(select(&heavy_predictor, std::hint::black_box(&query)).unwrap());
-            start.elapsed().as_secs_f64() * 1e3
-        })
-        .collect();
-    times.sort_by(f64::total_cmp);
-    println!(
-        "select 8 methods x 100 hosts over 5000 decisions ({}): p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
-        heavy.model().gate().describe(),
-        times[2500],
-        times[4950],
-        times[4999]
-    );
+    percentiles(&heavy, &query);
     c.bench_function("select 8 methods x 100 hosts", |b| {
         b.iter(|| select(&predictor, std::hint::black_box(&query)).unwrap())
     });

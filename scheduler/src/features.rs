@@ -309,29 +309,33 @@ impl FeatureSpace {
                 rows.iter().map(key).collect::<BTreeSet<_>>().len() > 1
             };
             let extra = &space.extra_keys;
-            if distinct(
-                workloads
-                    .iter()
-                    .map(|&i| workload_numeric(&tensor.workloads[i], extra))
-                    .collect(),
-            ) {
-                space.numeric_kinds.insert(kind_key(Kind::Workload));
-            }
-            if distinct(
-                hardware
-                    .iter()
-                    .map(|&i| hardware_numeric(&tensor.hardware[i]))
-                    .collect(),
-            ) {
-                space.numeric_kinds.insert(kind_key(Kind::Hardware));
-            }
-            if distinct(
-                models
-                    .iter()
-                    .map(|&i| model_numeric(&tensor.models[i]))
-                    .collect(),
-            ) {
-                space.numeric_kinds.insert(kind_key(Kind::Model));
+            let facts = [
+                (
+                    Kind::Workload,
+                    workloads
+                        .iter()
+                        .map(|&i| workload_numeric(&tensor.workloads[i], extra))
+                        .collect(),
+                ),
+                (
+                    Kind::Hardware,
+                    hardware
+                        .iter()
+                        .map(|&i| hardware_numeric(&tensor.hardware[i]))
+                        .collect(),
+                ),
+                (
+                    Kind::Model,
+                    models
+                        .iter()
+                        .map(|&i| model_numeric(&tensor.models[i]))
+                        .collect(),
+                ),
+            ];
+            for (kind, rows) in facts {
+                if distinct(rows) {
+                    space.numeric_kinds.insert(kind_key(kind));
+                }
             }
             space.numeric_kinds.insert(kind_key(Kind::Method));
         }

@@ -461,8 +461,9 @@ impl Parts {
         let logs: Vec<Vec<(usize, f64)>> = cells.iter().map(|&c| log_entries(tensor, c)).collect();
         let (levels, prior) = fixed_effects(&logs, n_methods);
         let global_best = crate::dataset::mean_relative(tensor, cells.iter().copied());
-        // Relative residuals of the cells with a choice.
+        // Relative residuals of the cells with a choice, and the cell of each.
         let mut residuals = Vec::new();
+        let mut residual_cells = Vec::new();
         let mut level_residuals = Vec::new();
         let mut level_cells = Vec::new();
         let level_mean = levels.iter().sum::<f64>() / levels.len().max(1) as f64;
@@ -481,33 +482,23 @@ impl Parts {
                 continue;
             }
             for &(m, l) in cell {
-                residuals.push((
-                    c,
-                    Residual {
-                        ids,
-                        slot: m,
-                        value: l - a - prior[m],
-                    },
-                ));
+                residual_cells.push(c);
+                residuals.push(Residual {
+                    ids,
+                    slot: m,
+                    value: l - a - prior[m],
+                });
             }
         }
-        let plain: Vec<Residual> = residuals
-            .iter()
-            .map(|(_, r)| Residual {
-                ids: r.ids,
-                slot: r.slot,
-                value: r.value,
-            })
-            .collect();
         let effects: Vec<Effects> = LAMBDAS
             .iter()
-            .map(|&l| backfit(&plain, n_methods, l))
+            .map(|&l| backfit(&residuals, n_methods, l))
             .collect();
         let tree_effects = &effects[LAMBDAS.iter().position(|&l| l == TREE_LAMBDA).unwrap_or(0)];
         let fit_residual_trees = |on_effects: bool| -> Result<Option<Gbdt>> {
             let mut rows = Vec::with_capacity(residuals.len());
             let mut y = Vec::with_capacity(residuals.len());
-            for (c, r) in &residuals {
+            for (c, r) in residual_cells.iter().zip(&residuals) {
                 let mut row = data.contexts[*c].clone();
                 row.extend_from_slice(&data.methods[r.slot]);
                 rows.push(row);
@@ -767,7 +758,7 @@ impl HeldOut {
 }
 
 impl GateTally {
-    /// The candidate to keep, and every candidate's (gate, mean log regret, accuracy).
+    /// The candidate to keep (its index) and its weight.
     ///
     /// A candidate *qualifies* against Global Best (candidate 0) when, over the inner folds'
     /// cells, it lowers the log regret by more than [`GATE_SE`] standard errors of the paired
@@ -780,14 +771,9 @@ impl GateTally {
     /// The kept candidate's weight is its evidence beyond the bar: 0 when it just qualifies
     /// (the ranking is Global Best's), rising to 1 at twice the evidence the bar asks for,
     /// so that a marginal decision moves the ranking only marginally.
-    fn choose(&self, candidates: &[Gate]) -> (Gate, Vec<(Gate, f64, f64)>) {
-        let trials: Vec<(Gate, f64, f64)> = candidates
-            .iter()
-            .enumerate()
-            .map(|(i, g)| (*g, mean_se(&self.regret[i]).0, mean_se(&self.hit[i]).0))
-            .collect();
+    fn choose(&self, candidates: &[Gate]) -> (usize, f64) {
         if self.regret.first().is_none_or(Vec::is_empty) {
-            return (Gate::GLOBAL_BEST, trials);
+            return (0, 1.0);
         }
         let paired =
             |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(x, y)| x - y).collect() };
@@ -817,18 +803,13 @@ impl GateTally {
                 (evidence > 1.0 && gain > 1e-3).then_some((i, evidence))
             })
             .collect();
-        let Some((chosen, evidence)) = qualified
+        let regret = |i: usize| mean_se(&self.regret[i]).0;
+        qualified
             .iter()
-            .copied()
-            .min_by(|a, b| trials[a.0].1.total_cmp(&trials[b.0].1))
-        else {
-            return (Gate::GLOBAL_BEST, trials);
-        };
-        let gate = Gate {
-            weight: (evidence - 1.0).clamp(0.0, 1.0),
-            ..candidates[chosen]
-        };
-        (gate, trials)
+            .min_by(|a, b| regret(a.0).total_cmp(&regret(b.0)))
+            .map_or((0, 1.0), |&(i, evidence)| {
+                (i, (evidence - 1.0).clamp(0.0, 1.0))
+            })
     }
 }
 
@@ -844,8 +825,6 @@ pub struct Robust {
     parts: Parts,
     gate: Gate,
     calibration: Calibration,
-    /// Inner-fold regret per candidate, for reports.
-    trials: Vec<(Gate, f64, f64)>,
 }
 
 impl std::fmt::Debug for Robust {
@@ -980,20 +959,23 @@ impl Robust {
                 }
             }
         }
-        // Global Best unless a candidate lowers regret by more than GATE_SE standard errors (one
-        // where it almost dominates) without losing accuracy beyond its own standard error, or
-        // raises accuracy by GATE_SE standard errors without raising regret.
-        let (chosen_gate, trials) = tally.choose(&candidates);
-        let gate = config.gate.unwrap_or(chosen_gate);
-        let chosen = candidates
-            .iter()
-            .position(|g| {
-                Gate {
-                    weight: 1.0,
-                    ..gate
-                } == *g
-            })
-            .unwrap_or(0);
+        let (mut chosen, weight) = tally.choose(&candidates);
+        let mut gate = Gate {
+            weight,
+            ..candidates[chosen]
+        };
+        if let Some(forced) = config.gate {
+            gate = forced;
+            chosen = candidates
+                .iter()
+                .position(|g| {
+                    Gate {
+                        weight: 1.0,
+                        ..forced
+                    } == *g
+                })
+                .unwrap_or(0);
+        }
         let errors: Vec<(f64, f64)> = tally.errors[chosen]
             .iter()
             .map(|h| h.blended(gate.weight))
@@ -1017,7 +999,6 @@ impl Robust {
             parts,
             gate,
             calibration,
-            trials,
         })
     }
 
@@ -1029,11 +1010,6 @@ impl Robust {
     /// The calibration of the spread.
     pub fn calibration(&self) -> Calibration {
         self.calibration
-    }
-
-    /// Inner-fold (gate, mean log regret, accuracy) of every candidate.
-    pub fn trials(&self) -> &[(Gate, f64, f64)] {
-        &self.trials
     }
 
     /// Whether predictions look entity ids of `kind` (0 hardware, 1 model, 2 workload) up:
@@ -1119,7 +1095,6 @@ impl Robust {
             },
             gate: saved.gate,
             calibration: saved.calibration,
-            trials: Vec::new(),
         })
     }
 }
