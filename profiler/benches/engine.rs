@@ -1,20 +1,34 @@
-//! Engine speed on the default model: single-stream decode and prefill at 1 and 2 threads,
-//! and the batched shapes of llama.cpp's `llama-batched-bench` (4 sequences of 128 prompt +
-//! 64 generated tokens; 16 sequences sharing one prompt). Run with
-//! `cargo bench --profile dev -p metainf-profiler --bench engine`; numbers go to BENCHMARKS.md.
+//! Engine speed on the default model, in the shapes llama.cpp's benchmarks measure, so the two
+//! can run side by side (`scripts/bench-kernels.sh` pairs them):
+//!
+//! | shape | metainf | llama.cpp |
+//! |---|---|---|
+//! | `decode` | 128 tokens after a 16-token prompt, rate after the first | `llama-bench -p 0 -n 128` |
+//! | `prefill` | one 512-token prompt, prompt tokens / time to first token | `llama-bench -p 512 -n 0` |
+//! | `batched` | 4 × (128 prompt + 64 generated), all tokens / wall | `llama-batched-bench -npp 128 -ntg 64 -npl 4`, `S t/s` |
+//! | `shared` | 16 sequences sharing one 128-token prompt, 64 generated each, all tokens (the prompt once) / wall | `llama-batched-bench -npp 128 -ntg 64 -npl 16 -pps`, `S t/s` |
+//!
+//! With the roofline beside each rate: decode's weight bytes per second, prefill's GFLOP/s of
+//! the matrices. Run with
+//! `cargo bench --profile dev -p metainf-profiler --bench engine -- [--threads N] [--shape S] [--reps R] [--triad]`
+//! (defaults: 1 and 2 threads, every shape, 3 repetitions); `--quick` is one repetition.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::path::PathBuf;
+use std::time::Instant;
 
 use metainf_profiler::engine::{Engine, EngineOptions, MethodSettings, Request, Sampling};
 
 fn model_path() -> PathBuf {
-    metainf_profiler::model::default_model_path().expect("HOME is set")
+    std::env::var_os("METAINF_MODEL").map_or_else(
+        || metainf_profiler::model::default_model_path().expect("HOME is set"),
+        PathBuf::from,
+    )
 }
 
-/// `n` tokens of ordinary text, no stop token reachable before `max_tokens` matters little:
-/// stop tokens are disabled so every sequence generates exactly `gen` tokens.
+/// `n` tokens of ordinary text; stop tokens are disabled so every sequence generates exactly
+/// `generate` tokens.
 fn request(engine: &Engine, prompt_tokens: usize, generate: u32, salt: usize) -> Request {
     let tok = engine.model().tokenizer();
     let text = format!(
@@ -32,77 +46,125 @@ fn request(engine: &Engine, prompt_tokens: usize, generate: u32, salt: usize) ->
     }
 }
 
+fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+/// A STREAM-style triad `a = b + s·c` over three 512 MiB arrays on `threads` threads: bytes
+/// moved (two read, one written) per second.
+fn triad_gbs(threads: usize) -> f64 {
+    const N: usize = 64 << 20; // f64s per array: 512 MiB each
+    let chunk = N / threads;
+    let mut a = vec![0f64; N];
+    let b = vec![1f64; N];
+    let c = vec![2f64; N];
+    let mut best = 0f64;
+    for _ in 0..3 {
+        let start = Instant::now();
+        std::thread::scope(|s| {
+            for ((a, b), c) in a
+                .chunks_mut(chunk)
+                .zip(b.chunks(chunk))
+                .zip(c.chunks(chunk))
+            {
+                s.spawn(move || {
+                    for ((a, b), c) in a.iter_mut().zip(b).zip(c) {
+                        *a = b + 3.0 * c;
+                    }
+                });
+            }
+        });
+        std::hint::black_box(&a);
+        best = best.max((3 * N * 8) as f64 / start.elapsed().as_secs_f64() / 1e9);
+    }
+    best
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
-    let reps = if quick { 1 } else { 3 };
-    if std::env::args().any(|a| a == "--decode-only") {
-        // For profiling the decode path alone.
-        let engine = Engine::load(&model_path(), EngineOptions { threads: Some(1) }).unwrap();
-        let r = engine
-            .run(&[request(&engine, 16, 256, 0)], &MethodSettings::default())
-            .unwrap();
-        let t = &r.completions[0].token_times_s;
-        println!(
-            "decode {:.1} tok/s",
-            (t.len() - 1) as f64 / (t[t.len() - 1] - t[0])
-        );
-        return;
-    }
-    for threads in [1usize, 2] {
+    let reps: usize = arg("--reps").map_or(if quick { 1 } else { 3 }, |r| r.parse().unwrap());
+    let threads: Vec<usize> = arg("--threads").map_or(vec![1, 2], |t| vec![t.parse().unwrap()]);
+    let shapes: Vec<String> = arg("--shape").map_or(
+        ["decode", "prefill", "batched", "shared"]
+            .map(String::from)
+            .to_vec(),
+        |s| s.split(',').map(String::from).collect(),
+    );
+    let path = model_path();
+    for &threads in &threads {
+        if std::env::args().any(|a| a == "--triad") {
+            println!("triad threads={threads} gbs={:.1}", triad_gbs(threads));
+        }
         let engine = Engine::load(
-            &model_path(),
+            &path,
             EngineOptions {
                 threads: Some(threads),
             },
         )
         .unwrap();
+        let model = engine.model();
+        let bytes = model.weight_bytes_per_step() as f64;
+        let flops = 2.0 * model.matmul_params() as f64;
+        let formats: Vec<String> = model
+            .weight_formats()
+            .iter()
+            .map(|(f, b)| format!("{f}:{:.1}MB", *b as f64 / 1e6))
+            .collect();
+        println!("weights {}", formats.join(","));
         let cb = MethodSettings {
             continuous_batching: true,
             ..MethodSettings::default()
         };
-        // Single stream: decode rate after the first token; prefill rate of a 512-token prompt.
-        let mut decode = Vec::new();
-        let mut prefill = Vec::new();
-        for rep in 0..reps {
-            let r = engine.run(&[request(&engine, 16, 128, rep)], &cb).unwrap();
-            let t = &r.completions[0].token_times_s;
-            decode.push((t.len() - 1) as f64 / (t[t.len() - 1] - t[0]));
-            let r = engine.run(&[request(&engine, 512, 1, rep)], &cb).unwrap();
-            prefill.push(512.0 / r.completions[0].ttft_s().unwrap());
-        }
-        // Batched: 4 x (128 + 64), total tokens (prompt + generated) per second as
-        // llama-batched-bench reports them.
-        let mut batched = Vec::new();
-        for rep in 0..reps {
-            let reqs: Vec<Request> = (0..4)
-                .map(|i| request(&engine, 128, 64, 10 * rep + i))
-                .collect();
-            let r = engine.run(&reqs, &cb).unwrap();
-            batched.push((4.0 * (128.0 + 64.0)) / r.wall_s);
-        }
-        // 16 sequences sharing one 128-token prompt, 64 generated each: generation rate.
-        let mut shared = Vec::new();
-        for rep in 0..reps {
-            let one = request(&engine, 128, 64, 100 + rep);
-            let reqs: Vec<Request> = (0..16).map(|_| one.clone()).collect();
-            let pc = MethodSettings {
-                continuous_batching: true,
-                prefix_caching: true,
-                ..MethodSettings::default()
-            };
-            let r = engine.run(&reqs, &pc).unwrap();
-            shared.push(r.output_tokens() as f64 / r.wall_s);
-        }
-        let med = |mut v: Vec<f64>| {
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
+        let pc = MethodSettings {
+            continuous_batching: true,
+            prefix_caching: true,
+            ..MethodSettings::default()
         };
-        println!(
-            "threads {threads}: decode {:.1} tok/s, prefill {:.0} tok/s, batched 4x(128+64) {:.0} tok/s total, 16 shared-prompt sequences {:.0} generated tok/s",
-            med(decode),
-            med(prefill),
-            med(batched),
-            med(shared)
-        );
+        for shape in &shapes {
+            let mut rates = Vec::new();
+            for rep in 0..reps {
+                let rate = match shape.as_str() {
+                    "decode" => {
+                        let r = engine.run(&[request(&engine, 16, 128, rep)], &cb).unwrap();
+                        let t = &r.completions[0].token_times_s;
+                        (t.len() - 1) as f64 / (t[t.len() - 1] - t[0])
+                    }
+                    "prefill" => {
+                        let r = engine.run(&[request(&engine, 512, 1, rep)], &cb).unwrap();
+                        512.0 / r.completions[0].ttft_s().unwrap()
+                    }
+                    "batched" => {
+                        let reqs: Vec<Request> = (0..4)
+                            .map(|i| request(&engine, 128, 64, 10 * rep + i))
+                            .collect();
+                        let r = engine.run(&reqs, &cb).unwrap();
+                        (4.0 * (128.0 + 64.0)) / r.wall_s
+                    }
+                    "shared" => {
+                        let one = request(&engine, 128, 64, 100 + rep);
+                        let reqs: Vec<Request> = (0..16).map(|_| one.clone()).collect();
+                        let r = engine.run(&reqs, &pc).unwrap();
+                        (128.0 + r.output_tokens() as f64) / r.wall_s
+                    }
+                    other => panic!("unknown shape {other}"),
+                };
+                rates.push(rate);
+            }
+            rates.sort_by(f64::total_cmp);
+            let med = rates[rates.len() / 2];
+            let roof = match shape.as_str() {
+                "decode" => format!(" weight_gbs={:.1}", med * bytes / 1e9),
+                "prefill" => format!(" matmul_gflops={:.1}", med * flops / 1e9),
+                _ => String::new(),
+            };
+            let all: Vec<String> = rates.iter().map(|r| format!("{r:.1}")).collect();
+            println!(
+                "engine threads={threads} shape={shape} tok_s={med:.1}{roof} runs={}",
+                all.join(",")
+            );
+        }
     }
 }

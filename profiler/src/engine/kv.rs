@@ -150,14 +150,22 @@ impl KvPool {
         }
     }
 
+    /// The keys of every slot of `block` for one KV head, `block_size × head_dim`.
+    pub(crate) fn block_keys(&self, layer: usize, block: u32, head: usize) -> &[f32] {
+        let o = self.offset(layer, block, head, 0);
+        &self.keys[o..o + self.block_size * self.head_dim]
+    }
+
+    /// The values of every slot of `block` for one KV head, `block_size × head_dim`.
+    pub(crate) fn block_values(&self, layer: usize, block: u32, head: usize) -> &[f32] {
+        let o = self.offset(layer, block, head, 0);
+        &self.values[o..o + self.block_size * self.head_dim]
+    }
+
+    #[cfg(test)]
     pub(crate) fn key(&self, layer: usize, block: u32, head: usize, slot: usize) -> &[f32] {
         let o = self.offset(layer, block, head, slot);
         &self.keys[o..o + self.head_dim]
-    }
-
-    pub(crate) fn value(&self, layer: usize, block: u32, head: usize, slot: usize) -> &[f32] {
-        let o = self.offset(layer, block, head, slot);
-        &self.values[o..o + self.head_dim]
     }
 
     /// A block for a sequence: a free one, else the least recently used cached one.

@@ -13,6 +13,7 @@
 pub(crate) mod kernels;
 pub mod kv;
 pub mod model;
+pub(crate) mod quant;
 pub mod sample;
 pub mod sched;
 pub mod serve;

@@ -17,8 +17,9 @@ use candle_core::Device;
 use candle_core::quantized::gguf_file;
 use rayon::prelude::*;
 
-use super::kernels::{self, Isa, Q8Block, QK};
+use super::kernels::{self, Isa, Q8Block, QK, Weight, XBlock};
 use super::kv::KvPool;
+use super::quant::{self, Blocks};
 use crate::error::{ProfilerError, Result};
 use crate::tokenizer::ModelTokenizer;
 
@@ -54,77 +55,106 @@ impl LlamaConfig {
     }
 }
 
-/// A weight matrix of `rows` output features × `cols` inputs, each row as Q8_0 blocks.
+/// A weight matrix of `rows` output features × `cols` inputs: one or more row ranges, each in
+/// the block format its tensor came in ([`super::quant`]).
 pub(crate) struct QMatrix {
     rows: usize,
     cols: usize,
-    blocks: Vec<Q8Block>,
+    parts: Vec<Part>,
 }
 
+struct Part {
+    row0: usize,
+    rows: usize,
+    blocks: Blocks,
+}
+
+/// Weight rows per parallel task of a matmul: a tile of rows stays in L1 while every
+/// activation row passes over it.
+const ROW_TILE: usize = 16;
+
 impl QMatrix {
-    fn from_f32(rows: usize, cols: usize, values: &[f32]) -> Result<Self> {
-        if !cols.is_multiple_of(QK) || values.len() != rows * cols {
-            return Err(ProfilerError::Model(format!(
-                "a {rows}x{cols} matrix cannot be held as Q8_0 blocks of {QK}"
-            )));
+    /// Stacks `tensors` (each `(name, rows, cols, blocks)`, all with `cols` columns) row-wise;
+    /// neighbours of the same format share one part.
+    fn stack(tensors: Vec<(String, usize, usize, Blocks)>) -> Result<Self> {
+        let mut rows = 0;
+        let mut cols = 0;
+        let mut parts: Vec<Part> = Vec::new();
+        for (name, r, c, blocks) in tensors {
+            if cols != 0 && c != cols {
+                return Err(ProfilerError::Model(format!(
+                    "tensor {name}: {c} columns, expected {cols}"
+                )));
+            }
+            cols = c;
+            let unmerged = match parts.last_mut() {
+                Some(last) => last.blocks.append(blocks),
+                None => Some(blocks),
+            };
+            match unmerged {
+                Some(blocks) => parts.push(Part {
+                    row0: rows,
+                    rows: r,
+                    blocks,
+                }),
+                None => {
+                    if let Some(last) = parts.last_mut() {
+                        last.rows += r;
+                    }
+                }
+            }
+            rows += r;
         }
-        let mut blocks = vec![Q8Block::ZERO; rows * cols / QK];
-        blocks
-            .par_chunks_mut(cols / QK)
-            .zip(values.par_chunks(cols))
-            .for_each(|(b, v)| kernels::quantize(v, b));
-        Ok(Self { rows, cols, blocks })
+        Ok(Self { rows, cols, parts })
     }
 
-    fn row(&self, r: usize) -> &[Q8Block] {
-        let kb = self.cols / QK;
-        &self.blocks[r * kb..(r + 1) * kb]
+    /// A Q8 matrix of `values` (the probe's synthetic weights).
+    fn from_f32(rows: usize, cols: usize, values: &[f32]) -> Result<Self> {
+        let mut b = vec![Q8Block::ZERO; rows * cols / QK];
+        for (b, v) in b.chunks_mut(cols / QK).zip(values.chunks(cols)) {
+            Q8Block::quantize(v, b);
+        }
+        Self::stack(vec![("test".into(), rows, cols, Blocks::Q8(b))])
+    }
+
+    /// Bytes one pass over the weights streams.
+    pub(crate) fn bytes(&self) -> usize {
+        self.parts.iter().map(|p| p.blocks.bytes()).sum()
     }
 
     /// Dequantizes row `r` into `out` (the embedding lookup).
     fn row_f32(&self, r: usize, out: &mut [f32]) {
-        kernels::dequantize(self.row(r), out);
+        let kb = self.cols / QK;
+        if let Some(p) = self
+            .parts
+            .iter()
+            .find(|p| r >= p.row0 && r < p.row0 + p.rows)
+        {
+            p.blocks.dequantize((r - p.row0) * kb, out);
+        }
     }
 
     /// `out[t × rows] = x[t × cols] · selfᵀ`, in the current rayon pool.
     fn matmul(&self, isa: Isa, x: &[f32], t: usize, out: &mut Vec<f32>) {
-        const COL_TILE: usize = 16;
         let (n, k, kb) = (self.rows, self.cols, self.cols / QK);
-        let mut xq = vec![Q8Block::ZERO; t * kb];
-        xq.par_chunks_mut(kb)
-            .zip(x.par_chunks(k))
-            .for_each(|(q, row)| kernels::quantize(row, q));
-        // Column-major result so each task writes one contiguous slice: a tile of weight rows
-        // stays in L1 while every activation row passes over it.
+        let mut xq = vec![XBlock::ZERO; t * kb];
+        if t == 1 {
+            kernels::quantize(x, &mut xq);
+        } else {
+            xq.par_chunks_mut(kb)
+                .zip(x.par_chunks(k))
+                .for_each(|(q, row)| kernels::quantize(row, q));
+        }
+        // Column-major result so each task writes one contiguous slice.
         let mut out_t = vec![0f32; n * t];
-        out_t
-            .par_chunks_mut(COL_TILE * t)
-            .enumerate()
-            .for_each(|(tile, chunk)| {
-                let c0 = tile * COL_TILE;
-                let cols = chunk.len() / t;
-                let mut acc = [[0f32; 2]; 4];
-                for r0 in (0..t).step_by(2) {
-                    let r1 = (r0 + 2).min(t);
-                    let mut xs: [&[Q8Block]; 2] = [&[]; 2];
-                    for (slot, r) in xs.iter_mut().zip(r0..r1) {
-                        *slot = &xq[r * kb..(r + 1) * kb];
-                    }
-                    for c in (0..cols).step_by(4) {
-                        let c1 = (c + 4).min(cols);
-                        let mut ws: [&[Q8Block]; 4] = [&[]; 4];
-                        for (slot, j) in ws.iter_mut().zip(c..c1) {
-                            *slot = self.row(c0 + j);
-                        }
-                        kernels::dot_tile(isa, &ws[..c1 - c], &xs[..r1 - r0], &mut acc);
-                        for j in 0..c1 - c {
-                            for r in 0..r1 - r0 {
-                                chunk[(c + j) * t + r0 + r] = acc[j][r];
-                            }
-                        }
-                    }
-                }
-            });
+        for p in &self.parts {
+            let slice = &mut out_t[p.row0 * t..(p.row0 + p.rows) * t];
+            match &p.blocks {
+                Blocks::Q8(b) => tiles(isa, b, kb, &xq, t, slice),
+                Blocks::Q6(b) => tiles(isa, b, kb, &xq, t, slice),
+                Blocks::Q4(b) => tiles(isa, b, kb, &xq, t, slice),
+            }
+        }
         out.clear();
         out.resize(t * n, 0.0);
         if t == 1 {
@@ -133,6 +163,54 @@ impl QMatrix {
             for (r, row) in out.chunks_exact_mut(n).enumerate() {
                 for (o, v) in row.iter_mut().zip(out_t[r..].iter().step_by(t)) {
                     *o = *v;
+                }
+            }
+        }
+    }
+}
+
+/// Activation rows from which a tile of weights is unpacked ([`Weight::Wide`]) before the
+/// rows pass over it: the unpacking is paid once per tile instead of once per row pair.
+const WIDEN_MIN_ROWS: usize = 4;
+
+/// `out_t[row × t + r] = w[row] · x[r]` over weight rows of `kb` blocks each.
+fn tiles<W: Weight>(isa: Isa, w: &[W], kb: usize, xq: &[XBlock], t: usize, out_t: &mut [f32]) {
+    let widen = W::WIDENS && t >= WIDEN_MIN_ROWS;
+    out_t
+        .par_chunks_mut(ROW_TILE * t)
+        .enumerate()
+        .for_each_init(Vec::new, |wide: &mut Vec<W::Wide>, (tile, chunk)| {
+            let rows = &w[tile * ROW_TILE * kb..][..chunk.len() / t * kb];
+            if widen {
+                wide.clear();
+                wide.extend(rows.iter().map(Weight::widen));
+                tile_rows(isa, wide, kb, xq, t, chunk);
+            } else {
+                tile_rows(isa, rows, kb, xq, t, chunk);
+            }
+        });
+}
+
+/// One task's rows: `chunk[row × t + r] = w[row] · x[r]`.
+fn tile_rows<W: Weight>(isa: Isa, w: &[W], kb: usize, xq: &[XBlock], t: usize, chunk: &mut [f32]) {
+    let cols = chunk.len() / t;
+    let mut acc = [[0f32; 2]; 4];
+    for r0 in (0..t).step_by(2) {
+        let r1 = (r0 + 2).min(t);
+        let mut xs: [&[XBlock]; 2] = [&[]; 2];
+        for (slot, r) in xs.iter_mut().zip(r0..r1) {
+            *slot = &xq[r * kb..(r + 1) * kb];
+        }
+        for c in (0..cols).step_by(4) {
+            let c1 = (c + 4).min(cols);
+            let mut ws: [&[W]; 4] = [&[]; 4];
+            for (slot, j) in ws.iter_mut().zip(c..c1) {
+                *slot = &w[j * kb..(j + 1) * kb];
+            }
+            W::dot_tile(isa, &ws[..c1 - c], &xs[..r1 - r0], &mut acc);
+            for j in 0..c1 - c {
+                for r in 0..r1 - r0 {
+                    chunk[(c + j) * t + r0 + r] = acc[j][r];
                 }
             }
         }
@@ -227,24 +305,16 @@ impl LlamaModel {
             return Err(ProfilerError::Model(format!("odd head size {head_dim}")));
         }
         let tokenizer = ModelTokenizer::from_gguf(&content)?;
-        let mut read = |name: &str| -> Result<(Vec<usize>, Vec<f32>)> {
-            let q = content
+        let mut tensor = |name: &str| {
+            content
                 .tensor(&mut file, name, &Device::Cpu)
-                .map_err(|e| ProfilerError::Model(format!("tensor {name}: {e}")))?;
-            let dims = q.shape().dims().to_vec();
-            let values = q
-                .dequantize(&Device::Cpu)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            Ok((dims, values))
+                .map_err(|e| ProfilerError::Model(format!("tensor {name}: {e}")))
         };
         let mut matrix = |names: &[&str]| -> Result<QMatrix> {
-            let mut rows = 0;
-            let mut cols = 0;
-            let mut values = Vec::new();
+            let mut parts = Vec::with_capacity(names.len());
             for name in names {
-                let (dims, v) = read(name)?;
-                let (r, c) = match dims.as_slice() {
+                let q = tensor(name)?;
+                let (r, c) = match q.shape().dims() {
                     [r, c] => (*r, *c),
                     other => {
                         return Err(ProfilerError::Model(format!(
@@ -252,16 +322,9 @@ impl LlamaModel {
                         )));
                     }
                 };
-                if cols != 0 && c != cols {
-                    return Err(ProfilerError::Model(format!(
-                        "tensor {name}: {c} columns, expected {cols}"
-                    )));
-                }
-                cols = c;
-                rows += r;
-                values.extend_from_slice(&v);
+                parts.push((name.to_string(), r, c, quant::blocks(name, &q, r, c)?));
             }
-            QMatrix::from_f32(rows, cols, &values)
+            QMatrix::stack(parts)
         };
         let embed = matrix(&["token_embd.weight"])?;
         let vocab = embed.rows;
@@ -288,7 +351,12 @@ impl LlamaModel {
             });
         }
         let mut vector = |name: &str| -> Result<Vec<f32>> {
-            let (_, v) = read(name)?;
+            let v = content
+                .tensor(&mut file, name, &Device::Cpu)
+                .and_then(|q| q.dequantize(&Device::Cpu))
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1::<f32>())
+                .map_err(|e| ProfilerError::Model(format!("tensor {name}: {e}")))?;
             if v.len() != hidden {
                 return Err(ProfilerError::Model(format!(
                     "tensor {name} has {} values, expected {hidden}",
@@ -364,6 +432,37 @@ impl LlamaModel {
     /// The model's tokenizer.
     pub fn tokenizer(&self) -> &ModelTokenizer {
         &self.tokenizer
+    }
+
+    /// Bytes of weights one decode step streams (every matrix once, the output head
+    /// included; the embedding lookup reads one row).
+    pub fn weight_bytes_per_step(&self) -> usize {
+        self.matrices().map(QMatrix::bytes).sum()
+    }
+
+    /// Multiply-adds per token of the matrices (attention over positions excluded).
+    pub fn matmul_params(&self) -> usize {
+        self.matrices().map(|m| m.rows * m.cols).sum()
+    }
+
+    /// The formats the weights are held in, with the bytes of each (e.g. `q4 66.4 MB`).
+    pub fn weight_formats(&self) -> Vec<(&'static str, usize)> {
+        let mut out: Vec<(&'static str, usize)> = Vec::new();
+        for p in self.matrices().flat_map(|m| m.parts.iter()) {
+            let f = p.blocks.format();
+            match out.iter_mut().find(|(name, _)| *name == f) {
+                Some((_, bytes)) => *bytes += p.blocks.bytes(),
+                None => out.push((f, p.blocks.bytes())),
+            }
+        }
+        out
+    }
+
+    fn matrices(&self) -> impl Iterator<Item = &QMatrix> {
+        self.layers
+            .iter()
+            .flat_map(|l| [&l.wqkv, &l.wo, &l.w_gate_up, &l.w_down])
+            .chain(std::iter::once(self.output.as_ref().unwrap_or(&self.embed)))
     }
 
     fn rope(&self, x: &mut [f32], pos: usize) {
@@ -523,41 +622,38 @@ impl LlamaModel {
                     &row[q_dim + kv_dim..],
                 );
             }
+            // One task per (token, KV head) running the heads of its group together, so each
+            // key and value row is read once per group; per (token, head) when that leaves
+            // too few tasks for the threads (a single sequence's decode). Each head computes
+            // the same arithmetic either way.
+            let per_group = t * c.kv_heads >= 4 * rayon::current_num_threads();
+            let task_heads = if per_group { group } else { 1 };
             let kv_ref = &*kv;
-            // One task per (token, head), so that a single sequence's decode uses every
-            // thread too; each task keeps its score buffer across the heads it runs.
-            attn.par_chunks_mut(d).enumerate().for_each_init(
-                Vec::new,
-                |scores: &mut Vec<f32>, (task, o)| {
-                    let (ti, head) = (task / c.heads, task % c.heads);
+            let isa = self.isa;
+            attn.par_chunks_mut(task_heads * d)
+                .enumerate()
+                .for_each_init(Vec::new, |scores: &mut Vec<f32>, (task, o)| {
+                    let tasks_per_token = c.heads / task_heads;
+                    let (ti, h0) = (
+                        task / tasks_per_token,
+                        (task % tasks_per_token) * task_heads,
+                    );
                     let tok = &tokens[ti];
-                    let row = &qkv[ti * qkv_dim..(ti + 1) * qkv_dim];
-                    let table = tables[tok.seq];
-                    let g = head / group;
-                    let q = &row[head * d..(head + 1) * d];
-                    scores.clear();
-                    let mut max = f32::NEG_INFINITY;
-                    for p in 0..=tok.pos {
-                        let k = kv_ref.key(l, table[p / block_size], g, p % block_size);
-                        let s = dot(q, k) * scale;
-                        max = max.max(s);
-                        scores.push(s);
-                    }
-                    let mut sum = 0f32;
-                    for s in scores.iter_mut() {
-                        *s = (*s - max).exp();
-                        sum += *s;
-                    }
-                    o.fill(0.0);
-                    for (p, s) in scores.iter().enumerate() {
-                        let v = kv_ref.value(l, table[p / block_size], g, p % block_size);
-                        let w = s / sum;
-                        for (oi, vi) in o.iter_mut().zip(v) {
-                            *oi += w * vi;
-                        }
-                    }
-                },
-            );
+                    let q = &qkv[ti * qkv_dim + h0 * d..ti * qkv_dim + (h0 + task_heads) * d];
+                    attend(
+                        isa,
+                        kv_ref,
+                        l,
+                        tables[tok.seq],
+                        h0 / group,
+                        tok.pos,
+                        d,
+                        scale,
+                        q,
+                        o,
+                        scores,
+                    );
+                });
             layer.wo.matmul(self.isa, &attn, t, &mut proj);
             add_in_place(&mut x, &proj);
             rms_norm(&x, &layer.ffn_norm, c.rms_eps, &mut normed);
@@ -620,23 +716,54 @@ fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
         });
 }
 
-/// Dot product with eight independent partial sums (vectorizable; a fixed order, so the
-/// same inputs always give the same bits).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
+/// Attention of one token at `pos` for the query heads in `q` (`n × d`, all reading KV head
+/// `g` of `layer`), over positions `0..=pos` in order; writes `o` (`n × d`).
+#[allow(clippy::too_many_arguments)]
+fn attend(
+    isa: Isa,
+    kv: &KvPool,
+    layer: usize,
+    table: &[u32],
+    g: usize,
+    pos: usize,
+    d: usize,
+    scale: f32,
+    q: &[f32],
+    o: &mut [f32],
+    scores: &mut Vec<f32>,
+) {
+    let n = q.len() / d;
+    let len = pos + 1;
+    let bs = kv.block_size();
+    scores.clear();
+    scores.resize(n * len, 0.0);
+    for (bi, &block) in table.iter().enumerate().take(len.div_ceil(bs)) {
+        let keys = kv.block_keys(layer, block, g);
+        let p0 = bi * bs;
+        for (s, k) in keys.chunks_exact(d).take(len - p0).enumerate() {
+            for h in 0..n {
+                scores[h * len + p0 + s] = kernels::dot_f32(isa, &q[h * d..(h + 1) * d], k) * scale;
+            }
         }
     }
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+    for h in 0..n {
+        let row = &mut scores[h * len..(h + 1) * len];
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, s| m.max(*s));
+        let inv = 1.0 / kernels::exp_sum(isa, row, max);
+        for s in row.iter_mut() {
+            *s *= inv;
+        }
+    }
+    o.fill(0.0);
+    for (bi, &block) in table.iter().enumerate().take(len.div_ceil(bs)) {
+        let values = kv.block_values(layer, block, g);
+        let p0 = bi * bs;
+        for (s, v) in values.chunks_exact(d).take(len - p0).enumerate() {
+            for h in 0..n {
+                kernels::axpy(isa, scores[h * len + p0 + s], v, &mut o[h * d..(h + 1) * d]);
+            }
+        }
+    }
 }
 
 fn add_in_place(x: &mut [f32], y: &[f32]) {
