@@ -257,6 +257,13 @@ pub(crate) trait Weight: Copy + Send + Sync + 'static {
     const WIDENS: bool;
 
     fn widen(&self) -> Self::Wide;
+
+    /// `dst = src` widened, block for block.
+    fn widen_all(isa: Isa, src: &[Self], dst: &mut Vec<Self::Wide>) {
+        let _ = isa;
+        dst.clear();
+        dst.extend(src.iter().map(Self::widen));
+    }
 }
 
 impl Q8Block {
@@ -365,6 +372,16 @@ impl Weight for Q4Block {
         }
     }
 
+    fn widen_all(isa: Isa, src: &[Self], dst: &mut Vec<U4Block>) {
+        dst.clear();
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: both are only constructed after run-time detection of AVX2 and F16C.
+            Isa::Avx2 | Isa::Vnni => unsafe { avx2::widen_q4(src, dst) },
+            _ => dst.extend(src.iter().map(Self::widen)),
+        }
+    }
+
     fn dequantize(blocks: &[Self], out: &mut [f32]) {
         for (b, o) in blocks.iter().zip(out.chunks_exact_mut(QK)) {
             let (d, m) = (b.d(), b.m());
@@ -406,6 +423,7 @@ impl Weight for Q4Block {
 /// Dot product of two f32 slices with eight partial sums in a fixed order: the same bits on
 /// every instruction set (the vectorized loop computes exactly what the scalar one does; Rust
 /// never fuses or reorders float operations).
+#[cfg(test)]
 pub(crate) fn dot_f32(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
     match isa {
         #[cfg(target_arch = "x86_64")]
@@ -415,13 +433,24 @@ pub(crate) fn dot_f32(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
     }
 }
 
-/// `y += w · x`, elementwise.
-pub(crate) fn axpy(isa: Isa, w: f32, x: &[f32], y: &mut [f32]) {
+/// `out[i] = (q · keys[i]) · scale` for each row of `keys` (`out.len()` rows of `q.len()`), each
+/// dot as [`dot_f32`]'s.
+pub(crate) fn scores(isa: Isa, q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as in `dot_f32`.
-        Isa::Avx2 | Isa::Vnni => unsafe { avx2::axpy(w, x, y) },
-        _ => generic::axpy(w, x, y),
+        Isa::Avx2 | Isa::Vnni => unsafe { avx2::scores(q, keys, scale, out) },
+        _ => generic::scores(q, keys, scale, out),
+    }
+}
+
+/// `y += Σᵢ w[i] · rows[i]` (`w.len()` rows of `y.len()`), rows added in order.
+pub(crate) fn weighted_sum(isa: Isa, w: &[f32], rows: &[f32], y: &mut [f32]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `dot_f32`.
+        Isa::Avx2 | Isa::Vnni => unsafe { avx2::weighted_sum(w, rows, y) },
+        _ => generic::weighted_sum(w, rows, y),
     }
 }
 
@@ -455,13 +484,51 @@ mod generic {
                 acc[i] += x[i] * y[i];
             }
         }
+        reduce(&acc, tail)
+    }
+
+    /// Four keys at a time: four independent accumulator chains instead of one, each key's
+    /// sum computed exactly as [`dot_f32`] computes it (the same lanes, chunks and reduction).
+    #[inline(always)]
+    pub(super) fn scores(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
+        let d = q.len();
+        let full = d - d % 8;
+        let mut groups = out.chunks_exact_mut(4);
+        let mut rows = keys.chunks_exact(4 * d);
+        for (o, k) in (&mut groups).zip(&mut rows) {
+            let mut acc = [[0f32; 8]; 4];
+            for j in (0..full).step_by(8) {
+                for (a, kr) in acc.iter_mut().zip(k.chunks_exact(d)) {
+                    for i in 0..8 {
+                        a[i] += q[j + i] * kr[j + i];
+                    }
+                }
+            }
+            for ((o, a), kr) in o.iter_mut().zip(&acc).zip(k.chunks_exact(d)) {
+                let tail: f32 = q[full..].iter().zip(&kr[full..]).map(|(x, y)| x * y).sum();
+                *o = reduce(a, tail) * scale;
+            }
+        }
+        for (o, k) in groups
+            .into_remainder()
+            .iter_mut()
+            .zip(rows.remainder().chunks_exact(d))
+        {
+            *o = dot_f32(q, k) * scale;
+        }
+    }
+
+    #[inline(always)]
+    fn reduce(acc: &[f32; 8], tail: f32) -> f32 {
         ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
     }
 
     #[inline(always)]
-    pub(super) fn axpy(w: f32, x: &[f32], y: &mut [f32]) {
-        for (y, x) in y.iter_mut().zip(x) {
-            *y += w * x;
+    pub(super) fn weighted_sum(w: &[f32], rows: &[f32], y: &mut [f32]) {
+        for (w, x) in w.iter().zip(rows.chunks_exact(y.len())) {
+            for (y, x) in y.iter_mut().zip(x) {
+                *y += w * x;
+            }
         }
     }
 
@@ -997,14 +1064,43 @@ mod avx2 {
 
     x86_kernels!("avx2,fma,f16c");
 
+    /// [`Q4Block::widen`] for every block of `src`, appended to `dst`: the same values (the
+    /// f16 conversions are exact either way).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn widen_q4(src: &[Q4Block], dst: &mut Vec<U4Block>) {
+        dst.reserve(src.len());
+        let mask = _mm256_set1_epi8(0x0F);
+        for b in src {
+            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(b.d) | (i32::from(b.m) << 16)));
+            let mut q = [0u8; QK];
+            // SAFETY: `qs` is 16 bytes and `q` 32; both accesses are unaligned.
+            unsafe {
+                let raw = _mm_loadu_si128(b.qs.as_ptr().cast::<__m128i>());
+                let v = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), mask);
+                _mm256_storeu_si256(q.as_mut_ptr().cast::<__m256i>(), v);
+            }
+            dst.push(U4Block {
+                d: _mm_cvtss_f32(dm),
+                m: _mm_cvtss_f32(_mm_movehdup_ps(dm)),
+                q,
+            });
+        }
+    }
+
+    #[cfg(test)]
     #[target_feature(enable = "avx2,fma")]
     pub(super) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
         super::generic::dot_f32(a, b)
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn axpy(w: f32, x: &[f32], y: &mut [f32]) {
-        super::generic::axpy(w, x, y)
+    pub(super) fn scores(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
+        super::generic::scores(q, keys, scale, out)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn weighted_sum(w: &[f32], rows: &[f32], y: &mut [f32]) {
+        super::generic::weighted_sum(w, rows, y)
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -1148,7 +1244,16 @@ mod tests {
         check_format(&(0..4).map(|s| q8(&row(k, s))).collect::<Vec<_>>(), &x);
         let w4: Vec<Vec<Q4Block>> = (0..4).map(|s| q4(&row(k, s))).collect();
         check_format(&w4, &x);
-        // Unpacked Q4 tiles give the packed ones' bits.
+        // Unpacked Q4 tiles give the packed ones' bits; every path unpacks alike.
+        for isa in Isa::available() {
+            let mut v = Vec::new();
+            Q4Block::widen_all(isa, &w4[1], &mut v);
+            assert_eq!(
+                v,
+                w4[1].iter().map(Weight::widen).collect::<Vec<_>>(),
+                "{isa:?}"
+            );
+        }
         let wide: Vec<Vec<U4Block>> = w4
             .iter()
             .map(|r| r.iter().map(Weight::widen).collect())
@@ -1182,13 +1287,27 @@ mod tests {
     fn f32_primitives_agree_bitwise_across_instruction_sets_and_exp_is_accurate() {
         let a: Vec<f32> = (0..77).map(|i| (i as f32 * 0.37).sin()).collect();
         let b: Vec<f32> = (0..77).map(|i| (i as f32 * 0.11).cos()).collect();
-        let scores: Vec<f32> = (0..77).map(|i| -(i as f32) * 0.9 + 3.0).collect();
+        let logits: Vec<f32> = (0..77).map(|i| -(i as f32) * 0.9 + 3.0).collect();
         let mut seen: Option<(u32, Vec<u32>, u32, Vec<u32>)> = None;
         for isa in Isa::available() {
             let d = dot_f32(isa, &a, &b);
-            let mut y = b.clone();
-            axpy(isa, 0.3, &a, &mut y);
-            let mut e = scores.clone();
+            let mut y = b[..7].to_vec();
+            weighted_sum(isa, &[0.3, -0.2], &a[..14], &mut y);
+            let mut sc = [0f32; 11];
+            scores(isa, &a[..7], &b[..77], 0.5, &mut sc);
+            for (i, v) in sc.iter().enumerate() {
+                let want = dot_f32(isa, &a[..7], &b[7 * i..7 * (i + 1)]) * 0.5;
+                assert_eq!(v.to_bits(), want.to_bits(), "key {i}");
+            }
+            let mut sc16 = [0f32; 4];
+            scores(isa, &a[..16], &b[..64], 1.0, &mut sc16);
+            for (i, v) in sc16.iter().enumerate() {
+                let want = dot_f32(isa, &a[..16], &b[16 * i..16 * (i + 1)]);
+                assert_eq!(v.to_bits(), want.to_bits(), "key {i} of 16");
+            }
+            let want = b[3] + 0.3 * a[3] + -0.2 * a[10];
+            assert!((y[3] - want).abs() < 1e-6);
+            let mut e = logits.clone();
             let sum = exp_sum(isa, &mut e, 3.0);
             let bits = (
                 d.to_bits(),
@@ -1199,7 +1318,7 @@ mod tests {
             assert_eq!(seen.get_or_insert_with(|| bits.clone()), &bits, "{isa:?}");
             let exact: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
             assert!((d - exact).abs() < 1e-4);
-            for (v, s) in e.iter().zip(&scores) {
+            for (v, s) in e.iter().zip(&logits) {
                 let want = (s - 3.0).exp();
                 assert!(
                     (v - want).abs() <= 1e-6 * want.max(1e-30) || want < 1e-37,

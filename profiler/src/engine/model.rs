@@ -160,18 +160,27 @@ impl QMatrix {
         if t == 1 {
             out.copy_from_slice(&out_t);
         } else {
-            for (r, row) in out.chunks_exact_mut(n).enumerate() {
-                for (o, v) in row.iter_mut().zip(out_t[r..].iter().step_by(t)) {
-                    *o = *v;
-                }
-            }
+            // Transposed in blocks of 16 activation rows: each read of `out_t` is one cache
+            // line, and a block's output rows stay in L2.
+            const ROWS: usize = 16;
+            out.par_chunks_mut(ROWS * n)
+                .enumerate()
+                .for_each(|(block, rows)| {
+                    let r0 = block * ROWS;
+                    let count = rows.len() / n;
+                    for (c, col) in out_t.chunks_exact(t).enumerate() {
+                        for (i, v) in col[r0..r0 + count].iter().enumerate() {
+                            rows[i * n + c] = *v;
+                        }
+                    }
+                });
         }
     }
 }
 
 /// Activation rows from which a tile of weights is unpacked ([`Weight::Wide`]) before the
 /// rows pass over it: the unpacking is paid once per tile instead of once per row pair.
-const WIDEN_MIN_ROWS: usize = 4;
+const WIDEN_MIN_ROWS: usize = 8;
 
 /// `out_t[row × t + r] = w[row] · x[r]` over weight rows of `kb` blocks each.
 fn tiles<W: Weight>(isa: Isa, w: &[W], kb: usize, xq: &[XBlock], t: usize, out_t: &mut [f32]) {
@@ -182,8 +191,7 @@ fn tiles<W: Weight>(isa: Isa, w: &[W], kb: usize, xq: &[XBlock], t: usize, out_t
         .for_each_init(Vec::new, |wide: &mut Vec<W::Wide>, (tile, chunk)| {
             let rows = &w[tile * ROW_TILE * kb..][..chunk.len() / t * kb];
             if widen {
-                wide.clear();
-                wide.extend(rows.iter().map(Weight::widen));
+                W::widen_all(isa, rows, wide);
                 tile_rows(isa, wide, kb, xq, t, chunk);
             } else {
                 tile_rows(isa, rows, kb, xq, t, chunk);
@@ -740,10 +748,15 @@ fn attend(
     for (bi, &block) in table.iter().enumerate().take(len.div_ceil(bs)) {
         let keys = kv.block_keys(layer, block, g);
         let p0 = bi * bs;
-        for (s, k) in keys.chunks_exact(d).take(len - p0).enumerate() {
-            for h in 0..n {
-                scores[h * len + p0 + s] = kernels::dot_f32(isa, &q[h * d..(h + 1) * d], k) * scale;
-            }
+        let slots = (len - p0).min(bs);
+        for h in 0..n {
+            kernels::scores(
+                isa,
+                &q[h * d..(h + 1) * d],
+                &keys[..slots * d],
+                scale,
+                &mut scores[h * len + p0..h * len + p0 + slots],
+            );
         }
     }
     for h in 0..n {
@@ -758,10 +771,14 @@ fn attend(
     for (bi, &block) in table.iter().enumerate().take(len.div_ceil(bs)) {
         let values = kv.block_values(layer, block, g);
         let p0 = bi * bs;
-        for (s, v) in values.chunks_exact(d).take(len - p0).enumerate() {
-            for h in 0..n {
-                kernels::axpy(isa, scores[h * len + p0 + s], v, &mut o[h * d..(h + 1) * d]);
-            }
+        let slots = (len - p0).min(bs);
+        for h in 0..n {
+            kernels::weighted_sum(
+                isa,
+                &scores[h * len + p0..h * len + p0 + slots],
+                &values[..slots * d],
+                &mut o[h * d..(h + 1) * d],
+            );
         }
     }
 }
