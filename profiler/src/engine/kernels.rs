@@ -473,12 +473,13 @@ mod generic {
     pub(super) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
         let mut acc = [0f32; 8];
         let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-        let tail: f32 = ca
+        // An explicit fold from +0.0 (`Sum` for floats may start from −0.0): the hand-written
+        // kernels add the same +0.0.
+        let tail = ca
             .remainder()
             .iter()
             .zip(cb.remainder())
-            .map(|(x, y)| x * y)
-            .sum();
+            .fold(0f32, |t, (x, y)| t + x * y);
         for (x, y) in ca.zip(cb) {
             for i in 0..8 {
                 acc[i] += x[i] * y[i];
@@ -505,7 +506,10 @@ mod generic {
                 }
             }
             for ((o, a), kr) in o.iter_mut().zip(&acc).zip(k.chunks_exact(d)) {
-                let tail: f32 = q[full..].iter().zip(&kr[full..]).map(|(x, y)| x * y).sum();
+                let tail = q[full..]
+                    .iter()
+                    .zip(&kr[full..])
+                    .fold(0f32, |t, (x, y)| t + x * y);
                 *o = reduce(a, tail) * scale;
             }
         }
@@ -1093,9 +1097,48 @@ mod avx2 {
         super::generic::dot_f32(a, b)
     }
 
+    /// [`super::generic::scores`] by hand (the vectorizer split its four 8-lane chains into
+    /// 128-bit shuffles): lane `i` of a key's accumulator adds `q[j + i] · k[j + i]` over the
+    /// chunks in order, a multiply then an add, and the reduction pairs lanes as
+    /// `reduce` does, so the bits are the same.
     #[target_feature(enable = "avx2,fma")]
     pub(super) fn scores(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
-        super::generic::scores(q, keys, scale, out)
+        let d = q.len();
+        if !d.is_multiple_of(8) {
+            return super::generic::scores(q, keys, scale, out);
+        }
+        let reduce = |a: __m256| {
+            let s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+            let h = _mm_hadd_ps(s, s);
+            // (s0 + s1) + (s2 + s3), then + the (empty) tail.
+            _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h))) + 0.0
+        };
+        let mut groups = out.chunks_exact_mut(4);
+        let mut rows = keys.chunks_exact(4 * d);
+        for (o, k) in (&mut groups).zip(&mut rows) {
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for j in (0..d).step_by(8) {
+                // SAFETY: j + 8 ≤ d = q.len(), and key r's chunk ends at r·d + j + 8 ≤ 4·d =
+                // k.len(); the loads are unaligned.
+                unsafe {
+                    let qv = _mm256_loadu_ps(q.as_ptr().add(j));
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        let kv = _mm256_loadu_ps(k.as_ptr().add(r * d + j));
+                        *a = _mm256_add_ps(*a, _mm256_mul_ps(qv, kv));
+                    }
+                }
+            }
+            for (o, a) in o.iter_mut().zip(acc) {
+                *o = reduce(a) * scale;
+            }
+        }
+        for (o, k) in groups
+            .into_remainder()
+            .iter_mut()
+            .zip(rows.remainder().chunks_exact(d))
+        {
+            *o = super::generic::dot_f32(q, k) * scale;
+        }
     }
 
     #[target_feature(enable = "avx2,fma")]
