@@ -87,6 +87,22 @@ fn greedy_decoding_answers_the_capital_of_france() {
 }
 
 #[test]
+fn the_thread_count_does_not_change_the_tokens() {
+    // One thread splits every matmul and attention differently from the default pool (and
+    // runs attention per head rather than per KV group): the tokens must not move.
+    let one = Engine::load(&model_path(), EngineOptions { threads: Some(1) }).unwrap();
+    let requests = mixed_requests(6);
+    let cb = MethodSettings {
+        continuous_batching: true,
+        ..MethodSettings::default()
+    };
+    let a = one.run(&requests, &cb).unwrap();
+    let b = engine().run(&requests, &cb).unwrap();
+    assert!(a.completions.iter().all(|c| !c.tokens.is_empty()));
+    assert_eq!(tokens(&a), tokens(&b));
+}
+
+#[test]
 fn every_method_gives_exactly_the_baseline_tokens() {
     let requests = mixed_requests(10);
     let methods = MethodConfig::standard_methods();
