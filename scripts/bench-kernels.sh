@@ -23,8 +23,16 @@ threads="${THREADS:-1 2}"
 shapes="${SHAPES:-decode prefill batched shared}"
 llama_bin="$(scripts/build-llama-server.sh)"
 # --workspace: the same feature set as every other build of the shared target directory.
-cargo bench --locked --workspace --bench engine --profile dev --no-run >&2
-bench="$(ls -t "$CARGO_TARGET_DIR"/debug/deps/engine-* | grep -v '\.d$' | head -n 1)"
+# (The integration test of the same name also builds an `engine-*` binary: ask cargo which is
+# the bench.)
+bench="$(cargo bench --locked --workspace --bench engine --profile dev --no-run \
+  --message-format=json 2>/dev/null | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and "bench" in m["target"]["kind"] and m.get("executable"):
+        print(m["executable"])')"
+[ -x "$bench" ] || { echo "the engine bench did not build" >&2; exit 1; }
 
 llama() {
   local shape="$1" t="$2"

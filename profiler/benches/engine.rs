@@ -11,7 +11,8 @@
 //! With the roofline beside each rate: decode's weight bytes per second, prefill's GFLOP/s of
 //! the matrices. Run with
 //! `cargo bench --profile dev -p metainf-profiler --bench engine -- [--threads N] [--shape S] [--reps R] [--triad]`
-//! (defaults: 1 and 2 threads, every shape, 3 repetitions); `--quick` is one repetition.
+//! (defaults: 1 and 2 threads, every shape, 3 repetitions after one unmeasured warm-up run, as
+//! llama-bench warms up); `--quick` is one repetition.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -125,7 +126,9 @@ fn main() {
         };
         for shape in &shapes {
             let mut rates = Vec::new();
-            for rep in 0..reps {
+            // One unmeasured run first, as llama-bench does (first-touch page faults of the
+            // step buffers and the KV pool are not the kernels' speed).
+            for rep in 0..=reps {
                 let rate = match shape.as_str() {
                     "decode" => {
                         let r = engine.run(&[request(&engine, 16, 128, rep)], &cb).unwrap();
@@ -151,7 +154,9 @@ fn main() {
                     }
                     other => panic!("unknown shape {other}"),
                 };
-                rates.push(rate);
+                if rep > 0 {
+                    rates.push(rate);
+                }
             }
             rates.sort_by(f64::total_cmp);
             let med = rates[rates.len() / 2];

@@ -145,6 +145,28 @@ impl QMatrix {
                 .zip(x.par_chunks(k))
                 .for_each(|(q, row)| kernels::quantize(row, q));
         }
+        if t >= ROWS_PATH_MIN {
+            // Long prompts: tasks over blocks of activation rows, each writing its own rows of
+            // the row-major result (no transpose), weights unpacked once per matmul.
+            out.clear();
+            out.resize(t * n, 0.0);
+            let per_task = t
+                .div_ceil(4 * rayon::current_num_threads())
+                .clamp(16, 64)
+                .next_multiple_of(2);
+            for p in &self.parts {
+                match &p.blocks {
+                    Blocks::Q8(b) => by_rows(isa, b, kb, &xq, n, p.row0, per_task, out),
+                    Blocks::Q6(b) => by_rows(isa, b, kb, &xq, n, p.row0, per_task, out),
+                    Blocks::Q4(b) => {
+                        let mut wide = Vec::new();
+                        Weight::widen_all(isa, b, &mut wide);
+                        by_rows(isa, &wide, kb, &xq, n, p.row0, per_task, out);
+                    }
+                }
+            }
+            return;
+        }
         // Column-major result so each task writes one contiguous slice.
         let mut out_t = vec![0f32; n * t];
         for p in &self.parts {
@@ -197,6 +219,45 @@ fn tiles<W: Weight>(isa: Isa, w: &[W], kb: usize, xq: &[XBlock], t: usize, out_t
                 tile_rows(isa, rows, kb, xq, t, chunk);
             }
         });
+}
+
+/// Activation rows from which a matmul splits its work by activation rows instead of weight
+/// rows.
+const ROWS_PATH_MIN: usize = 128;
+
+/// `out[r × n + col0 + c] = w[c] · x[r]` for every activation row, in tasks of `per_task` rows;
+/// each task passes every weight tile over its rows (a tile's 16 weight rows stay in L1).
+#[allow(clippy::too_many_arguments)]
+fn by_rows<W: Weight>(
+    isa: Isa,
+    w: &[W],
+    kb: usize,
+    xq: &[XBlock],
+    n: usize,
+    col0: usize,
+    per_task: usize,
+    out: &mut [f32],
+) {
+    let cols = w.len() / kb;
+    out.par_chunks_mut(per_task * n).enumerate().for_each_init(
+        Vec::new,
+        |buf: &mut Vec<f32>, (task, rows_out)| {
+            let r0 = task * per_task;
+            let rows = rows_out.len() / n;
+            let xs = &xq[r0 * kb..(r0 + rows) * kb];
+            for c0 in (0..cols).step_by(ROW_TILE) {
+                let c1 = (c0 + ROW_TILE).min(cols);
+                buf.clear();
+                buf.resize((c1 - c0) * rows, 0.0);
+                tile_rows(isa, &w[c0 * kb..c1 * kb], kb, xs, rows, buf);
+                for (j, col) in buf.chunks_exact(rows).enumerate() {
+                    for (i, v) in col.iter().enumerate() {
+                        rows_out[i * n + col0 + c0 + j] = *v;
+                    }
+                }
+            }
+        },
+    );
 }
 
 /// One task's rows: `chunk[row × t + r] = w[row] · x[r]`.
