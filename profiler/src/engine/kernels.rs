@@ -1,7 +1,7 @@
 //! Block dot-product kernels: the only `unsafe` of the workspace, behind run-time CPU
 //! detection.
 //!
-//! Two weight formats cross memory:
+//! Three weight formats cross memory:
 //! - [`Q4Block`], ggml's Q4_1 byte for byte (20 bytes per 32 weights: `value = d·q + m`, `q`
 //!   a nibble, `d` and `m` f16). Q4_0 and Q4_K tensors are held in it too, exactly or to f16
 //!   rounding of their scales ([`super::quant`]). Decode streams every weight once per step, so
@@ -10,22 +10,28 @@
 //! - [`Q8Block`], 32 signed bytes with an f32 scale (36 bytes per 32 weights): Q8_0 tensors
 //!   exactly, and every other format requantized.
 //!
+//! Batches unpack 4-bit tiles into [`U4Block`]s (one byte per value, f32 scales) once per
+//! weight tile, so the nibbles are split once per tile rather than once per block pair.
+//!
 //! Activations are quantized once per matmul into [`XBlock`]s (ggml's Q8_1: 32 signed bytes,
 //! the scale and the scaled sum, both f32), shared by every weight row.
 //!
 //! Within a block the products are summed in integers, which is exact; across blocks each
 //! output element accumulates in a fixed lane pattern and a fixed order, and a Q4 row's `m`
-//! terms in a scalar sum of their own, also in block order. So an element's value does not
-//! depend on the tile it was computed in: a 4×2 tile, a 4×1 tile and a single dot give the same
-//! bits, which keeps every acceleration method's greedy output identical to the baseline's.
+//! terms in a sum of their own (a lane per row), also in block order. So an element's value
+//! does not depend on the tile it was computed in: a 4×2 tile, a 4×1 tile and a single dot
+//! give the same bits, which keeps every acceleration method's greedy output identical to the
+//! baseline's.
 //!
 //! # Safety
 //!
-//! Every `unsafe` block below is one of two kinds: a call of a `#[target_feature]` function,
+//! Every `unsafe` block below is one of three kinds: a call of a `#[target_feature]` function,
 //! made only from an [`Isa`] that run-time detection constructed (so the CPU has the
-//! features), or an unaligned SIMD load of a block's bytes through a reference to the block
-//! (in bounds by the block's size: 32 bytes of `qs` for a 256-bit load, 16 for a 128-bit one).
-//! Prefetches are hints and never fault.
+//! features); an unaligned SIMD load or store of a block's bytes through a reference to the
+//! block or a local array (in bounds by its size: 32 bytes for a 256-bit access, 16 for a
+//! 128-bit one); or, in the hand-written decode and score loops, pointer offsets whose bounds
+//! are asserted (rows at least as long as the activations) or implied by the loop (`j + 8 ≤ d`)
+//! right there. Prefetches are hints and never fault.
 
 #![allow(unsafe_code)]
 
