@@ -37,6 +37,41 @@
 
 use half::f16;
 
+/// A format's tile on this CPU: its AVX2 kernel (also for one activation row where VNNI
+/// exists: memory-bound there, and the VEX encoding decoded ~8 % faster; both give the same
+/// bits), its VNNI kernel, else `$scalar` per element.
+macro_rules! dispatch_tile {
+    ($isa:expr, $w:expr, $x:expr, $out:expr, $kernel:ident, $scalar:expr) => {{
+        let (w, x, out): (_, &[&[XBlock]], &mut [[f32; 2]; 4]) = ($w, $x, $out);
+        debug_assert!(w.len() <= 4 && x.len() <= 2);
+        match $isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Isa::Avx2` is only constructed after run-time detection of its features.
+            Isa::Avx2 => unsafe { avx2::$kernel(w, x, out) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Isa::Vnni`'s features are a superset of AVX2's.
+            Isa::Vnni if x.len() == 1 => unsafe { avx2::$kernel(w, x, out) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Isa::Vnni` is only constructed after run-time detection of its features.
+            Isa::Vnni => unsafe { vnni::$kernel(w, x, out) },
+            _ => {
+                for (c, wc) in w.iter().enumerate() {
+                    for (r, xr) in x.iter().enumerate() {
+                        out[c][r] = $scalar(wc, xr);
+                    }
+                }
+            }
+        }
+    }};
+}
+
+/// Whether decode's hand-written 4 × 1 tile runs: an x86 instruction set with AVX2 and a full
+/// tile of one activation row.
+#[cfg(target_arch = "x86_64")]
+fn decode_isa(isa: Isa, w: &[&[impl Sized]], x: &[&[XBlock]]) -> bool {
+    matches!(isa, Isa::Avx2 | Isa::Vnni) && x.len() == 1 && w.len() == 4
+}
+
 /// Values per block.
 pub(crate) const QK: usize = 32;
 
@@ -86,38 +121,7 @@ impl Weight for U4Block {
     }
 
     fn dot_tile(isa: Isa, w: &[&[Self]], x: &[&[XBlock]], out: &mut [[f32; 2]; 4]) {
-        debug_assert!(w.len() <= 4 && x.len() <= 2);
-        match isa {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Isa::Avx2` is only constructed after run-time detection of its features.
-            Isa::Avx2 => unsafe { avx2::dot_tile_u4(w, x, out) },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Isa::Vnni`'s features are a superset of AVX2's.
-            Isa::Vnni if x.len() == 1 => unsafe { avx2::dot_tile_u4(w, x, out) },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Isa::Vnni` is only constructed after run-time detection of its features.
-            Isa::Vnni => unsafe { vnni::dot_tile_u4(w, x, out) },
-            _ => {
-                for (c, wc) in w.iter().enumerate() {
-                    for (r, xr) in x.iter().enumerate() {
-                        let mut acc = 0f32;
-                        let mut off = 0f32;
-                        for (a, b) in wc.iter().zip(xr.iter()) {
-                            let s: i32 =
-                                a.q.iter()
-                                    .zip(&b.qs)
-                                    .map(|(p, v)| i32::from(*p) * i32::from(*v))
-                                    .sum();
-                            acc += a.d * b.d * s as f32;
-                        }
-                        for (a, b) in wc.iter().zip(xr.iter()) {
-                            off += a.m * b.s;
-                        }
-                        out[c][r] = acc + off;
-                    }
-                }
-            }
-        }
+        dispatch_tile!(isa, w, x, out, dot_tile_u4, scalar_dot_u4)
     }
 }
 
@@ -180,25 +184,7 @@ impl Weight for Q6Block {
     }
 
     fn dot_tile(isa: Isa, w: &[&[Self]], x: &[&[XBlock]], out: &mut [[f32; 2]; 4]) {
-        debug_assert!(w.len() <= 4 && x.len() <= 2);
-        match isa {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Isa::Avx2` is only constructed after run-time detection of its features.
-            Isa::Avx2 => unsafe { avx2::dot_tile_q6(w, x, out) },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Isa::Vnni`'s features are a superset of AVX2's.
-            Isa::Vnni if x.len() == 1 => unsafe { avx2::dot_tile_q6(w, x, out) },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Isa::Vnni` is only constructed after run-time detection of its features.
-            Isa::Vnni => unsafe { vnni::dot_tile_q6(w, x, out) },
-            _ => {
-                for (c, wc) in w.iter().enumerate() {
-                    for (r, xr) in x.iter().enumerate() {
-                        out[c][r] = scalar_dot_q6(wc, xr);
-                    }
-                }
-            }
-        }
+        dispatch_tile!(isa, w, x, out, dot_tile_q6, scalar_dot_q6)
     }
 }
 
@@ -303,33 +289,13 @@ impl Weight for Q8Block {
     }
 
     fn dot_tile(isa: Isa, w: &[&[Self]], x: &[&[XBlock]], out: &mut [[f32; 2]; 4]) {
-        debug_assert!(w.len() <= 4 && x.len() <= 2);
-        match isa {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 | Isa::Vnni if x.len() == 1 && w.len() == 4 => {
-                // One activation row (decode) is memory-bound, and the VEX-encoded AVX2 kernel
-                // decoded ~8 % faster there; both give the same bits, so the choice is free.
-                // SAFETY: both are only constructed after run-time detection of AVX2, FMA and
-                // F16C.
-                unsafe { avx2::decode_q8([w[0], w[1], w[2], w[3]], x[0], out) }
-            }
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Isa::Avx2` is only constructed after run-time detection of its features.
-            Isa::Avx2 => unsafe { avx2::dot_tile_q8(w, x, out) },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Isa::Vnni`'s features are a superset of AVX2's.
-            Isa::Vnni if x.len() == 1 => unsafe { avx2::dot_tile_q8(w, x, out) },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Isa::Vnni` is only constructed after run-time detection of its features.
-            Isa::Vnni => unsafe { vnni::dot_tile_q8(w, x, out) },
-            _ => {
-                for (c, wc) in w.iter().enumerate() {
-                    for (r, xr) in x.iter().enumerate() {
-                        out[c][r] = scalar_dot_q8(wc, xr);
-                    }
-                }
-            }
+        #[cfg(target_arch = "x86_64")]
+        if decode_isa(isa, w, x) {
+            // SAFETY: `decode_isa` holds only for instruction sets constructed after run-time
+            // detection of AVX2, FMA and F16C.
+            return unsafe { avx2::decode_q8([w[0], w[1], w[2], w[3]], x[0], out) };
         }
+        dispatch_tile!(isa, w, x, out, dot_tile_q8, scalar_dot_q8)
     }
 }
 
@@ -398,31 +364,13 @@ impl Weight for Q4Block {
     }
 
     fn dot_tile(isa: Isa, w: &[&[Self]], x: &[&[XBlock]], out: &mut [[f32; 2]; 4]) {
-        debug_assert!(w.len() <= 4 && x.len() <= 2);
-        match isa {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 | Isa::Vnni if x.len() == 1 && w.len() == 4 => {
-                // SAFETY: both are only constructed after run-time detection of AVX2, FMA and
-                // F16C.
-                unsafe { avx2::decode_q4([w[0], w[1], w[2], w[3]], x[0], out) }
-            }
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Isa::Avx2` is only constructed after run-time detection of its features.
-            Isa::Avx2 => unsafe { avx2::dot_tile_q4(w, x, out) },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Isa::Vnni`'s features are a superset of AVX2's.
-            Isa::Vnni if x.len() == 1 => unsafe { avx2::dot_tile_q4(w, x, out) },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Isa::Vnni` is only constructed after run-time detection of its features.
-            Isa::Vnni => unsafe { vnni::dot_tile_q4(w, x, out) },
-            _ => {
-                for (c, wc) in w.iter().enumerate() {
-                    for (r, xr) in x.iter().enumerate() {
-                        out[c][r] = scalar_dot_q4(wc, xr);
-                    }
-                }
-            }
+        #[cfg(target_arch = "x86_64")]
+        if decode_isa(isa, w, x) {
+            // SAFETY: `decode_isa` holds only for instruction sets constructed after run-time
+            // detection of AVX2, FMA and F16C.
+            return unsafe { avx2::decode_q4([w[0], w[1], w[2], w[3]], x[0], out) };
         }
+        dispatch_tile!(isa, w, x, out, dot_tile_q4, scalar_dot_q4)
     }
 }
 
@@ -649,6 +597,23 @@ fn scalar_dot_q8(w: &[Q8Block], x: &[XBlock]) -> f32 {
         acc += a.d * b.d * isum(&a.qs, &b.qs) as f32;
     }
     acc
+}
+
+fn scalar_dot_u4(w: &[U4Block], x: &[XBlock]) -> f32 {
+    let mut acc = 0f32;
+    let mut off = 0f32;
+    for (a, b) in w.iter().zip(x) {
+        let s: i32 =
+            a.q.iter()
+                .zip(&b.qs)
+                .map(|(p, v)| i32::from(*p) * i32::from(*v))
+                .sum();
+        acc += a.d * b.d * s as f32;
+    }
+    for (a, b) in w.iter().zip(x) {
+        off += a.m * b.s;
+    }
+    acc + off
 }
 
 fn scalar_dot_q6(w: &[Q6Block], x: &[XBlock]) -> f32 {

@@ -122,33 +122,28 @@ pub(crate) fn blocks(name: &str, tensor: &QTensor, rows: usize, cols: usize) -> 
                     .collect(),
             ))
         }
-        GgmlDType::Q4_1 if native => {
+        GgmlDType::Q4_0 | GgmlDType::Q4_1 if native => {
             let data = raw()?;
+            // Q4_1: d, m, 16 bytes of nibbles; Q4_0: d, the nibbles, and m = −8·d.
+            let (size, qs_at) = if dtype == GgmlDType::Q4_1 {
+                (20, 4)
+            } else {
+                (18, 2)
+            };
             Ok(Blocks::Q4(
-                data.chunks_exact(20)
-                    .map(|b| {
-                        let mut qs = [0u8; QK / 2];
-                        qs.copy_from_slice(&b[4..]);
-                        Q4Block {
-                            d: h(b, 0).to_bits(),
-                            m: h(b, 2).to_bits(),
-                            qs,
-                        }
-                    })
-                    .collect(),
-            ))
-        }
-        GgmlDType::Q4_0 if native => {
-            let data = raw()?;
-            Ok(Blocks::Q4(
-                data.chunks_exact(18)
+                data.chunks_exact(size)
                     .map(|b| {
                         let d = h(b, 0);
+                        let m = if qs_at == 4 {
+                            h(b, 2)
+                        } else {
+                            f16::from_f32(-8.0 * d.to_f32())
+                        };
                         let mut qs = [0u8; QK / 2];
-                        qs.copy_from_slice(&b[2..]);
+                        qs.copy_from_slice(&b[qs_at..]);
                         Q4Block {
                             d: d.to_bits(),
-                            m: f16::from_f32(-8.0 * d.to_f32()).to_bits(),
+                            m: m.to_bits(),
                             qs,
                         }
                     })
