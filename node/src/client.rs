@@ -54,9 +54,20 @@ pub struct ApiClient {
 
 impl ApiClient {
     /// A client of the node at `base` (for example `http://127.0.0.1:8080`).
+    /// Sends `METAINF_API_KEY`, when set, as the bearer token.
     pub fn new(base: &str) -> Result<Self> {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Ok(key) = std::env::var("METAINF_API_KEY")
+            && !key.is_empty()
+        {
+            let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}"))
+                .context("METAINF_API_KEY holds characters a header cannot")?;
+            value.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
+            .default_headers(headers)
             .build()
             .context("cannot build the HTTP client")?;
         Ok(Self {

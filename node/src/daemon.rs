@@ -180,6 +180,13 @@ impl Node {
                 .set_records_seq(signer.last_seq())
                 .await
                 .map_err(|e| NodeError::Network(e.to_string()))?;
+            // Origins convicted of equivocation stay banned across restarts.
+            for origin in self.store.convicted()? {
+                client
+                    .ban(origin)
+                    .await
+                    .map_err(|e| NodeError::Network(e.to_string()))?;
+            }
             Some((client, events))
         } else {
             None
@@ -214,12 +221,11 @@ impl Node {
                 let addr = listener
                     .local_addr()
                     .map_err(|e| NodeError::Api(format!("the API listener: {e}")))?;
-                let api = crate::api::serve(
-                    listener,
-                    service.clone(),
-                    self.config.api.max_body_bytes,
-                    stop.child_token(),
-                );
+                let api_config = self.config.api.clone();
+                let service = service.clone();
+                let token = stop.child_token();
+                let api =
+                    async move { crate::api::serve(listener, service, &api_config, token).await };
                 tasks.spawn(async move {
                     if let Err(e) = api.await {
                         warn!(error = %e, "the HTTP API stopped");

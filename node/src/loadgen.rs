@@ -389,9 +389,21 @@ pub async fn run(config: LoadConfig) -> Result<LoadReport> {
     }
     // A fresh connection per request: a server may close an idle kept-alive connection just
     // as the client reuses it (llama-server does), which would fail a request it never saw.
+    // A key for endpoints that want one, as OpenAI clients take it.
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(key) = ["METAINF_API_KEY", "OPENAI_API_KEY"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|k| !k.is_empty()))
+    {
+        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}"))
+            .context("the API key holds characters a header cannot")?;
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(config.timeout_s.max(1)))
         .pool_max_idle_per_host(0)
+        .default_headers(headers)
         .build()
         .context("cannot build the HTTP client")?;
     let url = config.url.trim_end_matches('/').to_owned();

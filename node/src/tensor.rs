@@ -36,7 +36,7 @@ impl ImportReport {
         match outcome {
             PutOutcome::Stored => self.stored += 1,
             PutOutcome::Duplicate => self.duplicates += 1,
-            PutOutcome::Conflict { .. } => self.conflicts += 1,
+            PutOutcome::Conflict { .. } | PutOutcome::Convicted => self.conflicts += 1,
         }
     }
 }

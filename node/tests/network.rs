@@ -731,3 +731,257 @@ async fn two_nodes_bootstrapping_from_each_other_at_once_connect() {
     a.stop().await;
     b.stop().await;
 }
+
+/// Every record id and the proof bytes a node holds.
+fn tensor_and_evidence(store: &Store) -> (std::collections::BTreeSet<ContentId>, Vec<Vec<u8>>) {
+    let proofs = store
+        .evidence()
+        .unwrap()
+        .values()
+        .map(|p| p.to_wire().unwrap())
+        .collect();
+    (record_ids(store), proofs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_healed_past_an_equivocating_origin_convicts_it_everywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let (liar, honest) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
+    let liar_id = liar.public().to_peer_id();
+    let rec =
+        |k: &Keypair, seq: u64, variant: u64| fixtures::signed(k, seq, variant).verify().unwrap();
+    // Two partitions: A - B and C - D.
+    let a = fresh(dir.path(), "a", config(vec![], 1)).await;
+    let b = fresh(dir.path(), "b", config(vec![a.addr.clone()], 1)).await;
+    let c = fresh(dir.path(), "c", config(vec![], 1)).await;
+    let d = fresh(dir.path(), "d", config(vec![c.addr.clone()], 1)).await;
+    // The liar tells each side a different seq 6; both sides get the honest origin's records.
+    let shared: Vec<_> = (1..=5).map(|s| rec(&liar, s, s)).collect();
+    a.store.put(shared.clone()).unwrap();
+    a.store.put(vec![rec(&liar, 6, 100)]).unwrap();
+    c.store.put(shared).unwrap();
+    c.store.put(vec![rec(&liar, 6, 200)]).unwrap();
+    a.store
+        .put((1..=10).map(|s| rec(&honest, s, s)).collect())
+        .unwrap();
+    c.store
+        .put((5..=20).map(|s| rec(&honest, s, s)).collect())
+        .unwrap();
+    wait_until("each side to replicate", Duration::from_secs(30), || {
+        has(&b.store, &liar_id, 6) && has(&d.store, &liar_id, 6)
+    })
+    .await;
+    assert!(a.store.convicted().unwrap().is_empty());
+
+    // Heal: B meets C.
+    b.client.dial(c.addr.clone()).await.unwrap();
+    let honest_ids: std::collections::BTreeSet<ContentId> =
+        (1..=20).map(|s| rec(&honest, s, s).id()).collect();
+    for n in [&a, &b, &c, &d] {
+        let store = n.store.clone();
+        wait_until(
+            "every node to convict the liar",
+            Duration::from_secs(60),
+            || {
+                let (ids, proofs) = tensor_and_evidence(&store);
+                ids == honest_ids && proofs.len() == 1
+            },
+        )
+        .await;
+    }
+    let reference = tensor_and_evidence(&a.store);
+    for n in [&b, &c, &d] {
+        assert_eq!(tensor_and_evidence(&n.store), reference);
+        assert_eq!(n.store.convicted().unwrap(), [liar_id].into());
+    }
+    // Nobody's score went negative: the relays that carried either version were honest.
+    for n in [&a, &b, &c, &d] {
+        let peers = n.client.peers().await.unwrap();
+        assert!(
+            peers.iter().all(|p| p.score.unwrap_or(0.0) >= 0.0),
+            "{peers:?}"
+        );
+    }
+    for n in [a, b, c, d] {
+        n.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_equivocating_peer_is_convicted_through_an_honest_relay_and_banned() {
+    let dir = tempfile::tempdir().unwrap();
+    let liar_key = Keypair::generate_ed25519();
+    let liar_id = liar_key.public().to_peer_id();
+    // A line: A - R - L. A already holds L's first version of seq 1 (anti-entropy is slow
+    // here, so what moves is gossip).
+    let a = fresh(dir.path(), "a", config(vec![], 3600)).await;
+    let first = fixtures::signed(&liar_key, 1, 1).verify().unwrap();
+    a.store.put(vec![first]).unwrap();
+    let r = fresh(dir.path(), "r", config(vec![a.addr.clone()], 3600)).await;
+    let l = start(
+        &dir.path().join("l"),
+        liar_key.clone(),
+        config(vec![r.addr.clone()], 3600),
+    )
+    .await;
+    until_peers(&a.client, "A to see R", Duration::from_secs(20), |p| {
+        p.iter().any(|p| p.connected)
+    })
+    .await;
+    until_peers(&r.client, "R to see both", Duration::from_secs(20), |p| {
+        p.iter().filter(|p| p.connected).count() >= 2
+    })
+    .await;
+    // Gossipsub needs its mesh: retry the publish until A has seen the second version.
+    let second = fixtures::signed(&liar_key, 1, 2).verify().unwrap();
+    l.store.put(vec![second.clone()]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while a.store.convicted().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "A never convicted the liar");
+        let _ = l.client.gossip(&second).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // R relayed the second version and lost nothing; it learns the proof by gossip.
+    let r_store = r.store.clone();
+    wait_until("R to convict the liar", Duration::from_secs(30), || {
+        !r_store.convicted().unwrap().is_empty()
+    })
+    .await;
+    assert!(!has(&r.store, &liar_id, 1));
+    until_peers(
+        &a.client,
+        "A to keep R and drop L",
+        Duration::from_secs(20),
+        |p| {
+            p.iter()
+                .any(|p| p.peer == r.peer_id() && p.score.unwrap_or(0.0) >= 0.0)
+                && p.iter().all(|p| p.peer != liar_id)
+        },
+    )
+    .await;
+    until_peers(&r.client, "R to drop L", Duration::from_secs(20), |p| {
+        p.iter().all(|p| p.peer != liar_id)
+    })
+    .await;
+    for n in [a, r, l] {
+        n.stop().await;
+    }
+}
+
+/// A hostile peer: a real swarm whose sync answers are scripted lies. Its digests differ in
+/// every bucket, its summaries promise 64 origins per bucket with a billion records each, and
+/// every pull gets an empty page.
+async fn start_liar() -> (Client, CancellationToken, TaskTracker, libp2p::Multiaddr) {
+    use metainf_node::net::{NetEvent, SUMMARY_BUCKETS, SyncRequest, SyncResponse, bucket_of};
+    let (client, event_loop, mut events) = net::start(
+        Keypair::generate_ed25519(),
+        fixtures::cpu_hardware(1),
+        config(vec![], 3600),
+    )
+    .unwrap();
+    let token = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    tasks.spawn(event_loop.run(token.clone()));
+    let mut fakes: Vec<std::collections::BTreeMap<PeerId, (u64, ContentId)>> =
+        vec![Default::default(); SUMMARY_BUCKETS];
+    while fakes.iter().any(|f| f.len() < 64) {
+        let id = PeerId::random();
+        let f = &mut fakes[usize::from(bucket_of(&id))];
+        if f.len() < 64 {
+            f.insert(id, (1_000_000_000, ContentId([1; 32])));
+        }
+    }
+    tasks.spawn(async move {
+        while let Some(event) = events.recv().await {
+            let NetEvent::SyncRequest(inbound) = event else {
+                continue;
+            };
+            let response = match &inbound.request {
+                SyncRequest::Digests => SyncResponse::Digests(
+                    (0..SUMMARY_BUCKETS)
+                        .map(|_| ContentId::of_bytes("lie", &rand_bytes()))
+                        .collect(),
+                ),
+                SyncRequest::Summary { bucket, .. } => SyncResponse::Summary {
+                    vector: fakes[usize::from(*bucket)].clone(),
+                    next_after: None,
+                },
+                SyncRequest::Pull { .. } => SyncResponse::Page {
+                    records: Vec::new(),
+                    next_after: None,
+                },
+                _ => SyncResponse::Error("no".into()),
+            };
+            inbound.respond(response).await;
+        }
+    });
+    let addr = loop {
+        if let Some(a) = client.listen_addrs().await.unwrap().into_iter().next() {
+            break a;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let addr = addr.with(libp2p::multiaddr::Protocol::P2p(client.peer_id()));
+    (client, token, tasks, addr)
+}
+
+fn rand_bytes() -> [u8; 16] {
+    let id = PeerId::random().to_bytes();
+    let mut out = [0; 16];
+    out.copy_from_slice(&id[id.len() - 16..]);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_whose_summaries_lie_is_distrusted_and_an_honest_one_still_syncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (liar, liar_token, liar_tasks, liar_addr) = start_liar().await;
+    let honest = fresh(dir.path(), "honest", config(vec![], 3600)).await;
+    let origin = Keypair::generate_ed25519();
+    honest
+        .store
+        .put(
+            (1..=300)
+                .map(|s| fixtures::signed(&origin, s, s).verify().unwrap())
+                .collect(),
+        )
+        .unwrap();
+    let victim = fresh(
+        dir.path(),
+        "victim",
+        config(vec![liar_addr, honest.addr.clone()], 1),
+    )
+    .await;
+    let origin_id = origin.public().to_peer_id();
+    let store = victim.store.clone();
+    wait_until("the honest peer's records", Duration::from_secs(60), || {
+        store.version_vector().unwrap().get(&origin_id) == Some(&300)
+    })
+    .await;
+    until_peers(
+        &victim.client,
+        "the liar to be distrusted",
+        Duration::from_secs(60),
+        |p| {
+            p.iter()
+                .any(|p| p.peer == liar.peer_id() && p.distrusted && p.connected)
+        },
+    )
+    .await;
+    // Nothing of the lies was stored: 16,384 promised origins, none of them real.
+    assert_eq!(victim.store.version_vector().unwrap().len(), 1);
+    assert!(
+        !victim
+            .client
+            .peers()
+            .await
+            .unwrap()
+            .iter()
+            .any(|p| p.peer == honest.peer_id() && p.distrusted)
+    );
+    liar_token.cancel();
+    liar_tasks.close();
+    liar_tasks.wait().await;
+    victim.stop().await;
+    honest.stop().await;
+}

@@ -11,6 +11,7 @@
 
 pub mod codec;
 pub mod error;
+pub mod evidence;
 pub mod hardware;
 pub mod heartbeat;
 pub mod id;
@@ -26,6 +27,7 @@ pub mod fixtures;
 
 pub use codec::{MAX_MESSAGE_BYTES, MAX_RECORD_BYTES, WIRE_VERSION, decode, encode};
 pub use error::{ProtocolError, Result};
+pub use evidence::{Equivocation, MAX_EVIDENCE_BYTES, VerifiedEquivocation};
 pub use hardware::{
     CpuSpec, DeviceKind, GpuSpec, HardwareId, HardwareMeasurements, HardwareProfile, HardwareSpec,
 };

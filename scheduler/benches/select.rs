@@ -84,6 +84,7 @@ fn bench(c: &mut Criterion) {
             running_jobs: i % 2,
             power_w: None,
             load: None,
+            slowdown: 1.0,
         })
         .collect();
     let methods = MethodConfig::standard_methods();

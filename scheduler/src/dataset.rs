@@ -106,6 +106,96 @@ pub struct Tensor {
     pub cells: Vec<Cell>,
 }
 
+/// Records of one origin that count toward a (cell, method): its latest this many.
+pub const PER_ORIGIN_LIMIT: usize = 256;
+
+/// One (cell, method)'s records: per origin, (measured at, ln value).
+type Observations = HashMap<metainf_protocol::PeerId, Vec<(u64, f64)>>;
+
+/// How records of one (cell, method) become its value.
+#[derive(Clone, Copy, Debug)]
+enum Aggregation {
+    /// The geometric mean of every record (trusted data: imports, evaluation).
+    Mean,
+    /// Per origin first, then a weighted median across origins (network data).
+    Robust {
+        trusted: Option<metainf_protocol::PeerId>,
+    },
+}
+
+fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
+    let (n, sum) = values.fold((0usize, 0.0), |(n, s), v| (n + 1, s + v));
+    (n > 0).then(|| sum / n as f64)
+}
+
+/// An origin's value of a (cell, method): the mean log of its latest [`PER_ORIGIN_LIMIT`]
+/// records.
+fn origin_log(records: &[(u64, f64)]) -> Option<f64> {
+    let mut latest = records.to_vec();
+    latest.sort_unstable_by_key(|r| std::cmp::Reverse(r.0));
+    latest.truncate(PER_ORIGIN_LIMIT);
+    mean(latest.iter().map(|v| v.1))
+}
+
+/// The weighted median of the origins' values (ties between two middle values averaged).
+fn robust_log(
+    by_origin: &Observations,
+    weights: &HashMap<metainf_protocol::PeerId, f64>,
+) -> Option<f64> {
+    let mut points: Vec<(f64, f64)> = by_origin
+        .iter()
+        .filter_map(|(o, r)| Some((origin_log(r)?, weights.get(o).copied().unwrap_or(1.0))))
+        .filter(|(_, w)| *w > 0.0)
+        .collect();
+    points.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
+    let total: f64 = points.iter().map(|p| p.1).sum();
+    let mut below = 0.0;
+    for (i, (v, w)) in points.iter().enumerate() {
+        below += w;
+        if below > total / 2.0 {
+            return Some(*v);
+        }
+        if (below - total / 2.0).abs() <= f64::EPSILON * total {
+            return Some(points.get(i + 1).map_or(*v, |next| (v + next.0) / 2.0));
+        }
+    }
+    points.last().map(|p| p.0)
+}
+
+/// Each origin's weight from how far its values lie from `trusted`'s where both measured.
+fn agreement_weights(
+    values: &[HashMap<usize, Observations>],
+    trusted: Option<metainf_protocol::PeerId>,
+) -> HashMap<metainf_protocol::PeerId, f64> {
+    let Some(trusted) = trusted else {
+        return HashMap::new();
+    };
+    // Per origin: (sum of |log ratio| to the trusted value, count).
+    let mut errors: HashMap<metainf_protocol::PeerId, (f64, u32)> = HashMap::new();
+    for by_origin in values.iter().flat_map(|per_method| per_method.values()) {
+        let Some(reference) = by_origin.get(&trusted).and_then(|r| origin_log(r)) else {
+            continue;
+        };
+        for (origin, records) in by_origin {
+            if *origin == trusted {
+                continue;
+            }
+            if let Some(v) = origin_log(records) {
+                let e = errors.entry(*origin).or_insert((0.0, 0));
+                e.0 += (v - reference).abs();
+                e.1 += 1;
+            }
+        }
+    }
+    errors
+        .into_iter()
+        .map(|(origin, (sum, n))| {
+            let err = sum / f64::from(n.max(1)) / std::f64::consts::LN_2;
+            (origin, 1.0 / (1.0 + err * err))
+        })
+        .collect()
+}
+
 /// Interns entities by content id.
 struct Interner<T> {
     index: HashMap<ContentId, usize>,
@@ -142,13 +232,37 @@ impl Tensor {
         records: impl IntoIterator<Item = &'a PerfRecord>,
         metric: Metric,
     ) -> Result<Self> {
+        Self::build(records, metric, Aggregation::Mean)
+    }
+
+    /// As [`Tensor::from_records_with`], but robust to lying origins (what a node trains on
+    /// from the network): each origin's records of a (cell, method) are first combined into one
+    /// value (the geometric mean of its latest [`PER_ORIGIN_LIMIT`], so flooding a cell buys no
+    /// weight), then the origins are combined by their weighted median, so a minority of liars
+    /// cannot move a cell. An origin's weight falls with how far its values lie from `trusted`'s
+    /// (this node's own measurements) where both measured: off by 2× on average halves it, by
+    /// 4× leaves a fifth; origins that share no measurement with `trusted` weigh 1.
+    pub fn from_records_robust<'a>(
+        records: impl IntoIterator<Item = &'a PerfRecord>,
+        metric: Metric,
+        trusted: Option<metainf_protocol::PeerId>,
+    ) -> Result<Self> {
+        Self::build(records, metric, Aggregation::Robust { trusted })
+    }
+
+    fn build<'a>(
+        records: impl IntoIterator<Item = &'a PerfRecord>,
+        metric: Metric,
+        aggregation: Aggregation,
+    ) -> Result<Self> {
         let mut hardware = Interner::new();
         let mut models = Interner::new();
         let mut workloads = Interner::new();
         let mut methods = Interner::new();
-        // (hardware, model, workload) -> cell index; per cell and method: (sum of logs, count).
+        // (hardware, model, workload) -> cell index; per cell and method, per origin: the
+        // records' (time, log value).
         let mut cell_index: HashMap<(usize, usize, usize), usize> = HashMap::new();
-        let mut sums: Vec<HashMap<usize, (f64, u32)>> = Vec::new();
+        let mut values: Vec<HashMap<usize, Observations>> = Vec::new();
         let mut keys: Vec<(usize, usize, usize)> = Vec::new();
         for r in records {
             let Some(value) = metric.of(r) else {
@@ -161,22 +275,32 @@ impl Tensor {
             let k = methods.intern(ids.method, &r.method);
             let c = *cell_index.entry((h, m, w)).or_insert_with(|| {
                 keys.push((h, m, w));
-                sums.push(HashMap::new());
+                values.push(HashMap::new());
                 keys.len() - 1
             });
-            let runtime = value.max(1e-9);
-            let e = sums[c].entry(k).or_insert((0.0, 0));
-            e.0 += runtime.ln();
-            e.1 += 1;
+            values[c]
+                .entry(k)
+                .or_default()
+                .entry(r.origin)
+                .or_default()
+                .push((r.measured_at_ms, value.max(1e-9).ln()));
         }
+        let weights = match aggregation {
+            Aggregation::Mean => HashMap::new(),
+            Aggregation::Robust { trusted } => agreement_weights(&values, trusted),
+        };
         let n_methods = methods.items.len();
         let cells = keys
             .into_iter()
-            .zip(sums)
+            .zip(values)
             .map(|((h, m, w), per_method)| {
                 let mut runtime_s = vec![None; n_methods];
-                for (k, (sum, n)) in per_method {
-                    runtime_s[k] = Some((sum / f64::from(n)).exp());
+                for (k, by_origin) in per_method {
+                    let log = match aggregation {
+                        Aggregation::Mean => mean(by_origin.values().flatten().map(|v| v.1)),
+                        Aggregation::Robust { .. } => robust_log(&by_origin, &weights),
+                    };
+                    runtime_s[k] = log.map(f64::exp);
                 }
                 Cell {
                     hardware: h,
@@ -296,5 +420,81 @@ mod tests {
         let (best, rt) = first.best().unwrap();
         assert!(first.measured().all(|(_, r)| r >= rt));
         assert!(first.runtime_s[best].is_some());
+    }
+
+    /// Records of one cell and method from several origins, with these wall times.
+    fn claims(origins: &[(&Keypair, &[f64])]) -> Vec<PerfRecord> {
+        let mut out = Vec::new();
+        for (key, walls) in origins {
+            for (i, wall) in walls.iter().enumerate() {
+                let mut r = record(key, i as u64 + 1, 0);
+                r.metrics.wall_time_s = *wall;
+                r.metrics.throughput_tok_s = r.metrics.output_tokens as f64 / wall;
+                out.push(r);
+            }
+        }
+        out
+    }
+
+    fn value(t: &Tensor) -> f64 {
+        t.cells[0].runtime_s[0].unwrap()
+    }
+
+    #[test]
+    fn a_minority_of_lying_origins_cannot_move_a_cell_however_much_they_post() {
+        let keys: Vec<Keypair> = (0..4).map(|_| Keypair::generate_ed25519()).collect();
+        // Three honest origins measure ~2 s; one liar claims 0.01 s, ten thousand times.
+        let liar_claims = vec![0.01; 10_000];
+        let records = claims(&[
+            (&keys[0], &[2.0, 2.0]),
+            (&keys[1], &[1.8]),
+            (&keys[2], &[2.2, 2.2, 2.2]),
+            (&keys[3], &liar_claims),
+        ]);
+        let plain = Tensor::from_records(&records).unwrap();
+        assert!(
+            value(&plain) < 0.02,
+            "the plain mean is the liar's: {}",
+            value(&plain)
+        );
+        let robust = Tensor::from_records_robust(&records, Metric::WallTime, None).unwrap();
+        assert!((1.8..=2.2).contains(&value(&robust)), "{}", value(&robust));
+        // One origin alone is its own (geometric) mean, as before.
+        let alone = claims(&[(&keys[0], &[1.0, 4.0])]);
+        let t = Tensor::from_records_robust(&alone, Metric::WallTime, None).unwrap();
+        assert!((value(&t) - 2.0).abs() < 1e-9);
+        assert_eq!(value(&t), value(&Tensor::from_records(&alone).unwrap()));
+    }
+
+    #[test]
+    fn origins_that_disagree_with_what_this_node_measured_lose_weight() {
+        let me = Keypair::generate_ed25519();
+        let (a, b) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
+        // Two other origins against one own measurement: without trust, the median sides
+        // with the pair of liars (both claim 0.5 s); trusting what this node measured (4 s),
+        // each liar, 8× off, weighs 1/10 and the cell keeps the node's own value.
+        let records = claims(&[(&me, &[4.0]), (&a, &[0.5]), (&b, &[0.5])]);
+        let blind = Tensor::from_records_robust(&records, Metric::WallTime, None).unwrap();
+        assert!((value(&blind) - 0.5).abs() < 1e-9);
+        let trusting =
+            Tensor::from_records_robust(&records, Metric::WallTime, Some(me.public().to_peer_id()))
+                .unwrap();
+        assert!(
+            (value(&trusting) - 4.0).abs() < 1e-9,
+            "{}",
+            value(&trusting)
+        );
+        // Honest origins that agree keep their full weight.
+        let weights = {
+            let records = claims(&[(&me, &[4.0]), (&a, &[4.0])]);
+            let t = Tensor::from_records_robust(
+                &records,
+                Metric::WallTime,
+                Some(me.public().to_peer_id()),
+            )
+            .unwrap();
+            value(&t)
+        };
+        assert!((weights - 4.0).abs() < 1e-9);
     }
 }

@@ -31,6 +31,15 @@ pub struct Host {
     /// Live load of its serving engine, where it announces one.
     #[serde(default)]
     pub load: Option<HostLoad>,
+    /// How much slower than predicted this host turned out to be, as the routing node measured
+    /// it (≥ 1; 1 = as predicted): every prediction for it is scaled by this, so a host whose
+    /// records or heartbeats promise more than it delivers is routed as what it delivers.
+    #[serde(default = "no_slowdown")]
+    pub slowdown: f64,
+}
+
+fn no_slowdown() -> f64 {
+    1.0
 }
 
 /// How much one more sequence in a batch slows every step, relative to a step's fixed cost:
@@ -183,7 +192,13 @@ pub fn select(model: &dyn RuntimeModel, query: &Query<'_>) -> Result<Decision> {
     let mut all = Vec::with_capacity(query.hosts.len() * query.methods.len());
     for (hi, host) in query.hosts.iter().enumerate() {
         for (mi, p) in grid[host_hw[hi]].iter().enumerate() {
-            let (wait_s, runtime_s) = host.predict(query.workload.requests, p.runtime_s());
+            let slowdown = if host.slowdown.is_finite() {
+                host.slowdown.max(1.0)
+            } else {
+                1.0
+            };
+            let (wait_s, runtime_s) =
+                host.predict(query.workload.requests, p.runtime_s() * slowdown);
             all.push(Scored {
                 host: hi,
                 method: mi,
@@ -324,6 +339,7 @@ mod tests {
             running_jobs: 0,
             power_w: None,
             load: None,
+            slowdown: 1.0,
         }
     }
 
@@ -423,6 +439,30 @@ mod tests {
         let busier = vec![host("big", 4, 36.0, 4), host("small", 1, 3.6, 0)];
         q.hosts = &busier;
         assert_eq!(select(&Table, &q).unwrap().chosen.host_name, "small");
+        // The big host turned out 5× slower than its records promise (1.25 s predicted, 6.25 s
+        // observed): routed as what it delivers, it loses to the small one (5 s).
+        let mut lying = vec![host("big", 4, 36.0, 0), host("small", 1, 3.6, 0)];
+        lying[0].slowdown = 5.0;
+        q.hosts = &lying;
+        let d = select(&Table, &q).unwrap();
+        assert_eq!(d.chosen.host_name, "small");
+        assert!(
+            (d.ranked
+                .iter()
+                .find(|c| c.host_name == "big")
+                .unwrap()
+                .runtime_s
+                - 6.25)
+                .abs()
+                < 1e-9
+        );
+        // A nonsense correction (faster than predicted, not a number) is ignored.
+        for nonsense in [0.01, f64::NAN] {
+            let mut odd = vec![host("big", 4, 36.0, 0), host("small", 1, 3.6, 0)];
+            odd[0].slowdown = nonsense;
+            let q = Query { hosts: &odd, ..q };
+            assert_eq!(select(&Table, &q).unwrap().chosen.host_name, "big");
+        }
     }
 
     #[test]

@@ -106,6 +106,7 @@ fn predictor_learns_saves_reloads_and_routes() {
             running_jobs: 0,
             power_w: None,
             load: None,
+            slowdown: 1.0,
         },
         Host {
             name: "cheap".into(),
@@ -115,6 +116,7 @@ fn predictor_learns_saves_reloads_and_routes() {
             running_jobs: 0,
             power_w: None,
             load: None,
+            slowdown: 1.0,
         },
     ];
     let predictor = Predictor {

@@ -86,7 +86,7 @@ pub(super) async fn post_job(
     let params = generation.into_params(GenerationDefaults::batch());
     let request = job_request(model, prompts, params, route, false)?;
     let routed = state.service.route(request).await?;
-    state.service.accept(&routed).await;
+    state.service.accept(&routed).await?;
     let body = JobAccepted {
         id: routed.request.id.to_string(),
         status: JobStatus::Queued,

@@ -5,7 +5,11 @@
 //! Every error is a JSON object `{"error": {"message", "type", "code"}}` with a fitting status:
 //! 400 malformed, 402 over budget (naming the cheapest option), 404 unknown model or job, 413
 //! body too large, 422 a job the model cannot run, 429 overloaded (with `Retry-After`), 502 every
-//! host failed, 503 no live host.
+//! host failed, 503 no live host, 401 a missing or wrong API key.
+//!
+//! With `api_key` set (or `METAINF_API_KEY` in the environment), every request but `/healthz`
+//! must carry `Authorization: Bearer KEY`, as OpenAI clients send it. A node that listens beyond
+//! loopback without one says so at start.
 
 //!
 //! The bodies are the typed structs of [`types`], which the command-line client reads back.
@@ -27,7 +31,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::jobs::{JobError, JobService, Outcome, Routed};
 pub use request::RouteOptions;
@@ -43,6 +47,19 @@ pub struct ApiConfig {
     pub listen: SocketAddr,
     /// Largest request body, bytes.
     pub max_body_bytes: usize,
+    /// The bearer token every request but `/healthz` must carry; unset = none (and
+    /// `METAINF_API_KEY` in the environment sets it too).
+    pub api_key: Option<String>,
+}
+
+impl ApiConfig {
+    /// The key requests must carry: the configured one, else `METAINF_API_KEY`, else none.
+    pub fn key(&self) -> Option<String> {
+        self.api_key
+            .clone()
+            .or_else(|| std::env::var("METAINF_API_KEY").ok())
+            .filter(|k| !k.is_empty())
+    }
 }
 
 impl Default for ApiConfig {
@@ -51,6 +68,7 @@ impl Default for ApiConfig {
             enabled: true,
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_body_bytes: 4 << 20,
+            api_key: None,
         }
     }
 }
@@ -135,6 +153,11 @@ impl From<JobError> for ApiError {
                 ..Self::new(StatusCode::TOO_MANY_REQUESTS, "overloaded", message)
             },
             JobError::NoHost(_) => Self::new(StatusCode::SERVICE_UNAVAILABLE, "no_host", message),
+            JobError::Unpersisted(_) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage_unavailable",
+                message,
+            ),
             JobError::Rejected(_) => Self::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "unprocessable_job",
@@ -248,11 +271,15 @@ fn outcome_view(routed_s: f64, generation: u64, outcome: &Outcome) -> OutcomeVie
 #[derive(Clone)]
 struct AppState {
     service: JobService,
+    key: Option<std::sync::Arc<str>>,
 }
 
-/// The API's routes.
-pub fn router(service: JobService, max_body_bytes: usize) -> Router {
-    let state = AppState { service };
+/// The API's routes; with `key`, every request but `/healthz` must carry it as a bearer token.
+pub fn router(service: JobService, max_body_bytes: usize, key: Option<String>) -> Router {
+    let state = AppState {
+        service,
+        key: key.map(std::sync::Arc::from),
+    };
     Router::new()
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
@@ -272,8 +299,44 @@ pub fn router(service: JobService, max_body_bytes: usize) -> Router {
             state.clone(),
             count_requests,
         ))
+        .layer(middleware::from_fn_with_state(state.clone(), require_key))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
+}
+
+/// Whether two byte strings are equal, in time that depends only on their lengths.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn require_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let Some(key) = &state.key else {
+        return next.run(request).await;
+    };
+    if request.uri().path() == "/healthz" {
+        return next.run(request).await;
+    }
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        Some(given) if same_secret(given.as_bytes(), key.as_bytes()) => next.run(request).await,
+        _ => {
+            let mut response = ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "this node's API needs a key: send `Authorization: Bearer KEY`",
+            )
+            .into_response();
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            response
+        }
+    }
 }
 
 async fn count_requests(State(state): State<AppState>, request: Request, next: Next) -> Response {
@@ -290,12 +353,16 @@ async fn count_requests(State(state): State<AppState>, request: Request, next: N
 pub async fn serve(
     listener: tokio::net::TcpListener,
     service: JobService,
-    max_body_bytes: usize,
+    config: &ApiConfig,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let addr = listener.local_addr()?;
-    info!(%addr, "HTTP API listening");
-    axum::serve(listener, router(service, max_body_bytes))
+    let key = config.key();
+    info!(%addr, key = key.is_some(), "HTTP API listening");
+    if key.is_none() && !addr.ip().is_loopback() {
+        warn!(%addr, "the HTTP API listens beyond loopback with no key: anyone who reaches it can run jobs here (set api.api_key or METAINF_API_KEY)");
+    }
+    axum::serve(listener, router(service, config.max_body_bytes, key))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
 }

@@ -247,7 +247,7 @@ async fn respond(
 ) -> Result<Response, ApiError> {
     let service = state.service.clone();
     let routed = service.route(request).await?;
-    service.accept(&routed).await;
+    service.accept(&routed).await?;
     let model = routed.request.model.clone();
     let job = routed.request.id.to_string();
     let routing_s = routed.routing_s;

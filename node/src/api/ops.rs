@@ -6,7 +6,8 @@ use axum::response::{IntoResponse, Response};
 
 use super::types::{
     DecisionsResponse, HardwareSummary, HealthResponse, List, ModelHosting, ModelList, ModelView,
-    NetworkModel, PeerCounts, PeerView, PeersResponse, PredictorView, QueueView, StatusResponse,
+    NetworkModel, PeerCounts, PeerView, PeersResponse, PredictorView, QueueView, ReputationView,
+    StatusResponse,
 };
 use super::{ApiError, ApiJson, AppState};
 use crate::jobs::JobError;
@@ -90,10 +91,19 @@ pub(super) async fn peers(
             e.to_string(),
         )
     })?;
+    let reputations = state.service.reputations();
+    let now = crate::clock::now_ms();
     let peers = peers
         .iter()
         .map(|p| {
             let hb = p.heartbeat.as_ref();
+            let reputation = reputations.get(&p.peer).map(|r| ReputationView {
+                score: r.score(),
+                slowdown: r.slowdown(),
+                attempts: r.attempts,
+                failed: r.failed,
+                excluded_until_ms: r.excluded(now).then_some(r.excluded_until_ms),
+            });
             PeerView {
                 peer: p.peer.to_string(),
                 alive: p.alive,
@@ -101,6 +111,8 @@ pub(super) async fn peers(
                 direct: p.direct,
                 last_seen_ms: p.last_seen_ms,
                 score: p.score,
+                distrusted: p.distrusted,
+                reputation,
                 models: hb.map(|h| h.models.iter().map(|m| m.name.clone()).collect()),
                 price_per_hour: hb.map(|h| h.price_per_hour),
                 queue_depth: hb.map(|h| h.queue_depth),

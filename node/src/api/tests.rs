@@ -161,6 +161,7 @@ fn choices_and_outcomes_keep_their_shape() {
         choice: c.clone(),
         retries: 1,
         latency_s: 3.0,
+        observed_s: None,
     };
     let measured = outcome.result.metrics.wall_time_s;
     let reference = json!({
@@ -248,6 +249,7 @@ fn completions_and_chunks_keep_their_shape() {
         choice: choice(),
         retries: 0,
         latency_s: 1.0,
+        observed_s: None,
     };
     let metainf = outcome_view(0.001, 0, &outcome);
     let usage = Usage {
@@ -362,10 +364,14 @@ fn completions_and_chunks_keep_their_shape() {
 fn operator_bodies_read_back_unchanged() {
     let peers = json!({"peers": [
         {"peer": "p1", "alive": true, "connected": true, "direct": false, "last_seen_ms": 9,
-         "score": null, "models": null, "price_per_hour": null, "queue_depth": null,
+         "score": null, "distrusted": false, "reputation": null, "models": null,
+         "price_per_hour": null, "queue_depth": null,
          "running_jobs": null, "queue_capacity": null, "hardware": null, "records_seq": null},
         {"peer": "p2", "alive": false, "connected": false, "direct": false, "last_seen_ms": 1,
-         "score": 0.5, "models": ["m"], "price_per_hour": 0.25, "queue_depth": 1,
+         "score": 0.5, "distrusted": true,
+         "reputation": {"score": 0.25, "slowdown": 2.0, "attempts": 3, "failed": 1,
+                        "excluded_until_ms": null},
+         "models": ["m"], "price_per_hour": 0.25, "queue_depth": 1,
          "running_jobs": 0, "queue_capacity": 8,
          "hardware": {"name": "cpu", "backend": "cpu", "compute_units": 2}, "records_seq": 40},
     ]});

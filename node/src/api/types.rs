@@ -248,6 +248,21 @@ pub struct PeersResponse {
     pub peers: Vec<PeerView>,
 }
 
+/// What a node saw of a host's jobs (its local opinion: not gossiped).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReputationView {
+    /// Share of attempts that went well (with a prior of one each way), over the slowdown.
+    pub score: f64,
+    /// How much slower than predicted it ran (≥ 1); its predictions are scaled by it.
+    pub slowdown: f64,
+    /// Attempts that ended.
+    pub attempts: u64,
+    /// Attempts that failed.
+    pub failed: u64,
+    /// Excluded from routing until then, Unix ms (absent when not excluded).
+    pub excluded_until_ms: Option<u64>,
+}
+
 /// One peer of `GET /v1/peers`. The fields from its heartbeat are `null` until one arrived.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PeerView {
@@ -263,6 +278,12 @@ pub struct PeerView {
     pub last_seen_ms: u64,
     /// Gossipsub score, when connected.
     pub score: Option<f64>,
+    /// Not synced with for a while: its sync summaries promised records it did not send.
+    #[serde(default)]
+    pub distrusted: bool,
+    /// What this node saw of the jobs it sent there, `null` if none.
+    #[serde(default)]
+    pub reputation: Option<ReputationView>,
     /// Models it serves.
     pub models: Option<Vec<String>>,
     /// Its price per hour.

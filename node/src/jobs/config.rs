@@ -29,6 +29,37 @@ pub struct JobsConfig {
     /// Finished jobs kept for `GET /v1/jobs` (the oldest are forgotten first, at start and
     /// hourly); pending jobs are always kept.
     pub keep_jobs: usize,
+    /// Whose jobs this host runs: `"any"` peer, or only those in `peer_allowlist`.
+    pub accept_jobs_from: super::admission::AcceptFrom,
+    /// Peer ids whose jobs this host runs when `accept_jobs_from = "allowlist"`.
+    pub peer_allowlist: Vec<String>,
+    /// Most sequences (prompts) of peers' jobs this host holds at once, shared fairly among
+    /// the peers; unset = half of `queue_capacity`, so the rest is always left to this node's
+    /// own API clients.
+    pub peer_sequences: Option<u32>,
+}
+
+impl JobsConfig {
+    /// The admission of peers' jobs these settings describe.
+    pub(crate) fn admission(&self) -> Result<super::admission::Admission, String> {
+        let allowlist = self
+            .peer_allowlist
+            .iter()
+            .map(|p| {
+                p.parse::<libp2p::PeerId>()
+                    .map_err(|e| format!("[jobs] peer_allowlist: {p:?} is not a peer id: {e}"))
+            })
+            .collect::<Result<_, _>>()?;
+        let capacity = self
+            .peer_sequences
+            .unwrap_or(self.queue_capacity / 2)
+            .clamp(1, self.queue_capacity.max(1));
+        Ok(super::admission::Admission::new(
+            self.accept_jobs_from,
+            allowlist,
+            capacity,
+        ))
+    }
 }
 
 impl Default for JobsConfig {
@@ -43,6 +74,9 @@ impl Default for JobsConfig {
             decisions_kept: 512,
             methods: Vec::new(),
             keep_jobs: 10_000,
+            accept_jobs_from: super::admission::AcceptFrom::Any,
+            peer_allowlist: Vec::new(),
+            peer_sequences: None,
         }
     }
 }
@@ -84,6 +118,9 @@ pub enum JobError {
     /// Every host tried failed (502).
     #[error("{0}")]
     Failed(String),
+    /// The job could not be persisted (a full or failing disk) and was not started (503).
+    #[error("cannot keep the job's state, so it was not started: {0}")]
+    Unpersisted(String),
     /// The client went away.
     #[error("cancelled")]
     Cancelled,

@@ -8,6 +8,7 @@ use tokio_util::task::TaskTracker;
 use tracing::info;
 
 use super::JobService;
+use super::admission::Refusal;
 use super::executor::{Delta, ExecError};
 use crate::net::{Client, DeltaAck, InboundJob, JobDelta, JobReply};
 
@@ -24,8 +25,29 @@ impl JobService {
                 () = shutdown.cancelled() => break,
                 job = rx.recv() => match job { Some(j) => j, None => break },
             };
+            let ticket = match self
+                .0
+                .admission
+                .admit(job.peer, job.call.request.prompts.len())
+            {
+                Ok(ticket) => ticket,
+                Err(refusal) => {
+                    let reply = match refusal {
+                        Refusal::Never(reason) => JobReply::Rejected(reason),
+                        Refusal::Busy => JobReply::Busy { retry_after_s: 1 },
+                    };
+                    self.0.metrics.peer_jobs_refused.inc();
+                    tasks.spawn(job.respond(reply));
+                    continue;
+                }
+            };
             // A peer's job stops with this node: its gateway retries it elsewhere.
-            tasks.spawn(self.clone().serve_peer(job, shutdown.child_token()));
+            let service = self.clone();
+            let cancel = shutdown.child_token();
+            tasks.spawn(async move {
+                service.serve_peer(job, cancel).await;
+                drop(ticket);
+            });
         }
     }
 

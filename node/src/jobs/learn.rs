@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use metainf_protocol::{HardwareProfile, MethodConfig, ModelDescriptor, WorkloadDescriptor};
 use metainf_scheduler::predictor::Prediction;
 use metainf_scheduler::select::{Predictor, RuntimeModel};
-use metainf_scheduler::{FeatureConfig, GbdtParams, MetaPredictor, Tensor};
+use metainf_scheduler::{FeatureConfig, GbdtParams, MetaPredictor, Metric, Tensor};
 use serde::Serialize;
 use tracing::{info, warn};
 
@@ -74,13 +74,17 @@ impl Learner {
 
     /// Trains on every record in `store` (blocking: call it off the async runtime), saves the
     /// result in the store and makes it current; `count` is the store's record count as the
-    /// caller measures it, kept to decide the next retraining. Returns the new generation, or
-    /// `None` when another training is running or there is nothing to train on.
+    /// caller measures it, kept to decide the next retraining. The tensor is built robustly
+    /// ([`Tensor::from_records_robust`]): per origin first, then the origins' weighted median,
+    /// weighted by how well each agrees with `trusted` (this node's own records). Returns the
+    /// new generation, or `None` when another training is running or there is nothing to train
+    /// on.
     pub fn retrain(
         &self,
         store: &Store,
         params: GbdtParams,
         count: u64,
+        trusted: Option<libp2p::PeerId>,
     ) -> Result<Option<u64>, String> {
         let _guard = match self.training.try_lock() {
             Ok(guard) => guard,
@@ -93,7 +97,8 @@ impl Learner {
         if records.is_empty() {
             return Ok(None);
         }
-        let tensor = Tensor::from_records(records.iter()).map_err(|e| e.to_string())?;
+        let tensor = Tensor::from_records_robust(records.iter(), Metric::WallTime, trusted)
+            .map_err(|e| e.to_string())?;
         if tensor.cells.is_empty() {
             return Ok(None);
         }
@@ -313,7 +318,7 @@ impl DecisionLogBook {
 }
 
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
@@ -326,6 +331,7 @@ impl JobService {
             tokio::time::interval(Duration::from_secs(self.0.config.retrain_check_s.max(1)));
         let mut hourly = tokio::time::interval(Duration::from_secs(3600));
         hourly.tick().await;
+        let mut last_training: Option<(Instant, Duration)> = None;
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -346,20 +352,32 @@ impl JobService {
                 .records
                 .set(i64::try_from(count).unwrap_or(i64::MAX));
             let trained = self.0.learner.trained_records();
-            let due = count > 0
-                && (self.0.learner.current().is_none()
-                    || count >= trained + self.0.config.retrain_after.max(1));
-            if !due {
+            let due = retrain_due(
+                count,
+                trained,
+                self.0.learner.current().is_some(),
+                self.0.config.retrain_after,
+            );
+            // And training takes at most a fifth of the time: a training of d seconds is
+            // followed by at least 4d without one.
+            if !due
+                || last_training
+                    .is_some_and(|(end, took): (Instant, Duration)| end.elapsed() < took * 4)
+            {
                 continue;
             }
+            let started = Instant::now();
             let service = self.clone();
             let done = tokio::task::spawn_blocking(move || {
-                service
-                    .0
-                    .learner
-                    .retrain(&service.0.store, GbdtParams::default(), count)
+                service.0.learner.retrain(
+                    &service.0.store,
+                    GbdtParams::default(),
+                    count,
+                    Some(service.0.peer_id),
+                )
             })
             .await;
+            last_training = Some((Instant::now(), started.elapsed()));
             match done {
                 Ok(Ok(Some(generation))) => {
                     self.0
@@ -375,14 +393,29 @@ impl JobService {
     }
 }
 
-/// Records in the store (the sum of every origin's contiguous records).
+/// Records in the store, counted as the sum of every origin's contiguous records: a lower
+/// bound that a hostile origin cannot inflate (a record with seq `u64::MAX` is valid, and
+/// counting the highest seq would make one record count as 2⁶⁴ and trigger retraining at will;
+/// `contiguous = n` needs n stored records).
 pub(super) fn count_records(store: &Store) -> u64 {
     store
         .origin_states()
-        // Sequence numbers come from the network: a record with seq u64::MAX is valid, and a
-        // plain sum would overflow.
-        .map(|s| s.values().fold(0u64, |n, o| n.saturating_add(o.max)))
+        .map(|s| s.values().fold(0u64, |n, o| n.saturating_add(o.contiguous)))
         .unwrap_or(0)
+}
+
+/// Whether `count` records call for a new training after one on `trained` records: at least
+/// `retrain_after` new ones, and at least a tenth more than last time, so that a flood of
+/// records costs each node a training per 10 % growth, not one per `retrain_after` records.
+fn retrain_due(count: u64, trained: u64, has_predictor: bool, retrain_after: u64) -> bool {
+    if count == 0 {
+        return false;
+    }
+    if !has_predictor {
+        return true;
+    }
+    let step = retrain_after.max(1).max(trained / 10);
+    count.saturating_sub(trained) >= step
 }
 
 #[cfg(test)]
@@ -403,7 +436,27 @@ mod tests {
             })
             .collect();
         store.put(records).unwrap();
-        assert_eq!(count_records(&store), u64::MAX);
+        // Neither overflows nor counts a record as 2⁶⁴ of them: seq 1 is missing for both.
+        assert_eq!(count_records(&store), 0);
+        let key = Keypair::ed25519_from_bytes([1; 32]).unwrap();
+        let first = SignedRecord::sign(fixtures::record(&key, 1, 9), &key)
+            .unwrap()
+            .verify()
+            .unwrap();
+        store.put(vec![first]).unwrap();
+        assert_eq!(count_records(&store), 1);
+    }
+
+    #[test]
+    fn retraining_slows_down_as_the_tensor_grows() {
+        assert!(!retrain_due(0, 0, false, 8));
+        assert!(retrain_due(1, 0, false, 8));
+        assert!(!retrain_due(7, 0, true, 8));
+        assert!(retrain_due(8, 0, true, 8));
+        // At a million records, 8 more are not worth a training; 100,000 are.
+        assert!(!retrain_due(1_000_008, 1_000_000, true, 8));
+        assert!(retrain_due(1_100_000, 1_000_000, true, 8));
+        assert!(!retrain_due(u64::MAX, u64::MAX, true, 8));
     }
 
     #[test]
@@ -426,7 +479,9 @@ mod tests {
             panic!("a learner failed");
         }));
         assert!(poisoned.is_err() && learner.training.is_poisoned());
-        let generation = learner.retrain(&store, GbdtParams::default(), 16).unwrap();
+        let generation = learner
+            .retrain(&store, GbdtParams::default(), 16, None)
+            .unwrap();
         assert_eq!(generation, Some(1));
         assert!(learner.current().is_some());
     }

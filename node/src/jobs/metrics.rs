@@ -36,6 +36,8 @@ pub struct Metrics {
     pub retries: Counter,
     /// Jobs sent to another host.
     pub forwarded: Counter,
+    /// Peers' job calls refused by admission (allowlist, fair share, size).
+    pub peer_jobs_refused: Counter,
     /// Performance records made of finished jobs.
     pub records_made: Counter,
     /// Records in the store.
@@ -75,6 +77,7 @@ impl Metrics {
             routing_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 18)),
             retries: Counter::default(),
             forwarded: Counter::default(),
+            peer_jobs_refused: Counter::default(),
             records_made: Counter::default(),
             records: Gauge::default(),
             predictor_generation: Gauge::default(),
@@ -109,6 +112,11 @@ impl Metrics {
             "jobs_forwarded",
             "Job attempts sent to another host",
             m.forwarded.clone(),
+        );
+        registry.register(
+            "peer_jobs_refused",
+            "Job calls from peers refused by admission (allowlist, fair share, size)",
+            m.peer_jobs_refused.clone(),
         );
         registry.register(
             "job_records",

@@ -6,6 +6,7 @@
 //! becomes a signed performance record, and the predictor retrains in the background as
 //! records arrive.
 
+mod admission;
 mod config;
 pub mod executor;
 mod host;
@@ -13,6 +14,7 @@ pub mod learn;
 pub mod metrics;
 mod ops;
 mod persist;
+pub mod reputation;
 mod route;
 mod run;
 pub mod state;
@@ -30,6 +32,7 @@ use tokio_util::task::TaskTracker;
 use crate::net::{Client, InboundJob};
 use crate::signer::RecordSigner;
 use crate::store::Store;
+pub use admission::AcceptFrom;
 pub use config::{JobError, JobsConfig};
 pub use executor::{Delta, EngineThread, ExecError, Executor, ServedModel};
 use learn::count_records;
@@ -54,6 +57,10 @@ struct Inner {
     decisions: DecisionLogBook,
     /// Where the network hands job calls from peers.
     peer_jobs: mpsc::Sender<InboundJob>,
+    /// Which peers' jobs run here, and how many at once.
+    admission: admission::Admission,
+    /// What this node saw of the hosts it sent jobs to.
+    reputation: reputation::Reputation,
     /// The node's tasks: every job runs on it, so shutdown waits for (or gives up on) each.
     tasks: TaskTracker,
     metrics: metrics::Metrics,
@@ -96,8 +103,10 @@ impl JobService {
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| crate::NodeError::Engine(format!("[jobs] methods: {e}")))?
         };
+        let admission = config.admission().map_err(crate::NodeError::Engine)?;
         let (peer_jobs, peer_jobs_rx) = mpsc::channel(64);
         let learner = Learner::open(&store);
+        let reputation = reputation::Reputation::load(&store);
         let records = count_records(&store);
         let inner = Inner {
             peer_id,
@@ -112,6 +121,8 @@ impl JobService {
             methods,
             learner,
             peer_jobs,
+            admission,
+            reputation,
             tasks: tasks.clone(),
             metrics: metrics::Metrics::new(),
             started: Instant::now(),

@@ -71,6 +71,14 @@ impl JobService {
     }
 
     /// Every peer this node has heard from (none without a network).
+    /// What this node saw of the hosts it sent jobs to (see [`super::reputation`]).
+    pub fn reputations(
+        &self,
+    ) -> std::collections::HashMap<libp2p::PeerId, super::reputation::HostRecord> {
+        self.0.reputation.all()
+    }
+
+    /// Every peer the network knows, with liveness (none without a network).
     pub async fn peers(&self) -> Result<Vec<PeerStatus>, NetError> {
         match &self.0.net {
             Some(net) => net.peers().await,

@@ -12,15 +12,21 @@ use super::state::{JobEntry, JobState};
 use crate::clock::now_ms;
 
 impl JobService {
-    /// Persists a job's state (a synced write, off the async runtime).
+    /// Persists a job's state (a synced write, off the async runtime); a failure is logged.
     pub(super) async fn save(&self, entry: JobEntry) {
-        let store = self.0.store.clone();
         let id = entry.request.id;
-        let saved = tokio::task::spawn_blocking(move || store.put_job(&entry)).await;
-        match saved {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => warn!(job = %id, error = %e, "cannot persist the job's state"),
-            Err(e) => warn!(job = %id, error = %e, "cannot persist the job's state"),
+        if let Err(e) = self.try_save(entry).await {
+            warn!(job = %id, error = %e, "cannot persist the job's state");
+        }
+    }
+
+    /// Persists a job's state (a synced write, off the async runtime).
+    pub(super) async fn try_save(&self, entry: JobEntry) -> Result<(), String> {
+        let store = self.0.store.clone();
+        match tokio::task::spawn_blocking(move || store.put_job(&entry)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(e.to_string()),
         }
     }
 
@@ -83,10 +89,12 @@ impl JobService {
                 // Peers announce themselves within a heartbeat or two.
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 match service.route(entry.request.clone()).await {
-                    Ok(routed) => {
-                        service.accept(&routed).await;
-                        let _ = service.execute(routed, None).await;
-                    }
+                    Ok(routed) => match service.accept(&routed).await {
+                        Ok(()) => {
+                            let _ = service.execute(routed, None).await;
+                        }
+                        Err(e) => warn!(job = %id, error = %e, "cannot run again a pending job"),
+                    },
                     Err(e) => {
                         service
                             .save(JobEntry {

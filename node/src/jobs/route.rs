@@ -75,10 +75,17 @@ impl JobService {
                         .executor
                         .host_load()
                         .map(|l| self.with_pending(l, &self.0.peer_id)),
+                    slowdown: 1.0,
                 },
             });
         }
+        let now = now_ms();
         for p in self.live_peers().await {
+            let seen = self.0.reputation.get(&p.peer);
+            // Excluded for failing (or for a failed check): not a candidate until it ends.
+            if seen.as_ref().is_some_and(|r| r.excluded(now)) {
+                continue;
+            }
             let Some(h) = p.heartbeat else { continue };
             let Some(m) = h.models.iter().find(|m| m.name == model) else {
                 continue;
@@ -99,6 +106,8 @@ impl JobService {
                     running_jobs: h.running_jobs,
                     power_w: None,
                     load: h.load.map(|l| self.with_pending(l, &p.peer)),
+                    // What it claims, corrected by what this node saw it deliver.
+                    slowdown: seen.map_or(1.0, |r| r.slowdown()),
                 },
             });
         }
@@ -142,10 +151,18 @@ impl JobService {
         if let Some(pin) = request.pin_host {
             candidates.retain(|c| c.peer == pin);
             if candidates.is_empty() {
-                return Err(JobError::NoHost(format!(
-                    "host {pin} is not alive or does not serve {:?}",
-                    request.model
-                )));
+                let excluded = self.0.reputation.get(&pin).filter(|r| r.excluded(now_ms()));
+                return Err(JobError::NoHost(match excluded {
+                    Some(r) => format!(
+                        "host {pin} is excluded from routing for another {} s: {} of its attempts failed in a row",
+                        r.excluded_until_ms.saturating_sub(now_ms()) / 1000,
+                        r.failures_in_a_row
+                    ),
+                    None => format!(
+                        "host {pin} is not alive or does not serve {:?}",
+                        request.model
+                    ),
+                }));
             }
         }
         if candidates.is_empty() {

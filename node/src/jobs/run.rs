@@ -15,6 +15,7 @@ use tracing::warn;
 
 use super::executor::{self, Delta, ExecError};
 use super::learn::DecisionLog;
+use super::reputation::{Failure, Reputation};
 use super::state::{JobEntry, JobState};
 use super::{JobError, JobService, Routed};
 use crate::clock::now_ms;
@@ -32,22 +33,28 @@ pub struct Outcome {
     pub retries: u32,
     /// Seconds from acceptance to the result.
     pub latency_s: f64,
+    /// Seconds the successful attempt took on this node's clock, when it ran on a peer.
+    pub observed_s: Option<f64>,
 }
 
 impl JobService {
-    /// Persists an accepted job as queued, and counts it against its host until it ends.
-    pub async fn accept(&self, routed: &Routed) {
-        if let Some(&peer) = routed.hosts.get(routed.decision.chosen.host) {
-            self.count_pending(peer, true, routed.request.prompts.len());
-        }
-        self.save(JobEntry {
+    /// Persists an accepted job as queued, and counts it against its host until it ends. A job
+    /// that cannot be persisted is refused ([`JobError::Unpersisted`]) rather than run
+    /// unrecorded: the client learns at once, and nothing is counted.
+    pub async fn accept(&self, routed: &Routed) -> Result<(), JobError> {
+        self.try_save(JobEntry {
             request: routed.request.clone(),
             state: JobState::Queued,
             updated_at_ms: now_ms(),
             route: Some(routed.decision.chosen.clone()),
             attempts: 0,
         })
-        .await;
+        .await
+        .map_err(JobError::Unpersisted)?;
+        if let Some(&peer) = routed.hosts.get(routed.decision.chosen.host) {
+            self.count_pending(peer, true, routed.request.prompts.len());
+        }
+        Ok(())
     }
 
     /// Runs a routed (and accepted) job to its end, retrying on other hosts when one is busy,
@@ -95,12 +102,34 @@ impl JobService {
             let attempt_deltas = deltas
                 .as_ref()
                 .map(|d| dedup_deltas(d.clone(), Arc::clone(&sent)));
+            let attempt_started = Instant::now();
+            let mut observed = None;
             let outcome = if peer == self.0.peer_id {
                 self.run_local(request.clone(), choice.method.clone(), attempt_deltas, None)
                     .await
             } else {
-                self.run_remote(peer, &request, &choice, attempt_deltas)
-                    .await
+                let outcome = self
+                    .run_remote(peer, &request, &choice, attempt_deltas)
+                    .await;
+                // Peers are judged by what this node saw, on its own clock.
+                let observed_s = attempt_started.elapsed().as_secs_f64();
+                let saved = match &outcome {
+                    Ok(_) => Some(self.0.reputation.succeeded(
+                        peer,
+                        observed_s,
+                        choice.wait_s + choice.runtime_s,
+                    )),
+                    Err(ExecError::Failed(_)) => {
+                        Some(self.0.reputation.failed(peer, Failure::Error))
+                    }
+                    Err(_) => None,
+                };
+                if let Some(bytes) = saved {
+                    let store = self.0.store.clone();
+                    tokio::spawn(async move { Reputation::save(&store, bytes).await });
+                }
+                observed = Some(observed_s);
+                outcome
             };
             match outcome {
                 Ok(result) => {
@@ -109,6 +138,7 @@ impl JobService {
                         choice,
                         retries: attempts - 1,
                         latency_s: 0.0,
+                        observed_s: observed,
                     });
                 }
                 Err(ExecError::Rejected(reason)) => break Err(JobError::Rejected(reason)),
@@ -163,7 +193,13 @@ impl JobService {
         };
         let state = match &result {
             Ok(o) => {
-                let measured = o.result.metrics.wall_time_s;
+                // A peer's job is measured by this node too, never by the peer's word alone:
+                // the longer of the two.
+                let measured = o
+                    .result
+                    .metrics
+                    .wall_time_s
+                    .max(o.observed_s.unwrap_or(0.0));
                 let err = (measured.max(1e-6) / o.choice.runtime_s.max(1e-6))
                     .ln()
                     .abs();
@@ -267,27 +303,38 @@ impl JobService {
         let Some(net) = &self.0.net else {
             return Err(ExecError::Failed("the network is off".into()));
         };
-        let sink = deltas.map(|d| {
-            let (tx, mut rx) = mpsc::channel::<JobDelta>(16);
-            tokio::spawn(async move {
-                while let Some(delta) = rx.recv().await {
-                    if d.send((delta.prompt, delta.text)).await.is_err() {
-                        break;
-                    }
+        // Every forwarded job streams, even when its client does not: the deltas are the host's
+        // line back to this node, so a job this node gives up on (a timeout, a client gone) is
+        // told to stop at its next delta instead of running to its end for nobody.
+        let (sink, mut rx) = mpsc::channel::<JobDelta>(16);
+        tokio::spawn(async move {
+            while let Some(delta) = rx.recv().await {
+                if let Some(d) = &deltas
+                    && d.send((delta.prompt, delta.text)).await.is_err()
+                {
+                    break;
                 }
-            });
-            tx
+            }
         });
+        let mut forwarded = request.clone();
+        forwarded.stream = true;
         let call = JobCall {
-            request: request.clone(),
+            request: forwarded,
             method: choice.method.clone(),
         };
         self.0.metrics.forwarded.inc();
         let timeout = Duration::from_secs(self.0.config.job_timeout_s.max(1));
-        let reply = tokio::time::timeout(timeout, net.call_job(peer, call, sink))
-            .await
-            .map_err(|_| ExecError::Failed(format!("no answer within {} s", timeout.as_secs())))?
-            .map_err(|e| ExecError::Failed(e.to_string()))?;
+        let reply = match tokio::time::timeout(timeout, net.call_job(peer, call, Some(sink))).await
+        {
+            Ok(reply) => reply.map_err(|e| ExecError::Failed(e.to_string()))?,
+            Err(_) => {
+                let _ = net.abandon_job(peer, request.id).await;
+                return Err(ExecError::Failed(format!(
+                    "no answer within {} s",
+                    timeout.as_secs()
+                )));
+            }
+        };
         match reply {
             JobReply::Done(result) => {
                 if result.id != request.id

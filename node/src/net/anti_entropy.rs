@@ -1,38 +1,72 @@
-//! Anti-entropy over `/metainf/sync/1`: on connecting and then periodically, peers exchange
-//! version vectors and pull what they lack in bounded pages, one pull per origin at a time and a
-//! few in flight, so memory stays bounded however far behind a node is.
+//! Anti-entropy over `/metainf/sync/2`: on connecting and then periodically, the replica
+//! compares this node's version vector with each peer's by range digest and pulls what it lacks
+//! in bounded pages, one pull per origin at a time and a few in flight, so memory stays bounded
+//! however far behind a node is.
 //!
-//! The loop keeps only the flow control (which pulls are queued, in flight or being stored).
-//! Reading the store to answer, comparing vectors and storing pages are the replica's: the loop
-//! hands them out as [`NetEvent`]s and hears back through [`Client`](super::Client) commands.
+//! The loop keeps only the flow control (which pulls are queued, in flight or being stored, and
+//! which sync calls wait for an answer). Reading the store to answer, comparing vectors and
+//! storing pages are the replica's: the loop hands them out as [`NetEvent`]s and hears back
+//! through [`Client`](super::Client) commands.
+//!
+//! A peer is held to what it claims: a pull it answers with an empty page (after its summary
+//! promised records) is a broken promise, and after [`MAX_BROKEN_PROMISES`] of them its queued
+//! pulls are dropped and it is not asked again for [`DISTRUST_FOR`]: a fake vector costs the
+//! peer that sent it its own sync, not this node an unbounded queue.
 
-use std::collections::BTreeMap;
+use std::collections::hash_map::Entry;
+use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 use libp2p::request_response::{self, OutboundRequestId};
+use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
+use super::config::NetError;
 use super::event::{InboundSync, NetEvent};
 use super::event_loop::EventLoop;
 use super::sync::{MAX_PAGE, SyncRequest, SyncResponse};
 
 /// Most pull requests in flight at once (each holds at most one page).
 const MAX_PULLS_IN_FLIGHT: usize = 4;
+/// Most pulls queued; past this, what is missing is pulled in a later round.
+const MAX_QUEUED_PULLS: usize = 65_536;
+/// Empty pages a peer may answer pulls with before it is distrusted.
+pub(super) const MAX_BROKEN_PROMISES: u32 = 16;
+/// How long a distrusted peer is not asked anything.
+pub(super) const DISTRUST_FOR: Duration = Duration::from_secs(600);
 
 impl EventLoop {
-    /// Asks the replica to compare vectors with every connected peer.
+    /// Asks the replica to compare vectors with every connected peer it trusts.
     pub(super) fn start_sync_round(&mut self) {
-        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        let now = Instant::now();
+        self.distrusted.retain(|_, until| *until > now);
+        let peers: Vec<PeerId> = self
+            .swarm
+            .connected_peers()
+            .filter(|p| !self.distrusted.contains_key(p))
+            .copied()
+            .collect();
         if !peers.is_empty() {
             let _ = self.emit(NetEvent::SyncDue(peers));
         }
     }
 
-    pub(super) fn offer_summary(&mut self, peer: PeerId, vector: BTreeMap<PeerId, u64>) {
-        self.swarm
-            .behaviour_mut()
-            .sync
-            .send_request(&peer, SyncRequest::Summary { vector });
+    /// Sends a sync request whose answer goes to `reply`.
+    pub(super) fn sync_call(
+        &mut self,
+        peer: PeerId,
+        request: SyncRequest,
+        reply: oneshot::Sender<Result<SyncResponse, NetError>>,
+    ) {
+        if self.distrusted.contains_key(&peer) {
+            let _ = reply.send(Err(NetError::Peer {
+                peer,
+                reason: "its sync answers broke their promises; not asked for a while".into(),
+            }));
+            return;
+        }
+        let id = self.swarm.behaviour_mut().sync.send_request(&peer, request);
+        self.sync_calls.insert(id, reply);
     }
 
     pub(super) fn on_sync_event(
@@ -74,8 +108,14 @@ impl EventLoop {
                 ..
             } => {
                 debug!(%peer, %error, "sync request failed");
-                if let Some((peer, origin)) = self.pulls.remove(&request_id) {
-                    self.pulling.remove(&(peer, origin));
+                if let Some(reply) = self.sync_calls.remove(&request_id) {
+                    let _ = reply.send(Err(NetError::Peer {
+                        peer,
+                        reason: error.to_string(),
+                    }));
+                }
+                if let Some((_, origin)) = self.pulls.remove(&request_id) {
+                    self.pulling.remove(&origin);
                     self.drive_pulls();
                 }
             }
@@ -89,17 +129,26 @@ impl EventLoop {
         request_id: OutboundRequestId,
         response: SyncResponse,
     ) {
+        if let Some(reply) = self.sync_calls.remove(&request_id) {
+            let _ = reply.send(Ok(response));
+            return;
+        }
+        let Some((peer, origin)) = self.pulls.remove(&request_id).or_else(|| {
+            debug!(%peer, "an answer to no sync request");
+            None
+        }) else {
+            return;
+        };
         match response {
-            SyncResponse::Summary { vector } => {
-                let _ = self.emit(NetEvent::SyncSummary { peer, vector });
-            }
             SyncResponse::Page {
                 records,
                 next_after,
             } => {
-                let Some((peer, origin)) = self.pulls.remove(&request_id) else {
+                if records.is_empty() {
+                    self.broken_promise(peer);
+                    self.page_stored(peer, origin, None);
                     return;
-                };
+                }
                 let page = NetEvent::SyncPage {
                     peer,
                     origin,
@@ -113,17 +162,33 @@ impl EventLoop {
             }
             SyncResponse::Error(e) => {
                 warn!(%peer, error = %e, "peer could not serve a sync request");
-                if let Some((peer, origin)) = self.pulls.remove(&request_id) {
-                    self.pulling.remove(&(peer, origin));
-                    self.drive_pulls();
-                }
+                self.page_stored(peer, origin, None);
             }
+            _ => {
+                self.broken_promise(peer);
+                self.page_stored(peer, origin, None);
+            }
+        }
+    }
+
+    /// A peer's pull answer did not hold what its summary promised.
+    fn broken_promise(&mut self, peer: PeerId) {
+        let count = self.broken_promises.entry(peer).or_default();
+        *count += 1;
+        if *count >= MAX_BROKEN_PROMISES {
+            warn!(%peer, "a peer's sync summaries promise records it does not send; not syncing with it for a while");
+            self.broken_promises.remove(&peer);
+            self.distrusted.insert(peer, Instant::now() + DISTRUST_FOR);
+            self.pull_queue.retain(|(p, _, _)| *p != peer);
+            self.pulling.retain(|_, p| *p != peer);
         }
     }
 
     /// A pulled page was handled: frees its origin, and pulls the next page if there is one.
     pub(super) fn page_stored(&mut self, peer: PeerId, origin: PeerId, next_after: Option<u64>) {
-        self.pulling.remove(&(peer, origin));
+        if self.pulling.get(&origin) == Some(&peer) {
+            self.pulling.remove(&origin);
+        }
         if let Some(after) = next_after
             && self.swarm.is_connected(&peer)
         {
@@ -133,12 +198,14 @@ impl EventLoop {
     }
 
     pub(super) fn queue_pull(&mut self, peer: PeerId, origin: PeerId, after: u64) {
-        // One pull per origin at a time across all peers: no duplicate downloads.
-        if self.pulling.iter().any(|(_, o)| *o == origin) {
+        if self.distrusted.contains_key(&peer) || self.pull_queue.len() >= MAX_QUEUED_PULLS {
             return;
         }
-        self.pulling.insert((peer, origin));
-        self.pull_queue.push_back((peer, origin, after));
+        // One pull per origin at a time across all peers: no duplicate downloads.
+        if let Entry::Vacant(e) = self.pulling.entry(origin) {
+            e.insert(peer);
+            self.pull_queue.push_back((peer, origin, after));
+        }
     }
 
     pub(super) fn drive_pulls(&mut self) {

@@ -9,7 +9,7 @@ use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::{Swarm, autonat, dcutr, identify, mdns, noise, ping, relay, tcp, yamux};
-use metainf_protocol::{ContentId, MAX_RECORD_BYTES};
+use metainf_protocol::{ContentId, MAX_EVIDENCE_BYTES};
 
 use super::config::{NetError, NetworkConfig};
 use super::{HEARTBEATS_TOPIC, RECORDS_TOPIC, jobs, sync};
@@ -40,7 +40,7 @@ pub(super) fn build_swarm(
     let gossip_config = gossipsub::ConfigBuilder::default()
         .validation_mode(gossipsub::ValidationMode::Strict)
         .validate_messages()
-        .max_transmit_size(MAX_RECORD_BYTES + 1024)
+        .max_transmit_size(MAX_EVIDENCE_BYTES + 1024)
         .heartbeat_interval(Duration::from_millis(700))
         // Content-addressed ids: the same record relayed by two peers is one message.
         .message_id_fn(|m: &gossipsub::Message| {

@@ -2,22 +2,23 @@
 //! method sends one [`Command`] over a bounded channel to the event loop, most with a oneshot
 //! for the answer.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 
 use libp2p::request_response::ResponseChannel;
 use libp2p::{Multiaddr, PeerId};
-use metainf_protocol::{ModelId, VerifiedRecord};
+use metainf_protocol::{JobId, ModelId, VerifiedRecord};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::config::NetError;
 use super::event::{GossipTicket, GossipVerdict, NatStatus, Offer, PeerStatus, Topic};
 use super::jobs::{DeltaAck, JobCall, JobDelta, JobReply};
-use super::sync::SyncResponse;
+use super::sync::{SyncRequest, SyncResponse};
 
 /// Commands from [`Client`] (and from tasks the loop spawned) to the event loop.
 #[derive(Debug)]
 pub(crate) enum Command {
     Gossip {
+        topic: Topic,
         bytes: Vec<u8>,
         reply: oneshot::Sender<Result<(), NetError>>,
     },
@@ -55,9 +56,17 @@ pub(crate) enum Command {
         reply: oneshot::Sender<HashSet<PeerId>>,
     },
     SyncNow,
-    OfferSummary {
+    SyncCall {
         peer: PeerId,
-        vector: BTreeMap<PeerId, u64>,
+        request: Box<SyncRequest>,
+        reply: oneshot::Sender<Result<SyncResponse, NetError>>,
+    },
+    Ban {
+        peer: PeerId,
+    },
+    AbandonJob {
+        peer: PeerId,
+        job: JobId,
     },
     Pull {
         peer: PeerId,
@@ -133,7 +142,12 @@ impl Client {
             .signed()
             .to_wire()
             .map_err(|e| NetError::Publish(e.to_string()))?;
-        self.ask(|reply| Command::Gossip { bytes, reply }).await?
+        self.ask(|reply| Command::Gossip {
+            topic: Topic::Records,
+            bytes,
+            reply,
+        })
+        .await?
     }
 
     /// Gossips raw bytes on the records topic without any local check: peers validate what
@@ -205,14 +219,37 @@ impl Client {
         self.send(Command::SyncNow).await
     }
 
-    /// Sends this node's version vector to `peer`, which answers with its own
-    /// ([`super::NetEvent::SyncSummary`]).
-    pub async fn offer_summary(
+    /// Sends a sync request (digests, a summary page, evidence) and waits for the answer.
+    /// Pulls of records go through [`Client::pull`], which keeps them flow-controlled. A peer
+    /// distrusted for broken promises is not asked ([`NetError::Peer`]).
+    pub async fn sync_call(
         &self,
         peer: PeerId,
-        vector: BTreeMap<PeerId, u64>,
-    ) -> Result<(), NetError> {
-        self.send(Command::OfferSummary { peer, vector }).await
+        request: SyncRequest,
+    ) -> Result<SyncResponse, NetError> {
+        self.ask(|reply| Command::SyncCall {
+            peer,
+            request: Box::new(request),
+            reply,
+        })
+        .await?
+    }
+
+    /// Gossips a proof of equivocation this node verified and stored.
+    /// Having no peers is not an error: anti-entropy spreads it when they come.
+    pub async fn gossip_evidence(&self, bytes: Vec<u8>) -> Result<(), NetError> {
+        self.ask(|reply| Command::Gossip {
+            topic: Topic::Evidence,
+            bytes,
+            reply,
+        })
+        .await?
+    }
+
+    /// Bans a peer convicted of equivocation (see [`super`]'s docs). Banning oneself is a
+    /// no-op.
+    pub async fn ban(&self, peer: PeerId) -> Result<(), NetError> {
+        self.send(Command::Ban { peer }).await
     }
 
     /// Pulls `origin`'s records after `after` from `peer`, a page at a time
@@ -268,6 +305,12 @@ impl Client {
             reply,
         })
         .await?
+    }
+
+    /// Gives up on a job call to `peer` (it timed out): a late answer is dropped, and the host
+    /// is told to stop at its next delta.
+    pub async fn abandon_job(&self, peer: PeerId, job: JobId) -> Result<(), NetError> {
+        self.send(Command::AbandonJob { peer, job }).await
     }
 
     /// Sends a text delta of a streaming job back to the node that forwarded it, and waits

@@ -5,8 +5,6 @@
 //! record is ignored and anti-entropy fetches it later, a job call is answered `Busy`, a sync
 //! request gets an error, a page pulled is dropped and pulled again on the next round).
 
-use std::collections::BTreeMap;
-
 use libp2p::gossipsub::MessageId;
 use libp2p::request_response::ResponseChannel;
 use libp2p::{Multiaddr, PeerId};
@@ -26,6 +24,8 @@ pub enum NetEvent {
     /// verdict is reported with [`Client::report_record`](super::Client::report_record), so
     /// nothing invalid is forwarded.
     Record(GossipRecord),
+    /// A proof of equivocation arrived by gossip, unchecked; report its verdict as a record's.
+    Evidence(GossipRecord),
     /// A valid heartbeat (size-checked, decoded, in range, from the peer it names).
     Heartbeat(Box<Heartbeat>),
     /// The first connection to a peer opened.
@@ -36,17 +36,9 @@ pub enum NetEvent {
     Job(Box<InboundJob>),
     /// A peer asks for this node's version vector or a page of its records.
     SyncRequest(Box<InboundSync>),
-    /// Time to compare version vectors with these peers: send this node's with
-    /// [`Client::offer_summary`](super::Client::offer_summary).
+    /// Time to compare version vectors with these peers (through
+    /// [`Client::sync_call`](super::Client::sync_call)).
     SyncDue(Vec<PeerId>),
-    /// A peer's version vector, answering this node's: pull what is missing with
-    /// [`Client::pull`](super::Client::pull).
-    SyncSummary {
-        /// The peer.
-        peer: PeerId,
-        /// Its contiguous sequence per origin.
-        vector: BTreeMap<PeerId, u64>,
-    },
     /// A page of records pulled from `peer`, unchecked: verify and store it, then report with
     /// [`Client::page_stored`](super::Client::page_stored) (which asks for the next page).
     SyncPage {
@@ -85,6 +77,8 @@ pub enum Topic {
     Records,
     /// Heartbeats ([`super::HEARTBEATS_TOPIC`]).
     Heartbeats,
+    /// Proofs of equivocation ([`super::EVIDENCE_TOPIC`]).
+    Evidence,
 }
 
 /// What a gossip message deserves.
@@ -190,6 +184,8 @@ pub struct PeerStatus {
     pub last_seen_ms: u64,
     /// Its gossipsub peer score (negative after invalid messages), when connected.
     pub score: Option<f64>,
+    /// Not synced with for a while: its sync summaries promised records it did not send.
+    pub distrusted: bool,
     /// Its latest heartbeat.
     #[serde(skip)]
     pub heartbeat: Option<Heartbeat>,

@@ -26,7 +26,14 @@ use super::client::Command;
 use super::config::{NetError, NetworkConfig};
 use super::event::{NatStatus, NetEvent, Offer, PeerStatus, Topic};
 use super::jobs::{DeltaAck, JobDelta, JobReply};
+use super::sync::SyncResponse;
 use crate::clock::{is_alive, now_ms};
+
+/// Where a job call's answer goes.
+pub(super) type JobAnswer = oneshot::Sender<Result<JobReply, NetError>>;
+
+/// Most peers the loop remembers at once (connected ones are always kept).
+const MAX_KNOWN_PEERS: usize = 10_000;
 
 /// The network's event loop. Run it with [`EventLoop::run`].
 pub struct EventLoop {
@@ -41,8 +48,7 @@ pub struct EventLoop {
     /// The highest sequence number of this node's own records, for the heartbeats.
     pub(super) records_seq: Option<watch::Receiver<u64>>,
     /// Outstanding job calls: request → (job, answer).
-    pub(super) job_calls:
-        HashMap<OutboundRequestId, (JobId, oneshot::Sender<Result<JobReply, NetError>>)>,
+    pub(super) job_calls: HashMap<OutboundRequestId, (JobId, PeerId, JobAnswer)>,
     /// Where the deltas of a streaming job forwarded from here go: job → (host, sink).
     pub(super) delta_sinks: HashMap<JobId, (PeerId, mpsc::Sender<JobDelta>)>,
     /// Outstanding deltas sent from here.
@@ -51,6 +57,9 @@ pub struct EventLoop {
     pub(super) self_tx: mpsc::Sender<Command>,
     pub(super) records: IdentTopic,
     pub(super) heartbeats: IdentTopic,
+    pub(super) evidence: IdentTopic,
+    /// Peers convicted of equivocation: disconnected on sight, their heartbeats ignored.
+    pub(super) banned: HashSet<PeerId>,
     pub(super) peers: HashMap<PeerId, PeerStatus>,
     /// Circuit listen addresses waiting for their relay's connection.
     pub(super) deferred_listens: Vec<(PeerId, Multiaddr)>,
@@ -62,8 +71,15 @@ pub struct EventLoop {
     pub(super) pulls: HashMap<OutboundRequestId, (PeerId, PeerId)>,
     /// Pulls waiting for a slot: (peer, origin, after).
     pub(super) pull_queue: VecDeque<(PeerId, PeerId, u64)>,
-    /// (peer, origin) pairs with a pull queued, in flight or being stored.
-    pub(super) pulling: HashSet<(PeerId, PeerId)>,
+    /// Origins with a pull queued, in flight or being stored → the peer it goes to.
+    pub(super) pulling: HashMap<PeerId, PeerId>,
+    /// Sync calls waiting for their answer.
+    pub(super) sync_calls:
+        HashMap<OutboundRequestId, oneshot::Sender<Result<SyncResponse, NetError>>>,
+    /// Pull answers per peer that lacked what its summary promised.
+    pub(super) broken_promises: HashMap<PeerId, u32>,
+    /// Peers not asked anything until then (see `anti_entropy.rs`).
+    pub(super) distrusted: HashMap<PeerId, Instant>,
     /// Each connected peer's own listen addresses that do not go through a relay (from
     /// identify), for a direct dial when a hole punch fails.
     pub(super) direct_addrs: HashMap<PeerId, Vec<Multiaddr>>,
@@ -91,6 +107,7 @@ impl EventLoop {
                 _ = heartbeat.tick() => {
                     self.send_heartbeat();
                     self.upgrade_relayed();
+                    self.prune_peers();
                 }
                 _ = anti_entropy.tick() => self.start_sync_round(),
             }
@@ -123,18 +140,19 @@ impl EventLoop {
 
     fn on_command(&mut self, command: Command) {
         match command {
-            Command::Gossip { bytes, reply } => {
-                let _ = reply.send(self.gossip_record(bytes));
+            Command::Gossip {
+                topic,
+                bytes,
+                reply,
+            } => {
+                let _ = reply.send(self.gossip(topic, bytes));
             }
             Command::PublishBytes {
                 topic,
                 bytes,
                 reply,
             } => {
-                let topic = match topic {
-                    Topic::Records => self.records.clone(),
-                    Topic::Heartbeats => self.heartbeats.clone(),
-                };
+                let topic = self.topic(topic);
                 let result = self
                     .swarm
                     .behaviour_mut()
@@ -194,7 +212,13 @@ impl EventLoop {
                 self.pending_providers.insert(id, (reply, HashSet::new()));
             }
             Command::SyncNow => self.start_sync_round(),
-            Command::OfferSummary { peer, vector } => self.offer_summary(peer, vector),
+            Command::SyncCall {
+                peer,
+                request,
+                reply,
+            } => self.sync_call(peer, *request, reply),
+            Command::Ban { peer } => self.ban(peer),
+            Command::AbandonJob { peer, job } => self.abandon_job(peer, job),
             Command::Pull {
                 peer,
                 origin,
@@ -251,6 +275,14 @@ impl EventLoop {
         }
     }
 
+    pub(super) fn topic(&self, topic: Topic) -> IdentTopic {
+        match topic {
+            Topic::Records => self.records.clone(),
+            Topic::Heartbeats => self.heartbeats.clone(),
+            Topic::Evidence => self.evidence.clone(),
+        }
+    }
+
     /// Every peer heard from, with its connection state and liveness now.
     fn peer_list(&self) -> Vec<PeerStatus> {
         let timeout = Duration::from_secs(self.config.peer_timeout_s);
@@ -266,6 +298,10 @@ impl EventLoop {
                     .get(&p.peer)
                     .is_some_and(|c| c.values().any(|relayed| !relayed));
                 p.score = self.swarm.behaviour().gossipsub.peer_score(&p.peer);
+                p.distrusted = self
+                    .distrusted
+                    .get(&p.peer)
+                    .is_some_and(|until| *until > Instant::now());
                 p.alive = is_alive(p.last_seen_ms, now, timeout);
                 p
             })
@@ -286,6 +322,11 @@ impl EventLoop {
                 num_established,
                 ..
             } => {
+                if self.banned.contains(&peer_id) {
+                    debug!(peer = %peer_id, "closing a connection of a convicted peer");
+                    let _ = self.swarm.disconnect_peer_id(peer_id);
+                    return;
+                }
                 let relayed = endpoint
                     .get_remote_address()
                     .iter()
@@ -322,7 +363,8 @@ impl EventLoop {
                 self.direct_attempts.remove(&peer_id);
                 debug!(peer = %peer_id, "disconnected");
                 self.pull_queue.retain(|(p, _, _)| *p != peer_id);
-                self.pulling.retain(|(p, _)| *p != peer_id);
+                self.pulling.retain(|_, p| *p != peer_id);
+                self.broken_promises.remove(&peer_id);
                 let _ = self.emit(NetEvent::PeerDown(peer_id));
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
@@ -340,8 +382,52 @@ impl EventLoop {
         }
     }
 
+    /// Forgets peers that are not connected and were not heard from for ten peer timeouts, and
+    /// beyond [`MAX_KNOWN_PEERS`] the longest silent of them: every identity that ever sent a
+    /// heartbeat would otherwise stay in memory for good.
+    fn prune_peers(&mut self) {
+        let now = now_ms();
+        let keep_ms = self
+            .config
+            .peer_timeout_s
+            .saturating_mul(10_000)
+            .max(60_000);
+        let connected: HashSet<PeerId> = self.swarm.connected_peers().copied().collect();
+        self.peers.retain(|peer, status| {
+            connected.contains(peer) || now.saturating_sub(status.last_seen_ms) < keep_ms
+        });
+        if self.peers.len() > MAX_KNOWN_PEERS {
+            let mut silent: Vec<(u64, PeerId)> = self
+                .peers
+                .iter()
+                .filter(|(p, _)| !connected.contains(p))
+                .map(|(p, s)| (s.last_seen_ms, *p))
+                .collect();
+            silent.sort_unstable();
+            let excess = self.peers.len() - MAX_KNOWN_PEERS;
+            for (_, peer) in silent.into_iter().take(excess) {
+                self.peers.remove(&peer);
+            }
+        }
+    }
+
+    /// Stops dealing with a peer convicted of equivocation: forgets it, closes its
+    /// connections, and from now on ignores its heartbeats and refuses its connections.
+    fn ban(&mut self, peer: PeerId) {
+        if peer == *self.swarm.local_peer_id() || !self.banned.insert(peer) {
+            return;
+        }
+        info!(%peer, "banned a peer convicted of equivocation");
+        self.peers.remove(&peer);
+        self.swarm.behaviour_mut().kad.remove_peer(&peer);
+        let _ = self.swarm.disconnect_peer_id(peer);
+    }
+
     /// Notes that `peer` was heard from now.
     pub(super) fn seen(&mut self, peer: PeerId) {
+        if self.banned.contains(&peer) {
+            return;
+        }
         let entry = self.peers.entry(peer).or_insert_with(|| PeerStatus {
             peer,
             connected: true,
@@ -349,6 +435,7 @@ impl EventLoop {
             alive: true,
             last_seen_ms: 0,
             score: None,
+            distrusted: false,
             heartbeat: None,
         });
         entry.last_seen_ms = now_ms();

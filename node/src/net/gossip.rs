@@ -13,7 +13,7 @@ use tracing::{debug, warn};
 
 use super::MAX_HEARTBEAT_BYTES;
 use super::config::NetError;
-use super::event::{GossipRecord, GossipTicket, GossipVerdict, NetEvent};
+use super::event::{GossipRecord, GossipTicket, GossipVerdict, NetEvent, Topic};
 use super::event_loop::EventLoop;
 use crate::clock::now_ms;
 
@@ -57,6 +57,14 @@ impl EventLoop {
                 // Not checked, so neither forwarded nor held against the sender.
                 self.report_record(record.ticket, GossipVerdict::Ignore);
             }
+        } else if message.topic == self.evidence.hash() {
+            let proof = GossipRecord {
+                data: message.data,
+                ticket,
+            };
+            if let Err(NetEvent::Evidence(proof)) = self.emit(NetEvent::Evidence(proof)) {
+                self.report_record(proof.ticket, GossipVerdict::Ignore);
+            }
         } else if message.topic == self.heartbeats.hash() {
             let verdict = self.on_heartbeat_message(message.source, &message.data);
             self.report_record(ticket, verdict);
@@ -86,6 +94,10 @@ impl EventLoop {
             Ok(h) if h.validate().is_ok() && Some(h.peer) == source => h,
             _ => return GossipVerdict::Reject,
         };
+        if self.banned.contains(&heartbeat.peer) {
+            // Valid, and relays may not know yet: ignored, not held against them.
+            return GossipVerdict::Ignore;
+        }
         let peer = heartbeat.peer;
         let previous = self.peers.get(&peer).and_then(|s| s.heartbeat.as_ref());
         let max_age_ms = self.config.peer_timeout_s.saturating_mul(1000);
@@ -105,14 +117,10 @@ impl EventLoop {
         GossipVerdict::Accept
     }
 
-    /// Gossips a record's wire bytes (already stored by whoever made it).
-    pub(super) fn gossip_record(&mut self, bytes: Vec<u8>) -> Result<(), NetError> {
-        match self
-            .swarm
-            .behaviour_mut()
-            .gossipsub
-            .publish(self.records.clone(), bytes)
-        {
+    /// Gossips a record's or proof's wire bytes (already stored by whoever sends it).
+    pub(super) fn gossip(&mut self, topic: Topic, bytes: Vec<u8>) -> Result<(), NetError> {
+        let topic = self.topic(topic);
+        match self.swarm.behaviour_mut().gossipsub.publish(topic, bytes) {
             Ok(_) => Ok(()),
             // Alone on the network, or sent before: anti-entropy spreads it.
             Err(gossipsub::PublishError::NoPeersSubscribedToTopic)

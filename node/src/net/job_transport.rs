@@ -26,7 +26,27 @@ impl EventLoop {
             self.delta_sinks.insert(job, (peer, sink));
         }
         let id = self.swarm.behaviour_mut().jobs.send_request(&peer, call);
-        self.job_calls.insert(id, (job, reply));
+        self.job_calls.insert(id, (job, peer, reply));
+    }
+
+    /// Forgets a job call the caller gave up on (it timed out): its late answer is dropped, and
+    /// its host's next delta is answered [`DeltaAck::Stop`], which cancels the job there.
+    pub(super) fn abandon_job(&mut self, peer: PeerId, job: metainf_protocol::JobId) {
+        self.job_calls
+            .retain(|_, (j, host, _)| !(*j == job && *host == peer));
+        self.forget_sink(job, peer);
+    }
+
+    /// Removes a job's delta sink if it belongs to `peer`'s attempt: a late answer of an
+    /// earlier attempt never takes the sink of the retry that replaced it.
+    fn forget_sink(&mut self, job: metainf_protocol::JobId, peer: PeerId) {
+        if self
+            .delta_sinks
+            .get(&job)
+            .is_some_and(|(host, _)| *host == peer)
+        {
+            self.delta_sinks.remove(&job);
+        }
     }
 
     pub(super) fn on_job_event(&mut self, event: request_response::Event<JobCall, JobReply>) {
@@ -56,6 +76,7 @@ impl EventLoop {
                 }
             }
             request_response::Event::Message {
+                peer,
                 message:
                     request_response::Message::Response {
                         request_id,
@@ -63,8 +84,8 @@ impl EventLoop {
                     },
                 ..
             } => {
-                if let Some((job, reply)) = self.job_calls.remove(&request_id) {
-                    self.delta_sinks.remove(&job);
+                if let Some((job, _, reply)) = self.job_calls.remove(&request_id) {
+                    self.forget_sink(job, peer);
                     let _ = reply.send(Ok(response));
                 }
             }
@@ -74,8 +95,8 @@ impl EventLoop {
                 error,
                 ..
             } => {
-                if let Some((job, reply)) = self.job_calls.remove(&request_id) {
-                    self.delta_sinks.remove(&job);
+                if let Some((job, _, reply)) = self.job_calls.remove(&request_id) {
+                    self.forget_sink(job, peer);
                     let _ = reply.send(Err(NetError::Peer {
                         peer,
                         reason: error.to_string(),

@@ -24,8 +24,14 @@
 //!   they are forwarded (gossipsub's manual validation): size, decoding, signature, signer =
 //!   origin, value ranges, dedup against the store. Invalid records are rejected and count
 //!   against the sender's peer score.
-//! - **Anti-entropy** (`/metainf/sync/1`): on connecting and then periodically, peers exchange
-//!   version vectors and pull what they lack in bounded pages.
+//! - **Anti-entropy** (`/metainf/sync/2`): on connecting and then periodically, peers compare
+//!   version vectors by range digest (a few kilobytes a round whatever the network's size),
+//!   page through the buckets that differ, pull what they lack in bounded pages, and exchange
+//!   proofs of equivocation when their convicted sets differ.
+//! - **Evidence** (`metainf/evidence/1`): a proof that an origin signed two records under one
+//!   seq. A record that conflicts with a stored one is ignored, not rejected (the relay may be
+//!   honest); the proof is gossiped, every node deletes the origin's records, refuses its next
+//!   ones and [`Client::ban`]s it: no heartbeat, connection or job of it is accepted.
 //! - **Kademlia** (server mode): peer routing, bootstrap, provider records for served models.
 
 mod anti_entropy;
@@ -60,7 +66,10 @@ pub use event::{
 };
 pub use event_loop::EventLoop;
 pub use jobs::{DeltaAck, JobCall, JobDelta, JobReply};
-pub use sync::{MAX_PAGE, SyncRequest, SyncResponse};
+pub use sync::{
+    MAX_EVIDENCE_PAGE, MAX_PAGE, MAX_SUMMARY, SUMMARY_BUCKETS, SyncRequest, SyncResponse,
+    VersionEntry, bucket_digests, bucket_of, convicted_digest, summary_page,
+};
 
 use nat::{circuit_relay, last_peer_id};
 
@@ -68,6 +77,8 @@ use nat::{circuit_relay, last_peer_id};
 pub const RECORDS_TOPIC: &str = "metainf/records/1";
 /// Gossip topic of heartbeats.
 pub const HEARTBEATS_TOPIC: &str = "metainf/heartbeats/1";
+/// Gossip topic of proofs of equivocation.
+pub const EVIDENCE_TOPIC: &str = "metainf/evidence/1";
 /// Largest heartbeat accepted.
 pub const MAX_HEARTBEAT_BYTES: usize = 32 * 1024;
 /// Events waiting for the node before the loop sheds them (see [`event`]).
@@ -102,7 +113,8 @@ pub fn start(
     }
     let records = IdentTopic::new(RECORDS_TOPIC);
     let heartbeats = IdentTopic::new(HEARTBEATS_TOPIC);
-    for topic in [&records, &heartbeats] {
+    let evidence = IdentTopic::new(EVIDENCE_TOPIC);
+    for topic in [&records, &heartbeats, &evidence] {
         swarm
             .behaviour_mut()
             .gossipsub
@@ -156,13 +168,18 @@ pub fn start(
         self_tx: tx,
         records,
         heartbeats,
+        evidence,
+        banned: HashSet::new(),
         peers: HashMap::new(),
         connections: HashMap::new(),
         deferred_listens,
         pending_providers: HashMap::new(),
         pulls: HashMap::new(),
         pull_queue: VecDeque::new(),
-        pulling: HashSet::new(),
+        pulling: HashMap::new(),
+        sync_calls: HashMap::new(),
+        broken_promises: HashMap::new(),
+        distrusted: HashMap::new(),
         direct_addrs: HashMap::new(),
         direct_attempts: HashMap::new(),
         tasks: TaskTracker::new(),

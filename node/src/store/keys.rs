@@ -131,21 +131,39 @@ pub(crate) fn prefix_upper_bound(prefix: &[u8]) -> Option<Vec<u8>> {
     None
 }
 
-/// Value of the `origins` column family: highest contiguous seq and highest seq seen.
-pub(crate) fn encode_origin_state(contiguous: u64, max: u64) -> [u8; 16] {
-    let mut v = [0u8; 16];
+/// Value of the `origins` column family: highest contiguous seq, highest seq seen, and the
+/// chain hash of the contiguous records' ids.
+pub(crate) fn encode_origin_state(contiguous: u64, max: u64, chain: &[u8; 32]) -> [u8; 48] {
+    let mut v = [0u8; 48];
     v[..8].copy_from_slice(&contiguous.to_be_bytes());
-    v[8..].copy_from_slice(&max.to_be_bytes());
+    v[8..16].copy_from_slice(&max.to_be_bytes());
+    v[16..].copy_from_slice(chain);
     v
 }
 
-pub(crate) fn decode_origin_state(v: &[u8]) -> Option<(u64, u64)> {
-    if v.len() != 16 {
+/// (contiguous, max, chain); the chain is `None` in the 16-byte values of stores written before
+/// it existed (rebuilt when the store opens).
+pub(crate) fn decode_origin_state(v: &[u8]) -> Option<(u64, u64, Option<[u8; 32]>)> {
+    if v.len() != 16 && v.len() != 48 {
         return None;
     }
     let contiguous = u64::from_be_bytes(v[..8].try_into().ok()?);
-    let max = u64::from_be_bytes(v[8..].try_into().ok()?);
-    Some((contiguous, max))
+    let max = u64::from_be_bytes(v[8..16].try_into().ok()?);
+    let chain = if v.len() == 48 {
+        Some(v[16..].try_into().ok()?)
+    } else {
+        None
+    };
+    Some((contiguous, max, chain))
+}
+
+/// The chain hash after one more record: H(previous ‖ id). Two replicas with the same chain at
+/// the same seq hold the same records; any difference below means an equivocation.
+pub(crate) fn chain_next(previous: &[u8; 32], id: &RecordId) -> [u8; 32] {
+    let mut bytes = [0u8; 64];
+    bytes[..32].copy_from_slice(previous);
+    bytes[32..].copy_from_slice(id.as_bytes());
+    ContentId::of_bytes("metainf origin chain", &bytes).0
 }
 
 #[cfg(test)]
@@ -170,8 +188,8 @@ mod tests {
         assert_eq!(prefix_upper_bound(&[1, 255]), Some(vec![2]));
         assert_eq!(prefix_upper_bound(&[255, 255]), None);
         assert_eq!(
-            decode_origin_state(&encode_origin_state(3, 9)),
-            Some((3, 9))
+            decode_origin_state(&encode_origin_state(3, 9, &[5; 32])),
+            Some((3, 9, Some([5; 32])))
         );
     }
 

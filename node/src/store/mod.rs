@@ -11,7 +11,7 @@
 //! | `hardware` | hardware id | the encoded [`HardwareProfile`](metainf_protocol::HardwareProfile) |
 //! | `peers` | peer id | the encoded [`PeerEntry`] |
 //! | `jobs` | job id | an opaque value: the jobs module's encoded [`crate::jobs::JobEntry`] |
-//! | `meta` | name | schema version, the trained predictor, ... |
+//! | `meta` | name | schema version, the trained predictor, proofs of equivocation (`evidence/` ‖ origin), ... |
 //!
 //! Ids inside keys are truncated to 128 bits (see `keys::SHORT`).
 //!
@@ -28,10 +28,12 @@
 //! - `writer.rs`: the group-commit writer thread;
 //! - `origins.rs`: per-origin replication state, the version vector, hardware profiles;
 //! - `tables.rs`: the peers, jobs and meta tables;
+//! - `evidence.rs`: proofs of equivocation and the origins they convict;
 //! - `stats.rs`: counts over the whole store;
 //! - `keys.rs`, `error.rs`: key layouts and errors.
 
 mod error;
+mod evidence;
 mod keys;
 mod origins;
 mod records;
@@ -52,6 +54,7 @@ use serde::de::DeserializeOwned;
 use tracing::{debug, warn};
 
 pub use error::{Result, StoreError};
+pub use evidence::PutReport;
 pub use origins::OriginState;
 pub use records::{OriginPage, PutOutcome, RecordQuery, Scan};
 pub use stats::StoreStats;
@@ -217,6 +220,13 @@ impl Store {
                 SCHEMA_VERSION.to_be_bytes(),
                 &synced(),
             )?;
+        }
+        let upgraded = origins::upgrade_chains(&db)?;
+        if upgraded > 0 {
+            debug!(
+                origins = upgraded,
+                "gave the origins of an older store their chain hashes"
+            );
         }
         let db = Arc::new(db);
         let (tx, thread) = writer::spawn(Arc::clone(&db))?;

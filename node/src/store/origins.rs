@@ -4,9 +4,10 @@
 use std::collections::BTreeMap;
 
 use metainf_protocol::{ContentId, HardwareId, HardwareProfile, PeerId, codec};
+use rocksdb::{DB, Direction, IteratorMode, ReadOptions};
 use serde::{Deserialize, Serialize};
 
-use super::{CF_HARDWARE, CF_ORIGINS, Result, Store, corrupt, keys};
+use super::{CF_BY_ORIGIN, CF_HARDWARE, CF_ORIGINS, Result, Store, cf, corrupt, keys};
 
 /// Per-origin replication state.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -15,6 +16,58 @@ pub struct OriginState {
     pub contiguous: u64,
     /// Highest seq stored (above `contiguous` when there are gaps).
     pub max: u64,
+    /// Chain hash of the ids of records 1..=contiguous ([`keys::chain_next`]; zeros for none).
+    pub chain: [u8; 32],
+}
+
+/// An origin's replication state recomputed from its `by_origin` entries.
+pub(super) fn scan_origin_state(db: &DB, origin: &PeerId) -> Result<OriginState> {
+    let prefix = keys::origin_prefix(origin);
+    let mut opts = ReadOptions::default();
+    if let Some(upper) = keys::prefix_upper_bound(&prefix) {
+        opts.set_iterate_upper_bound(upper);
+    }
+    let mut state = OriginState::default();
+    let iter = db.iterator_cf_opt(
+        cf(db, CF_BY_ORIGIN),
+        opts,
+        IteratorMode::From(&prefix, Direction::Forward),
+    );
+    for item in iter {
+        let (key, value) = item?;
+        if let Some((_, seq)) = keys::parse_origin_seq_key(&key) {
+            if seq == state.contiguous + 1
+                && let Some((_, id)) = keys::parse_origin_value(&value)
+            {
+                state.contiguous = seq;
+                state.chain = keys::chain_next(&state.chain, &id);
+            }
+            state.max = state.max.max(seq);
+        }
+    }
+    Ok(state)
+}
+
+/// Gives every origin stored before chains existed its chain (once, when the store opens).
+pub(super) fn upgrade_chains(db: &DB) -> Result<usize> {
+    let mut old = Vec::new();
+    for item in db.iterator_cf(cf(db, CF_ORIGINS), IteratorMode::Start) {
+        let (key, value) = item?;
+        if value.len() == 16
+            && let Ok(origin) = PeerId::from_bytes(&key)
+        {
+            old.push(origin);
+        }
+    }
+    for origin in &old {
+        let s = scan_origin_state(db, origin)?;
+        db.put_cf(
+            cf(db, CF_ORIGINS),
+            origin.to_bytes(),
+            keys::encode_origin_state(s.contiguous, s.max, &s.chain),
+        )?;
+    }
+    Ok(old.len())
 }
 
 impl Store {
@@ -27,8 +80,16 @@ impl Store {
                 .ok()
                 .zip(keys::decode_origin_state(&value));
             match parsed {
-                Some((peer, (contiguous, max))) => {
-                    out.insert(peer, OriginState { contiguous, max });
+                Some((peer, (contiguous, max, chain))) => {
+                    let chain = chain.unwrap_or_default();
+                    out.insert(
+                        peer,
+                        OriginState {
+                            contiguous,
+                            max,
+                            chain,
+                        },
+                    );
                 }
                 None => {
                     corrupt(CF_ORIGINS, &key, "undecodable origin state");
@@ -44,7 +105,11 @@ impl Store {
             .db()
             .get_pinned_cf(self.cf(CF_ORIGINS), origin.to_bytes())?
             .and_then(|v| keys::decode_origin_state(&v))
-            .map(|(contiguous, max)| OriginState { contiguous, max })
+            .map(|(contiguous, max, chain)| OriginState {
+                contiguous,
+                max,
+                chain: chain.unwrap_or_default(),
+            })
             .unwrap_or_default())
     }
 
@@ -56,6 +121,16 @@ impl Store {
             .origin_states()?
             .into_iter()
             .map(|(peer, state)| (peer, state.contiguous))
+            .collect())
+    }
+
+    /// The version vector with each origin's chain hash, for anti-entropy: equal (seq, chain)
+    /// means equal records, a different chain at the same seq an equivocation somewhere below.
+    pub fn version_chains(&self) -> Result<BTreeMap<PeerId, (u64, ContentId)>> {
+        Ok(self
+            .origin_states()?
+            .into_iter()
+            .map(|(peer, state)| (peer, (state.contiguous, ContentId(state.chain))))
             .collect())
     }
 

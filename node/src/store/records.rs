@@ -27,6 +27,8 @@ pub enum PutOutcome {
         /// The record already stored under (origin, seq).
         existing: RecordId,
     },
+    /// The origin is convicted of equivocation: none of its records is accepted.
+    Convicted,
 }
 
 /// Selects records by any combination of cell ids.
@@ -87,7 +89,7 @@ impl Store {
         let writer = self.inner.writer.as_ref().ok_or(StoreError::ReadOnly)?;
         let (reply, answer) = sync_channel(1);
         writer
-            .send(WriteRequest { records, reply })
+            .send(WriteRequest::Records { records, reply })
             .map_err(|_| StoreError::Closed)?;
         answer.recv().map_err(|_| StoreError::Closed)?
     }

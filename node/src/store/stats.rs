@@ -28,6 +28,8 @@ pub struct StoreStats {
     pub cells: u64,
     /// Origins whose seq range has gaps.
     pub origins_with_gaps: u64,
+    /// Origins convicted of equivocation (their records are gone).
+    pub convicted: u64,
     /// Values that failed to decode.
     pub corrupt: u64,
     /// Peers known.
@@ -75,6 +77,7 @@ impl Store {
         let origins = self.origin_states()?;
         stats.origins = origins.len() as u64;
         stats.origins_with_gaps = origins.values().filter(|s| s.max > s.contiguous).count() as u64;
+        stats.convicted = self.convicted()?.len() as u64;
         stats.hardware = hardware.len() as u64;
         stats.models = models.len() as u64;
         stats.workloads = workloads.len() as u64;

@@ -72,6 +72,28 @@ impl Store {
         self.all_decoded(CF_PEERS)
     }
 
+    /// Forgets the peers last seen before `before_ms` (Unix milliseconds) and those whose
+    /// entries do not decode; returns how many were forgotten. The table is a cache of
+    /// heartbeats: without this, every identity ever heard of would stay in it for good.
+    pub fn prune_peers(&self, before_ms: u64) -> Result<usize> {
+        self.writable()?;
+        let mut batch = WriteBatch::default();
+        let mut forgotten = 0;
+        for item in self.prefix_iter(CF_PEERS, &[]) {
+            let (key, value) = item?;
+            let stale =
+                codec::decode::<PeerEntry>(&value).map_or(true, |e| e.last_seen_ms < before_ms);
+            if stale {
+                batch.delete_cf(self.cf(CF_PEERS), key);
+                forgotten += 1;
+            }
+        }
+        if forgotten > 0 {
+            self.db().write_opt(batch, &WriteOptions::default())?;
+        }
+        Ok(forgotten)
+    }
+
     /// Saves a job's state, in a synced write. The value is opaque to the store: the jobs
     /// module encodes and decodes it (see `crate::jobs::state`).
     pub fn put_job_raw(&self, id: &JobId, value: &[u8]) -> Result<()> {

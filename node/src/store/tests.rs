@@ -162,25 +162,18 @@ fn version_vector_counts_only_contiguous_seqs_and_pages_resume() {
         ])
         .unwrap();
     assert_eq!(store.version_vector().unwrap()[&origin], 2);
-    assert_eq!(
-        store.origin_state(&origin).unwrap(),
-        OriginState {
-            contiguous: 2,
-            max: 6
-        }
-    );
+    let state = store.origin_state(&origin).unwrap();
+    assert_eq!((state.contiguous, state.max), (2, 6));
+    // The chain covers records 1 and 2, in order.
+    let ids = [verified(&k, 1, 0).id(), verified(&k, 2, 1).id()];
+    let chain = keys::chain_next(&keys::chain_next(&[0; 32], &ids[0]), &ids[1]);
+    assert_eq!(state.chain, chain);
     let stranger = key(99).public().to_peer_id();
     assert_eq!(
         store.origin_state(&stranger).unwrap(),
         OriginState::default()
     );
-    assert_eq!(
-        store.origin_states().unwrap()[&origin],
-        OriginState {
-            contiguous: 2,
-            max: 6
-        }
-    );
+    assert_eq!(store.origin_states().unwrap()[&origin], state);
     store.put(vec![verified(&k, 3, 4)]).unwrap();
     assert_eq!(store.version_vector().unwrap()[&origin], 4);
     store.put(vec![verified(&k, 5, 5)]).unwrap();
@@ -399,6 +392,46 @@ fn a_corrupt_origin_state_is_rebuilt_and_still_catches_equivocation() {
     );
     store.put(vec![verified(&k, 6, 6)]).unwrap();
     assert_eq!(store.version_vector().unwrap()[&origin], 6);
+    // The rebuilt chain is the one a fresh store computes for the same records.
+    let (_d, fresh) = open();
+    fresh
+        .put((1..=6).map(|s| verified(&k, s, s)).collect())
+        .unwrap();
+    assert_eq!(
+        store.version_chains().unwrap()[&origin],
+        fresh.version_chains().unwrap()[&origin]
+    );
+}
+
+#[test]
+fn replicas_with_a_different_record_under_one_seq_have_different_chains() {
+    let (_a, a) = open();
+    let (_b, b) = open();
+    let k = key(8);
+    let origin = k.public().to_peer_id();
+    a.put((1..=5).map(|s| verified(&k, s, s)).collect())
+        .unwrap();
+    let mut other: Vec<_> = (1..=5).map(|s| verified(&k, s, s)).collect();
+    other[2] = verified(&k, 3, 99);
+    b.put(other).unwrap();
+    let (va, vb) = (a.version_chains().unwrap(), b.version_chains().unwrap());
+    assert_eq!(va[&origin].0, vb[&origin].0);
+    assert_ne!(va[&origin].1, vb[&origin].1);
+    // An old store's 16-byte states get their chains when it opens.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    {
+        let store = Store::open(&path).unwrap();
+        store
+            .put((1..=5).map(|s| verified(&k, s, s)).collect())
+            .unwrap();
+        let old = keys::encode_origin_state(5, 5, &[0; 32]);
+        store
+            .raw_put(CF_ORIGINS, &origin.to_bytes(), &old[..16])
+            .unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    assert_eq!(store.version_chains().unwrap()[&origin], va[&origin]);
 }
 
 #[test]
@@ -503,4 +536,57 @@ async fn async_small_table_writes_land() {
         .unwrap();
     store.delete_jobs_async(vec![JobId([1; 16])]).await.unwrap();
     assert!(store.jobs_raw().unwrap().is_empty());
+}
+
+#[test]
+fn a_conflict_convicts_its_origin_for_good_and_leaves_others_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    let (liar, honest) = (key(3), key(4));
+    let liar_id = liar.public().to_peer_id();
+    let expected_proof;
+    {
+        let store = Store::open(&path).unwrap();
+        let mine: Vec<_> = (1..=5).map(|s| verified(&liar, s, s)).collect();
+        store.put(mine).unwrap();
+        store
+            .put((1..=3).map(|s| verified(&honest, s, s)).collect())
+            .unwrap();
+        // The second version of seq 4 convicts the liar: proof kept, records gone.
+        let report = store
+            .put_convicting(vec![verified(&liar, 4, 9), verified(&honest, 4, 4)])
+            .unwrap();
+        assert_eq!(report.outcomes[1], PutOutcome::Stored);
+        assert!(matches!(report.outcomes[0], PutOutcome::Conflict { .. }));
+        assert_eq!(report.convicted.len(), 1);
+        assert_eq!(report.convicted[0].origin(), liar_id);
+        assert_eq!(report.convicted[0].seq(), 4);
+        expected_proof = report.convicted[0].to_unverified();
+        assert!(store.get_by_origin(&liar_id, 1).unwrap().is_none());
+        assert!(!store.version_vector().unwrap().contains_key(&liar_id));
+        let stats = store.stats().unwrap();
+        assert_eq!((stats.records, stats.convicted), (4, 1));
+        // Later records of the liar are refused, a second proof is no news.
+        assert_eq!(
+            store.put(vec![verified(&liar, 6, 6)]).unwrap(),
+            vec![PutOutcome::Convicted]
+        );
+        assert!(!store.convict(report.convicted[0].clone()).unwrap());
+    }
+    // Across a restart: still convicted, the same proof.
+    let store = Store::open(&path).unwrap();
+    assert_eq!(
+        store.put(vec![verified(&liar, 1, 1)]).unwrap(),
+        vec![PutOutcome::Convicted]
+    );
+    assert_eq!(store.convicted().unwrap(), [liar_id].into());
+    assert_eq!(store.evidence_of(&liar_id).unwrap(), Some(expected_proof));
+    assert_eq!(store.evidence().unwrap().len(), 1);
+    assert_eq!(
+        store.version_vector().unwrap()[&honest.public().to_peer_id()],
+        4
+    );
+    drop(store);
+    let ro = Store::open_read_only(&path).unwrap();
+    assert_eq!(ro.convicted().unwrap().len(), 1);
 }

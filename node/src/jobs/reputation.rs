@@ -1,0 +1,240 @@
+//! What this node saw of each host it sent jobs to, against what the host claimed: the
+//! gateway's own measurement of every attempt (its clock, end to end), whether it ended well,
+//! and how much slower it ran than the prediction built from the host's records and heartbeats.
+//!
+//! - **Correction:** a host's predictions are scaled by its observed slowdown (an exponentially
+//!   weighted mean of ln(observed / predicted), never below 1): a host that copied the fastest
+//!   profile or announces an empty queue it does not have is predicted as slow as it turns out
+//!   to be, after a job or two.
+//! - **Exclusion:** three failures in a row (errors, timeouts, results that do not match the
+//!   job) exclude a host for a minute, doubling with each further one up to an hour.
+//! - Kept in the store (`meta`), so a restart does not forgive; local opinion only: it is not
+//!   gossiped, and another node's view of a host never changes this one's.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use libp2p::PeerId;
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+use crate::clock::now_ms;
+use crate::store::Store;
+
+const META: &str = "reputation";
+/// Weight of the newest observation in the slowdown mean.
+const ALPHA: f64 = 0.3;
+/// Largest correction applied to a host's predictions.
+pub(crate) const MAX_SLOWDOWN: f64 = 100.0;
+/// Failures in a row that exclude a host.
+const FAILURES_TO_EXCLUDE: u32 = 3;
+const BASE_EXCLUSION_MS: u64 = 60_000;
+const MAX_EXCLUSION_MS: u64 = 3_600_000;
+/// Hosts remembered (the least recently used are forgotten beyond this).
+const MAX_HOSTS: usize = 4096;
+
+/// How an attempt on a host went wrong.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Failure {
+    /// It failed, timed out, vanished or answered with something that is not the job's result.
+    Error,
+}
+
+/// One host as this node saw it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HostRecord {
+    /// Attempts that ended (well or not).
+    pub attempts: u64,
+    /// Attempts that gave a result.
+    pub succeeded: u64,
+    /// Attempts that failed.
+    pub failed: u64,
+    /// Failures since the last success.
+    pub failures_in_a_row: u32,
+    /// Mean ln(observed / predicted time) of its successes, weighted to the recent ones.
+    pub slowdown_log: f64,
+    /// Until when it gets no jobs from this node, Unix ms (0 = none).
+    pub excluded_until_ms: u64,
+    /// Last time an attempt on it ended, Unix ms.
+    pub last_ms: u64,
+}
+
+impl HostRecord {
+    /// The factor its predictions are multiplied by (≥ 1).
+    pub fn slowdown(&self) -> f64 {
+        self.slowdown_log.max(0.0).exp().min(MAX_SLOWDOWN)
+    }
+
+    /// A score in (0, 1]: the share of attempts that went well (with a prior of one of each),
+    /// divided by the slowdown.
+    pub fn score(&self) -> f64 {
+        let ok = (self.succeeded as f64 + 1.0) / (self.attempts as f64 + 2.0);
+        ok / self.slowdown()
+    }
+
+    /// Whether it is excluded at `now_ms`.
+    pub fn excluded(&self, now_ms: u64) -> bool {
+        self.excluded_until_ms > now_ms
+    }
+}
+
+/// Every host's record, kept in memory and in the store.
+pub(crate) struct Reputation {
+    hosts: Mutex<HashMap<PeerId, HostRecord>>,
+}
+
+impl Reputation {
+    /// Loads what a previous run saw (nothing, if unreadable).
+    pub(crate) fn load(store: &Store) -> Self {
+        let hosts = match store.meta(META) {
+            Ok(Some(bytes)) => match serde_json::from_slice::<Vec<(String, HostRecord)>>(&bytes) {
+                Ok(list) => list
+                    .into_iter()
+                    .filter_map(|(p, r)| Some((p.parse().ok()?, r)))
+                    .collect(),
+                Err(e) => {
+                    warn!(error = %e, "the saved reputations are unreadable; starting afresh");
+                    HashMap::new()
+                }
+            },
+            Ok(None) => HashMap::new(),
+            Err(e) => {
+                warn!(error = %e, "cannot read the saved reputations");
+                HashMap::new()
+            }
+        };
+        Self {
+            hosts: Mutex::new(hosts),
+        }
+    }
+
+    /// The record of `peer`, if this node sent it anything.
+    pub(crate) fn get(&self, peer: &PeerId) -> Option<HostRecord> {
+        self.hosts.lock().ok()?.get(peer).cloned()
+    }
+
+    /// Every host's record.
+    pub(crate) fn all(&self) -> HashMap<PeerId, HostRecord> {
+        self.hosts.lock().map(|h| h.clone()).unwrap_or_default()
+    }
+
+    /// An attempt on `peer` gave a result after `observed_s` (this node's clock) where
+    /// `predicted_s` was expected. Returns the bytes to save.
+    pub(crate) fn succeeded(&self, peer: PeerId, observed_s: f64, predicted_s: f64) -> Vec<u8> {
+        self.update(peer, |r| {
+            r.succeeded += 1;
+            r.failures_in_a_row = 0;
+            if observed_s.is_finite() && predicted_s.is_finite() && predicted_s > 0.0 {
+                let log = (observed_s.max(1e-6) / predicted_s).ln().clamp(-10.0, 10.0);
+                r.slowdown_log = if r.succeeded == 1 {
+                    log
+                } else {
+                    (1.0 - ALPHA) * r.slowdown_log + ALPHA * log
+                };
+            }
+        })
+    }
+
+    /// An attempt on `peer` failed. Returns the bytes to save.
+    pub(crate) fn failed(&self, peer: PeerId, failure: Failure) -> Vec<u8> {
+        self.update(peer, |r| {
+            r.failed += 1;
+            r.failures_in_a_row = r.failures_in_a_row.saturating_add(1);
+            let now = now_ms();
+            let exclusion = match failure {
+                Failure::Error if r.failures_in_a_row >= FAILURES_TO_EXCLUDE => {
+                    let doublings = (r.failures_in_a_row - FAILURES_TO_EXCLUDE).min(6);
+                    Some((BASE_EXCLUSION_MS << doublings).min(MAX_EXCLUSION_MS))
+                }
+                Failure::Error => None,
+            };
+            if let Some(ms) = exclusion {
+                r.excluded_until_ms = r.excluded_until_ms.max(now.saturating_add(ms));
+                warn!(host = %peer, minutes = ms / 60_000, ?failure, "host excluded from routing");
+            }
+        })
+    }
+
+    fn update(&self, peer: PeerId, change: impl FnOnce(&mut HostRecord)) -> Vec<u8> {
+        let Ok(mut hosts) = self.hosts.lock() else {
+            return Vec::new();
+        };
+        let r = hosts.entry(peer).or_default();
+        r.attempts += 1;
+        r.last_ms = now_ms();
+        change(r);
+        if hosts.len() > MAX_HOSTS {
+            let oldest = hosts.iter().min_by_key(|(_, r)| r.last_ms).map(|(p, _)| *p);
+            if let Some(p) = oldest {
+                hosts.remove(&p);
+            }
+        }
+        let list: Vec<(String, &HostRecord)> =
+            hosts.iter().map(|(p, r)| (p.to_string(), r)).collect();
+        serde_json::to_vec(&list).unwrap_or_default()
+    }
+
+    /// Saves what [`Reputation::succeeded`] or [`Reputation::failed`] returned.
+    pub(crate) async fn save(store: &Store, bytes: Vec<u8>) {
+        if bytes.is_empty() {
+            return;
+        }
+        if let Err(e) = store.put_meta_async(META.to_owned(), bytes).await {
+            warn!(error = %e, "cannot save the reputations");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_host_slower_than_it_claims_is_corrected_and_a_failing_one_excluded() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("store")).unwrap();
+        let rep = Reputation::load(&store);
+        let (liar, flaky, good) = (PeerId::random(), PeerId::random(), PeerId::random());
+        // The liar's records promise 1 s; it takes 8.
+        for _ in 0..3 {
+            rep.succeeded(liar, 8.0, 1.0);
+            rep.succeeded(good, 1.1, 1.0);
+        }
+        let (l, g) = (rep.get(&liar).unwrap(), rep.get(&good).unwrap());
+        assert!((l.slowdown() - 8.0).abs() < 1e-9);
+        assert!((g.slowdown() - 1.1).abs() < 1e-9);
+        assert!(l.score() < g.score());
+        // Faster than predicted earns nothing (the predictor learns that from records).
+        let fast = PeerId::random();
+        rep.succeeded(fast, 0.1, 1.0);
+        assert_eq!(rep.get(&fast).unwrap().slowdown(), 1.0);
+        // Two failures are bad luck; three in a row exclude, a success forgives.
+        let now = now_ms();
+        rep.failed(flaky, Failure::Error);
+        rep.failed(flaky, Failure::Error);
+        assert!(!rep.get(&flaky).unwrap().excluded(now));
+        rep.failed(flaky, Failure::Error);
+        assert!(rep.get(&flaky).unwrap().excluded(now));
+        rep.succeeded(flaky, 1.0, 1.0);
+        assert_eq!(rep.get(&flaky).unwrap().failures_in_a_row, 0);
+        // Each further failure in a row doubles the exclusion, up to an hour.
+        let dead = PeerId::random();
+        let mut saved = Vec::new();
+        for _ in 0..20 {
+            saved = rep.failed(dead, Failure::Error);
+        }
+        let d = rep.get(&dead).unwrap();
+        assert!(d.excluded(now + 59 * 60_000) && !d.excluded(now + 61 * 60_000));
+        // Kept across a restart.
+        store.put_meta(META, &saved).unwrap();
+        let again = Reputation::load(&store);
+        assert_eq!(again.get(&dead), Some(d));
+        assert_eq!(again.get(&liar), Some(l));
+        // Untrusted numbers neither overflow nor poison the mean.
+        let odd = PeerId::random();
+        rep.succeeded(odd, f64::NAN, 1.0);
+        rep.succeeded(odd, 1e300, 1e-300);
+        assert!(rep.get(&odd).unwrap().slowdown() <= MAX_SLOWDOWN);
+    }
+}
