@@ -212,6 +212,29 @@ fn a_later_job_reuses_the_prefix_an_earlier_job_left() {
         server.load().kv_blocks_cached > 0,
         "the cache outlives its jobs"
     );
+    // The same prompt again: below block granularity, every token but the last comes from
+    // the cache (the rows of the block the first turn's prompt ended inside are copied), and
+    // the tokens are those it gets alone.
+    let (_h, rx) = submit(&server, vec![second.clone()], policy("cb+pc"));
+    let (_, outcome) = wait(&rx, 1);
+    let outcome = outcome.unwrap();
+    assert_eq!(outcome.report.completions[0].tokens, alone(&second));
+    assert_eq!(
+        outcome.co_load.cached_prompt_tokens as usize,
+        second.prompt.len() - 1,
+        "a prompt seen before is computed from its last token only"
+    );
+    // A prompt that shares the first turn's prompt and then diverges inside a block reuses
+    // exactly the shared rows.
+    let mut fork = first.clone();
+    let cut = fork.prompt.len() - 3;
+    fork.prompt.truncate(cut);
+    fork.prompt.extend_from_slice(&[13, 13, 13, 13, 13]);
+    let (_h, rx) = submit(&server, vec![fork.clone()], policy("cb+pc"));
+    let (_, outcome) = wait(&rx, 1);
+    let outcome = outcome.unwrap();
+    assert_eq!(outcome.report.completions[0].tokens, alone(&fork));
+    assert_eq!(outcome.co_load.cached_prompt_tokens as usize, cut);
     drop(server);
     thread.join().unwrap();
 }

@@ -4,6 +4,13 @@
 //! A block is free, in use by one or more sequences (reference counted), or cached: its
 //! sequences are gone but its contents are still valid for the prefix it was computed from.
 //! Cached blocks are evicted least-recently-used first, only when no free block is left.
+//!
+//! Below block granularity: every cached block is also findable by each prefix of its tokens
+//! (keyed by the hash of the blocks before it and those tokens), and a sequence that ends inside
+//! a block leaves that block cached too. A new sequence whose prompt continues past its last
+//! matching full block copies the matching rows of such a block into a block of its own, so a
+//! prompt seen before is recomputed from its last token only (as llama.cpp's per-slot prompt
+//! cache and SGLang's radix cache reuse token-level prefixes), not from its last block boundary.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -15,7 +22,17 @@ pub(crate) type BlockHash = [u8; 16];
 
 /// Chains a block's tokens onto its predecessor's hash.
 pub(crate) fn chain_hash(parent: Option<&BlockHash>, tokens: &[u32]) -> BlockHash {
-    let mut hasher = blake3::Hasher::new_derive_key("metainf kv prefix block v1");
+    keyed_hash("metainf kv prefix block v1", parent, tokens)
+}
+
+/// The key of the first `tokens.len()` rows of a block after `parent` (another key space than
+/// [`chain_hash`]'s full blocks).
+pub(crate) fn partial_hash(parent: Option<&BlockHash>, tokens: &[u32]) -> BlockHash {
+    keyed_hash("metainf kv partial block v1", parent, tokens)
+}
+
+fn keyed_hash(context: &str, parent: Option<&BlockHash>, tokens: &[u32]) -> BlockHash {
+    let mut hasher = blake3::Hasher::new_derive_key(context);
     hasher.update(parent.map_or(&[0u8; 16][..], |p| &p[..]));
     for t in tokens {
         hasher.update(&t.to_le_bytes());
@@ -50,6 +67,10 @@ pub(crate) struct KvPool {
     refs: Vec<u32>,
     hash_of: Vec<Option<BlockHash>>,
     cached: HashMap<BlockHash, u32>,
+    /// Prefix key → (cached block, rows).
+    partials: HashMap<BlockHash, (u32, usize)>,
+    /// The prefix keys each block holds, to drop them when it is evicted.
+    partial_keys: Vec<Vec<BlockHash>>,
     /// Evictable blocks (cached, no reference) by last use.
     lru: BTreeMap<u64, u32>,
     last_use: Vec<u64>,
@@ -91,6 +112,8 @@ impl KvPool {
             refs: vec![0; blocks],
             hash_of: vec![None; blocks],
             cached: HashMap::new(),
+            partials: HashMap::new(),
+            partial_keys: vec![Vec::new(); blocks],
             lru: BTreeMap::new(),
             last_use: vec![0; blocks],
             free: (0..blocks as u32).rev().collect(),
@@ -177,6 +200,11 @@ impl KvPool {
                 if let Some(h) = self.hash_of[b as usize].take() {
                     self.cached.remove(&h);
                 }
+                for key in std::mem::take(&mut self.partial_keys[b as usize]) {
+                    if self.partials.get(&key).is_some_and(|e| e.0 == b) {
+                        self.partials.remove(&key);
+                    }
+                }
                 self.stats.evictions += 1;
                 b
             }
@@ -217,12 +245,83 @@ impl KvPool {
     }
 
     /// Publishes a full block under its prefix hash (first writer wins).
-    pub(crate) fn register(&mut self, block: u32, hash: BlockHash) {
+    /// Caches a full block under `hash`, and makes each of its shorter prefixes findable.
+    pub(crate) fn register(
+        &mut self,
+        block: u32,
+        hash: BlockHash,
+        parent: Option<&BlockHash>,
+        tokens: &[u32],
+    ) {
         if self.hash_of[block as usize].is_some() || self.cached.contains_key(&hash) {
             return;
         }
         self.cached.insert(hash, block);
         self.hash_of[block as usize] = Some(hash);
+        self.register_prefixes(block, parent, tokens);
+    }
+
+    /// Keeps a block whose sequence ended inside it (its first `tokens.len()` rows valid) as a
+    /// cached block, findable by each prefix of those rows.
+    pub(crate) fn keep_partial(&mut self, block: u32, parent: Option<&BlockHash>, tokens: &[u32]) {
+        let hash = partial_hash(parent, tokens);
+        if tokens.is_empty()
+            || tokens.len() >= self.block_size
+            || self.hash_of[block as usize].is_some()
+            || self.cached.contains_key(&hash)
+        {
+            return;
+        }
+        self.cached.insert(hash, block);
+        self.hash_of[block as usize] = Some(hash);
+        self.register_prefixes(block, parent, tokens);
+    }
+
+    fn register_prefixes(&mut self, block: u32, parent: Option<&BlockHash>, tokens: &[u32]) {
+        let rows = tokens.len().min(self.block_size.saturating_sub(1));
+        for k in 1..=rows {
+            let key = partial_hash(parent, &tokens[..k]);
+            if let std::collections::hash_map::Entry::Vacant(e) = self.partials.entry(key) {
+                e.insert((block, k));
+                self.partial_keys[block as usize].push(key);
+            }
+        }
+    }
+
+    /// The cached block holding the longest prefix of `tokens` after `parent`, and how many
+    /// rows of it match; the block is held (release it once its rows are copied).
+    pub(crate) fn longest_prefix(
+        &mut self,
+        parent: Option<&BlockHash>,
+        tokens: &[u32],
+    ) -> Option<(u32, usize)> {
+        let rows = tokens.len().min(self.block_size.saturating_sub(1));
+        let (block, k) = (1..=rows).rev().find_map(|k| {
+            self.partials
+                .get(&partial_hash(parent, &tokens[..k]))
+                .copied()
+        })?;
+        let b = block as usize;
+        if self.refs[b] == 0 {
+            self.lru.remove(&self.last_use[b]);
+        }
+        self.refs[b] += 1;
+        Some((block, k))
+    }
+
+    /// Copies the first `rows` rows of every layer and head of `src` into `dst`.
+    pub(crate) fn copy_rows(&mut self, src: u32, dst: u32, rows: usize) {
+        let n = rows.min(self.block_size) * self.head_dim;
+        for layer in 0..self.layers {
+            for head in 0..self.kv_heads {
+                let (s, d) = (
+                    self.offset(layer, src, head, 0),
+                    self.offset(layer, dst, head, 0),
+                );
+                self.keys.copy_within(s..s + n, d);
+                self.values.copy_within(s..s + n, d);
+            }
+        }
     }
 }
 
@@ -249,9 +348,9 @@ mod tests {
         );
         let a = p.allocate().unwrap();
         p.write(0, a, 0, &[1.0, 2.0], &[3.0, 4.0]);
-        p.register(a, h1);
+        p.register(a, h1, None, &[1, 2, 3, 4]);
         let b = p.allocate().unwrap();
-        p.register(b, h2);
+        p.register(b, h2, Some(&h1), &[5, 6, 7, 8]);
         p.release(a);
         p.release(b);
         assert_eq!(p.available(), 3);
@@ -275,6 +374,41 @@ mod tests {
             "a cached block is evicted when nothing is free"
         );
         assert_eq!(p.lookup(&h1), None);
+    }
+
+    #[test]
+    fn prefixes_inside_a_block_are_found_copied_and_forgotten_with_it() {
+        let mut p = pool(2);
+        let h1 = chain_hash(None, &[1, 2, 3, 4]);
+        let a = p.allocate().unwrap();
+        for slot in 0..4 {
+            let v = slot as f32;
+            p.write(0, a, slot, &[v, v], &[-v, -v]);
+        }
+        p.register(a, h1, None, &[1, 2, 3, 4]);
+        p.release(a);
+        // Rows 0..3 of `a` continue a prompt [1, 2, 3, 9]: three rows match, none past a
+        // difference, and the full block itself is not a "prefix".
+        assert_eq!(p.longest_prefix(None, &[1, 2, 3]), Some((a, 3)));
+        assert_eq!(p.longest_prefix(None, &[1, 2, 9]), Some((a, 2)));
+        assert_eq!(p.longest_prefix(None, &[7]), None);
+        assert_eq!(p.longest_prefix(Some(&h1), &[1]), None, "another parent");
+        let b = p.allocate().unwrap();
+        p.copy_rows(a, b, 3);
+        assert_eq!(p.key(0, b, 0, 2), &[2.0, 2.0]);
+        // The two finds above each held `a`.
+        p.release(a);
+        p.release(a);
+        // A sequence that ended inside `b` (rows [1, 2, 3]) leaves it cached and findable.
+        p.keep_partial(b, None, &[1, 2, 3]);
+        p.release(b);
+        assert_eq!(p.evictable_blocks(), 2);
+        // Evicting both forgets every prefix key they held.
+        let (x, y) = (p.allocate().unwrap(), p.allocate().unwrap());
+        assert!(p.longest_prefix(None, &[1, 2, 3]).is_none());
+        assert!(p.partials.is_empty(), "{:?}", p.partials);
+        p.release(x);
+        p.release(y);
     }
 
     #[test]

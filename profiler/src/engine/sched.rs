@@ -197,6 +197,8 @@ pub(crate) struct Scheduler {
     running: Vec<Seq>,
     reserved: usize,
     steps: u64,
+    /// Tokens the last step computed.
+    last_step_tokens: usize,
     scratch: SampleScratch,
 }
 
@@ -219,6 +221,7 @@ impl Scheduler {
             running: Vec::new(),
             reserved: 0,
             steps: 0,
+            last_step_tokens: 0,
             scratch: SampleScratch::default(),
         })
     }
@@ -233,6 +236,11 @@ impl Scheduler {
 
     pub(crate) fn steps(&self) -> u64 {
         self.steps
+    }
+
+    /// Tokens the last step computed (decodes and prefill).
+    pub(crate) fn last_step_tokens(&self) -> usize {
+        self.last_step_tokens
     }
 
     pub(crate) fn running(&self) -> usize {
@@ -396,12 +404,38 @@ impl Scheduler {
                     }
                 }
             }
-            let need = self.blocks_for(&w.req).saturating_sub(table.len());
+            // Past the last matching full block, the rows of a cached block that continue the
+            // prompt (a prompt seen before is then computed from its last token only).
+            let mut partial = None;
+            if policy.prefix_caching {
+                let start = table.len() * bs;
+                // At least the last prompt token is computed; at most a block's rows less one.
+                let end = (w.req.prompt.len() - 1).min(start + bs - 1);
+                if end > start {
+                    let parent = table.len().checked_sub(1).map(|i| &prompt_hashes[i]);
+                    partial = self.pool.longest_prefix(parent, &w.req.prompt[start..end]);
+                }
+            }
+            let mut need = self.blocks_for(&w.req).saturating_sub(table.len());
             if self.pool.available() < self.reserved + need {
                 for b in table {
                     self.pool.release(b);
                 }
+                if let Some((src, _)) = partial {
+                    self.pool.release(src);
+                }
                 break;
+            }
+            let full_blocks = table.len();
+            let mut copied = 0;
+            if let Some((src, rows)) = partial {
+                if let Some(dst) = self.pool.allocate() {
+                    self.pool.copy_rows(src, dst, rows);
+                    table.push(dst);
+                    need = need.saturating_sub(1);
+                    copied = rows;
+                }
+                self.pool.release(src);
             }
             let Some(w) = self.waiting.remove(i) else {
                 break;
@@ -414,13 +448,13 @@ impl Scheduler {
             if !policy.continuous_batching {
                 slot.wave_left = slot.wave_left.saturating_sub(1);
             }
-            let hits = table.len() as u64;
+            let hits = full_blocks as u64;
             slot.kv.hits += hits;
-            if policy.prefix_caching && table.len() < prompt_hashes.len() {
+            if policy.prefix_caching && full_blocks < prompt_hashes.len() {
                 slot.kv.misses += 1;
             }
             self.reserved += need;
-            let computed = table.len() * bs;
+            let computed = full_blocks * bs + copied;
             slot.cached_prompt_tokens += computed as u64;
             let seed = w.req.sampling.seed;
             self.running.push(Seq {
@@ -428,7 +462,7 @@ impl Scheduler {
                 index: w.index,
                 tokens: w.req.prompt.clone(),
                 computed,
-                hashes: prompt_hashes[..table.len()].to_vec(),
+                hashes: prompt_hashes[..full_blocks].to_vec(),
                 table,
                 prompt_hashes,
                 reserved: need,
@@ -555,6 +589,7 @@ impl Scheduler {
         let tables: Vec<&[u32]> = self.running.iter().map(|s| s.table.as_slice()).collect();
         let logits = model.forward(&tokens, &tables, &mut self.pool)?;
         self.steps += 1;
+        self.last_step_tokens = tokens.len();
         let mut logits = logits.into_iter();
         let mut events = Vec::new();
         let mut finished = Vec::new();
@@ -564,8 +599,9 @@ impl Scheduler {
             if s.caching {
                 while s.hashes.len() < s.computed / bs {
                     let b = s.hashes.len();
-                    let h = chain_hash(s.hashes.last(), &s.tokens[b * bs..(b + 1) * bs]);
-                    self.pool.register(s.table[b], h);
+                    let block = &s.tokens[b * bs..(b + 1) * bs];
+                    let h = chain_hash(s.hashes.last(), block);
+                    self.pool.register(s.table[b], h, s.hashes.last(), block);
                     s.hashes.push(h);
                 }
             }
@@ -609,6 +645,17 @@ impl Scheduler {
     /// Removes running sequence `i`, releasing its blocks (cached ones stay for reuse).
     fn retire(&mut self, i: usize, finish: FinishReason) -> Completion {
         let s = self.running.remove(i);
+        // The block it ended inside stays cached for the prompts that continue its rows.
+        let bs = self.cfg.block_size;
+        let last = s.computed / bs;
+        if s.caching
+            && !s.computed.is_multiple_of(bs)
+            && s.hashes.len() == last
+            && let Some(&block) = s.table.get(last)
+        {
+            self.pool
+                .keep_partial(block, s.hashes.last(), &s.tokens[last * bs..s.computed]);
+        }
         for &b in &s.table {
             self.pool.release(b);
         }

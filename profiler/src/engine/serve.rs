@@ -357,7 +357,15 @@ impl Worker {
                 Ok(events) => self.deliver(events),
                 Err(e) => self.fail_all(&e),
             }
-            self.publish(Some(started.elapsed().as_secs_f64()));
+            let took = started.elapsed();
+            tracing::trace!(
+                tokens = self.scheduler.last_step_tokens(),
+                running = self.scheduler.running(),
+                waiting = self.scheduler.waiting(),
+                us = took.as_micros() as u64,
+                "step"
+            );
+            self.publish(Some(took.as_secs_f64()));
         }
         debug!("serving engine stopped");
     }
