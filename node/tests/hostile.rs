@@ -285,15 +285,32 @@ async fn a_hanging_host_is_excluded_and_a_flooding_peer_gets_only_its_share() {
         }
     }
     assert!(done >= 1 && busy >= 8, "done {done}, busy {busy}");
-    // A call larger than the peers' share is refused outright.
+    // A call larger than the peers' whole share runs alone: told busy while another peer job
+    // runs here, taken once the host holds none.
+    let running = {
+        let client = hostile.client.clone();
+        let host = gateway.peer;
+        tokio::spawn(async move { client.call_job(host, job_call(2), None).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
     match hostile
         .client
         .call_job(gateway.peer, job_call(5), None)
         .await
         .unwrap()
     {
-        JobReply::Rejected(reason) => assert!(reason.contains("prompts"), "{reason}"),
-        other => panic!("expected a refusal, got {other:?}"),
+        JobReply::Busy { .. } => {}
+        other => panic!("expected busy, got {other:?}"),
+    }
+    assert!(matches!(running.await.unwrap().unwrap(), JobReply::Done(_)));
+    match hostile
+        .client
+        .call_job(gateway.peer, job_call(5), None)
+        .await
+        .unwrap()
+    {
+        JobReply::Done(result) => assert_eq!(result.completions.len(), 5),
+        other => panic!("expected it to run alone, got {other:?}"),
     }
     hostile.stop().await;
     gateway.stop().await;

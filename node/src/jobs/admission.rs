@@ -5,7 +5,8 @@
 //!   default) from every connected peer that is not banned.
 //! - Peers together hold at most `peer_sequences` sequences (prompts) of this host at once
 //!   (default: half the engine's queue), so a flood of peer jobs never fills what local clients
-//!   need. A job with more prompts than that is refused outright.
+//!   need. A job with more prompts than that runs only when no other peer job is held here (one
+//!   such job at a time), else it is told busy.
 //! - Among the peers with jobs here, each may add a job while it holds less than an equal share;
 //!   a peer with nothing running may always start one job that fits. One free-rider cannot
 //!   starve the others: it is answered busy and its gateway tries elsewhere.
@@ -93,13 +94,20 @@ impl Admission {
             ));
         }
         let n = u32::try_from(sequences).unwrap_or(u32::MAX);
-        if n > self.capacity {
-            return Err(Refusal::Never(format!(
-                "{sequences} prompts are more than this host takes from peers at once ({})",
-                self.capacity
-            )));
-        }
         let mut held = self.held.lock().map_err(|_| Refusal::Busy)?;
+        // Larger than the peers' whole share: alone, or not now.
+        if n > self.capacity {
+            if held.total > 0 {
+                return Err(Refusal::Busy);
+            }
+            held.total = n;
+            held.by_peer.insert(peer, n);
+            return Ok(Ticket {
+                peer,
+                sequences: n,
+                held: Arc::clone(&self.held),
+            });
+        }
         let mine = held.by_peer.get(&peer).copied().unwrap_or(0);
         let peers = held.by_peer.len() as u32 + u32::from(mine == 0);
         let share = (self.capacity / peers.max(1)).max(1);
@@ -145,14 +153,15 @@ mod tests {
         let second = admission.admit(other, 2).unwrap();
         assert_eq!(admission.admit(other, 1).unwrap_err(), Refusal::Busy);
         drop((first, second, tickets));
-        // Everything released: a whole-capacity job fits again, a larger one never will.
+        // Everything released: a whole-capacity job fits again; a larger one runs only alone,
+        // and holds everything while it runs.
         let all = admission.admit(other, 8).unwrap();
+        assert_eq!(admission.admit(greedy, 9).unwrap_err(), Refusal::Busy);
         drop(all);
-        assert!(matches!(admission.admit(other, 9), Err(Refusal::Never(_))));
-        assert!(matches!(
-            admission.admit(other, usize::MAX),
-            Err(Refusal::Never(_))
-        ));
+        let huge = admission.admit(greedy, usize::MAX).unwrap();
+        assert_eq!(admission.admit(other, 1).unwrap_err(), Refusal::Busy);
+        drop(huge);
+        assert!(admission.admit(other, 1).is_ok());
     }
 
     #[test]
