@@ -5,19 +5,24 @@
 //!   (p50/p99 over R records, default 100);
 //! - traffic: bytes sent on the loopback interface per record per node (TCP/IP included), with
 //!   the idle traffic (heartbeats, gossip control) measured first and subtracted;
-//! - catch-up: a new node joins a node holding C records (default 100,000) and pulls them all.
+//! - catch-up: a new node joins a node holding C records (default 100,000) and pulls them all;
+//! - flood: one peer gossips valid records of many origins (1,000 identities) and heartbeats to
+//!   a node at 2,000, 5,000 and 10,000 messages a second; the node's loop is asked a command
+//!   every 5 ms meanwhile (round-trip p50/p99/max), and the records stored by the end of the
+//!   flood and after it are counted.
 //!
-//! Run: `cargo bench --profile dev -p metainf-node --bench network`
-//! (`METAINF_BENCH_NODES`, `METAINF_BENCH_RECORDS`, `METAINF_BENCH_CATCHUP` override the sizes).
+//! Run: `cargo bench --profile dev --workspace --bench network`
+//! (`METAINF_BENCH_NODES`, `METAINF_BENCH_RECORDS`, `METAINF_BENCH_CATCHUP` override the sizes;
+//! `METAINF_BENCH_ONLY=flood` runs only the flood).
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::{Duration, Instant};
 
-use metainf_node::net::{self, Client, NetworkConfig};
+use metainf_node::net::{self, Client, NetworkConfig, Topic};
 use metainf_node::replica::{Replica, route_events};
 use metainf_node::store::Store;
-use metainf_protocol::{Keypair, VerifiedRecord, fixtures};
+use metainf_protocol::{Heartbeat, Keypair, VerifiedRecord, codec, fixtures};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -236,6 +241,103 @@ async fn catch_up(count: usize) {
     tokio::time::sleep(Duration::from_millis(500)).await;
 }
 
+/// One peer floods `target` with `rate` messages a second for `seconds`: records of `origins`
+/// identities, and one heartbeat in every 20 messages.
+async fn flood(rate: usize, origins: u64, seconds: u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let token = CancellationToken::new();
+    let target = start(&dir.path().join("target"), vec![], &token).await;
+    let flooder = start(
+        &dir.path().join("flooder"),
+        vec![target.addr.clone()],
+        &token,
+    )
+    .await;
+    let total = rate as u64 * seconds;
+    let records = make_records(total.div_ceil(origins), origins);
+    let wires: Vec<Vec<u8>> = records
+        .iter()
+        .map(|r| r.signed().to_wire().unwrap())
+        .collect();
+    // Wait for the mesh.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let first = records[0].clone();
+    while target
+        .store
+        .get_by_origin(&first.origin(), first.seq())
+        .unwrap()
+        .is_none()
+    {
+        let _ = flooder.client.publish_bytes(wires[0].clone()).await;
+        assert!(Instant::now() < deadline, "no mesh");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let me = flooder.client.peer_id();
+    let sender = flooder.client.clone();
+    let per_tick = rate / 100;
+    let wires_sent = wires.clone();
+    let flood = tokio::spawn(async move {
+        let start = Instant::now();
+        let (mut sent, mut records_sent) = (0usize, 1u64);
+        for (tick, chunk) in wires_sent[1..].chunks(per_tick.max(1)).enumerate() {
+            for (i, w) in chunk.iter().enumerate() {
+                if i % 20 == 19 {
+                    let beat = Heartbeat {
+                        peer: me,
+                        sent_at_ms: metainf_node::clock::now_ms() + sent as u64,
+                        queue_depth: 0,
+                        running_jobs: 0,
+                        queue_capacity: 4,
+                        models: vec![fixtures::smollm2()],
+                        price_per_hour: 0.1,
+                        free_memory_bytes: 1 << 30,
+                        hardware: fixtures::cpu_hardware(1).id().unwrap(),
+                        profile: Some(fixtures::cpu_hardware(1)),
+                        records_seq: 0,
+                        load: None,
+                    };
+                    let _ = sender
+                        .publish_raw(Topic::Heartbeats, codec::encode(&beat).unwrap())
+                        .await;
+                } else {
+                    let _ = sender.publish_bytes(w.clone()).await;
+                    records_sent += 1;
+                }
+                sent += 1;
+            }
+            let next = start + Duration::from_millis(10 * (tick as u64 + 1));
+            tokio::time::sleep_until(next.into()).await;
+        }
+        (sent, records_sent, start.elapsed())
+    });
+    let mut latencies = Vec::new();
+    while !flood.is_finished() {
+        let t0 = Instant::now();
+        target.client.listen_addrs().await.unwrap();
+        latencies.push(t0.elapsed());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (sent, expected, took) = flood.await.unwrap();
+    let stored = |store: &Store| -> u64 { store.stats().unwrap().records };
+    let during = stored(&target.store);
+    let settle = Instant::now();
+    while stored(&target.store) < expected && settle.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    latencies.sort();
+    println!(
+        "flood {rate}/s ({origins} origins, {sent} messages in {:.1} s): loop round trip p50 {:?} p99 {:?} max {:?} ({} samples); records stored {during} by the end, {} of {expected} after {:.1} s more",
+        took.as_secs_f64(),
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99),
+        latencies.last().copied().unwrap_or_default(),
+        latencies.len(),
+        stored(&target.store),
+        settle.elapsed().as_secs_f64()
+    );
+    token.cancel();
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; a filter argument is not supported.
     let n = env("METAINF_BENCH_NODES", 50);
@@ -246,8 +348,16 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    let only = std::env::var("METAINF_BENCH_ONLY").unwrap_or_default();
     runtime.block_on(async {
-        propagation(n, records).await;
-        catch_up(catchup).await;
+        if only.is_empty() {
+            propagation(n, records).await;
+            catch_up(catchup).await;
+        }
+        if only.is_empty() || only == "flood" {
+            for rate in [2_000, 5_000, 10_000] {
+                flood(rate, 1_000, 3).await;
+            }
+        }
     });
 }
