@@ -40,6 +40,8 @@ const RECORD_BATCH: usize = 1024;
 const SYNC_ANSWERS: usize = 8;
 /// Rounds of anti-entropy (one per peer) run at once.
 const SYNC_ROUNDS: usize = 4;
+/// Longest one round with one peer may take.
+const SYNC_ROUND_LIMIT: Duration = Duration::from_secs(120);
 /// Most summary pages asked of one peer per bucket per round (at [`MAX_SUMMARY`] entries each,
 /// 16 million origins in all).
 const MAX_SUMMARY_PAGES: usize = 16;
@@ -156,7 +158,11 @@ impl Replica {
                     let forks = Arc::clone(&self.forks);
                     self.tasks.spawn(async move {
                         if let Ok(_permit) = rounds.acquire_owned().await {
-                            sync_with(&store, &client, peer, &forks).await;
+                            // A slow or stalling peer holds a round slot for this long at most.
+                            let round = sync_with(&store, &client, peer, &forks);
+                            if tokio::time::timeout(SYNC_ROUND_LIMIT, round).await.is_err() {
+                                debug!(%peer, "a sync round ran past its limit");
+                            }
                         }
                         if let Ok(mut s) = syncing.lock() {
                             s.remove(&peer);
@@ -376,9 +382,12 @@ async fn store_evidence(
     peer: PeerId,
     proofs: Vec<Equivocation>,
 ) -> bool {
+    // Proofs of origins convicted already are skipped before their signatures are checked.
+    let known = convicted(store).await.unwrap_or_default();
     let checked = tokio::task::spawn_blocking(move || {
         proofs
             .into_iter()
+            .filter(|p| !known.contains(&p.first.record.origin))
             .map(Equivocation::verify)
             .collect::<Vec<_>>()
     })
@@ -531,6 +540,10 @@ impl ForkPulls {
         };
         if last.len() >= Self::MAX {
             last.retain(|_, t| t.elapsed() < Self::EVERY);
+            if last.len() >= Self::MAX {
+                // Full of recent ones: no more whole pulls until some expire.
+                return false;
+            }
         }
         match last.get(&(peer, origin)) {
             Some(t) if t.elapsed() < Self::EVERY => false,

@@ -357,3 +357,24 @@ fn a_full_queue_refuses_with_a_retry_estimate() {
     drop(server);
     thread.join().unwrap();
 }
+
+#[test]
+fn a_request_that_needs_the_whole_pool_runs_again_after_its_rows_were_cached() {
+    let per_token = engine().model().config.kv_bytes_per_token();
+    let r = request(&chat(SYSTEM, "Name a quiet island in Greece."), 8);
+    // Exactly the blocks this request needs: the second run must not be refused because the
+    // cached block it copies rows from is held during admission.
+    let blocks = (r.prompt.len() + 8).div_ceil(16);
+    let cfg = SchedConfig {
+        kv_budget_bytes: blocks * 16 * per_token,
+        ..config()
+    };
+    let (server, thread) = Server::start(engine(), cfg).unwrap();
+    for _ in 0..2 {
+        let (_h, rx) = submit(&server, vec![r.clone()], policy("cb+pc"));
+        let (_, outcome) = wait(&rx, 1);
+        assert_eq!(outcome.unwrap().report.completions[0].tokens, alone(&r));
+    }
+    drop(server);
+    thread.join().unwrap();
+}

@@ -5,8 +5,8 @@
 //!   default) from every connected peer that is not banned.
 //! - Peers together hold at most `peer_sequences` sequences (prompts) of this host at once
 //!   (default: half the engine's queue), so a flood of peer jobs never fills what local clients
-//!   need. A job with more prompts than that runs only when no other peer job is held here (one
-//!   such job at a time), else it is told busy.
+//!   need. A job with more prompts than that runs only on an idle host (no peer job held, the
+//!   engine running and holding nothing), else it is told busy.
 //! - Among the peers with jobs here, each may add a job while it holds less than an equal share;
 //!   a peer with nothing running may always start one job that fits. One free-rider cannot
 //!   starve the others: it is answered busy and its gateway tries elsewhere.
@@ -86,8 +86,14 @@ impl Admission {
         }
     }
 
-    /// Admits a job of `sequences` prompts from `peer`, or says why not.
-    pub(crate) fn admit(&self, peer: PeerId, sequences: usize) -> Result<Ticket, Refusal> {
+    /// Admits a job of `sequences` prompts from `peer`, or says why not; `engine_idle`: this
+    /// host's engine runs and holds nothing now (a job larger than the peers' share needs it).
+    pub(crate) fn admit(
+        &self,
+        peer: PeerId,
+        sequences: usize,
+        engine_idle: bool,
+    ) -> Result<Ticket, Refusal> {
         if self.from == AcceptFrom::Allowlist && !self.allowlist.contains(&peer) {
             return Err(Refusal::Never(
                 "this host takes jobs only from the peers on its allowlist".into(),
@@ -95,9 +101,9 @@ impl Admission {
         }
         let n = u32::try_from(sequences).unwrap_or(u32::MAX);
         let mut held = self.held.lock().map_err(|_| Refusal::Busy)?;
-        // Larger than the peers' whole share: alone, or not now.
+        // Larger than the peers' whole share: alone on an idle host, or not now.
         if n > self.capacity {
-            if held.total > 0 {
+            if held.total > 0 || !engine_idle {
                 return Err(Refusal::Busy);
             }
             held.total = n;
@@ -141,34 +147,42 @@ mod tests {
         let (greedy, other) = (peer(), peer());
         // Alone, the greedy peer may fill the peers' part, one job at a time...
         let mut tickets: Vec<Ticket> = (0..4)
-            .map(|_| admission.admit(greedy, 2).unwrap())
+            .map(|_| admission.admit(greedy, 2, true).unwrap())
             .collect();
-        assert_eq!(admission.admit(greedy, 1).unwrap_err(), Refusal::Busy);
+        assert_eq!(admission.admit(greedy, 1, true).unwrap_err(), Refusal::Busy);
         // ...but not beyond it; when it frees room, another peer's first job fits first.
         tickets.truncate(2);
-        let first = admission.admit(other, 2).unwrap();
+        let first = admission.admit(other, 2, true).unwrap();
         // Now two peers share 8: the greedy one holds 4 (its share) and is refused...
-        assert_eq!(admission.admit(greedy, 1).unwrap_err(), Refusal::Busy);
+        assert_eq!(admission.admit(greedy, 1, true).unwrap_err(), Refusal::Busy);
         // ...while the other may grow to its share.
-        let second = admission.admit(other, 2).unwrap();
-        assert_eq!(admission.admit(other, 1).unwrap_err(), Refusal::Busy);
+        let second = admission.admit(other, 2, true).unwrap();
+        assert_eq!(admission.admit(other, 1, true).unwrap_err(), Refusal::Busy);
         drop((first, second, tickets));
         // Everything released: a whole-capacity job fits again; a larger one runs only alone,
         // and holds everything while it runs.
-        let all = admission.admit(other, 8).unwrap();
-        assert_eq!(admission.admit(greedy, 9).unwrap_err(), Refusal::Busy);
+        let all = admission.admit(other, 8, true).unwrap();
+        assert_eq!(admission.admit(greedy, 9, true).unwrap_err(), Refusal::Busy);
         drop(all);
-        let huge = admission.admit(greedy, usize::MAX).unwrap();
-        assert_eq!(admission.admit(other, 1).unwrap_err(), Refusal::Busy);
+        let huge = admission.admit(greedy, usize::MAX, true).unwrap();
+        assert_eq!(admission.admit(other, 1, true).unwrap_err(), Refusal::Busy);
         drop(huge);
-        assert!(admission.admit(other, 1).is_ok());
+        // Not while the engine holds anything (the local clients' share).
+        assert_eq!(
+            admission.admit(greedy, 9, false).unwrap_err(),
+            Refusal::Busy
+        );
+        assert!(admission.admit(other, 1, true).is_ok());
     }
 
     #[test]
     fn an_allowlist_refuses_everyone_else() {
         let friend = peer();
         let admission = Admission::new(AcceptFrom::Allowlist, [friend].into(), 4);
-        assert!(admission.admit(friend, 1).is_ok());
-        assert!(matches!(admission.admit(peer(), 1), Err(Refusal::Never(_))));
+        assert!(admission.admit(friend, 1, true).is_ok());
+        assert!(matches!(
+            admission.admit(peer(), 1, true),
+            Err(Refusal::Never(_))
+        ));
     }
 }

@@ -25,11 +25,12 @@ impl JobService {
                 () = shutdown.cancelled() => break,
                 job = rx.recv() => match job { Some(j) => j, None => break },
             };
-            let ticket = match self
-                .0
-                .admission
-                .admit(job.peer, job.call.request.prompts.len())
-            {
+            let (queued, running) = self.0.executor.load();
+            let ticket = match self.0.admission.admit(
+                job.peer,
+                job.call.request.prompts.len(),
+                queued == 0 && running == 0,
+            ) {
                 Ok(ticket) => ticket,
                 Err(refusal) => {
                     let reply = match refusal {

@@ -108,6 +108,9 @@ impl JobService {
                 self.run_local(request.clone(), choice.method.clone(), attempt_deltas, None)
                     .await
             } else {
+                // The prediction routing used was already scaled by the host's slowdown: judged
+                // against the unscaled one, or the correction would chase its own tail.
+                let applied = self.0.reputation.get(&peer).map_or(1.0, |r| r.slowdown());
                 let outcome = self
                     .run_remote(peer, &request, &choice, attempt_deltas)
                     .await;
@@ -117,7 +120,7 @@ impl JobService {
                     Ok(_) => Some(self.0.reputation.succeeded(
                         peer,
                         observed_s,
-                        choice.wait_s + choice.runtime_s,
+                        (choice.wait_s + choice.runtime_s) / applied,
                     )),
                     Err(ExecError::Failed(_)) => {
                         Some(self.0.reputation.failed(peer, Failure::Error))

@@ -114,7 +114,7 @@ impl EventLoop {
                         reason: error.to_string(),
                     }));
                 }
-                if let Some((_, origin)) = self.pulls.remove(&request_id) {
+                if let Some((_, origin, _)) = self.pulls.remove(&request_id) {
                     self.pulling.remove(&origin);
                     self.drive_pulls();
                 }
@@ -133,7 +133,7 @@ impl EventLoop {
             let _ = reply.send(Ok(response));
             return;
         }
-        let Some((peer, origin)) = self.pulls.remove(&request_id).or_else(|| {
+        let Some((peer, origin, after)) = self.pulls.remove(&request_id).or_else(|| {
             debug!(%peer, "an answer to no sync request");
             None
         }) else {
@@ -144,7 +144,16 @@ impl EventLoop {
                 records,
                 next_after,
             } => {
-                if records.is_empty() {
+                // What was asked for, in order, and a cursor that moves on: anything else is a
+                // broken promise, refused before a signature is checked.
+                let in_order = records
+                    .iter()
+                    .map(|r| r.record.seq)
+                    .try_fold(after, |prev, seq| (seq > prev).then_some(seq));
+                let valid = !records.is_empty()
+                    && records.iter().all(|r| r.record.origin == origin)
+                    && in_order.is_some_and(|last| next_after.is_none_or(|n| n >= last));
+                if !valid {
                     self.broken_promise(peer);
                     self.page_stored(peer, origin, None);
                     return;
@@ -221,7 +230,7 @@ impl EventLoop {
                     limit: self.config.page_size.clamp(1, MAX_PAGE),
                 },
             );
-            self.pulls.insert(id, (peer, origin));
+            self.pulls.insert(id, (peer, origin, after));
         }
     }
 }

@@ -67,8 +67,8 @@ pub struct EventLoop {
     pub(super) connections: HashMap<PeerId, HashMap<libp2p::swarm::ConnectionId, bool>>,
     pub(super) pending_providers:
         HashMap<kad::QueryId, (oneshot::Sender<HashSet<PeerId>>, HashSet<PeerId>)>,
-    /// Outstanding pull requests: request → (peer, origin).
-    pub(super) pulls: HashMap<OutboundRequestId, (PeerId, PeerId)>,
+    /// Outstanding pull requests: request → (peer, origin, after).
+    pub(super) pulls: HashMap<OutboundRequestId, (PeerId, PeerId, u64)>,
     /// Pulls waiting for a slot: (peer, origin, after).
     pub(super) pull_queue: VecDeque<(PeerId, PeerId, u64)>,
     /// Origins with a pull queued, in flight or being stored → the peer it goes to.

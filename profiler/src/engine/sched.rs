@@ -404,38 +404,39 @@ impl Scheduler {
                     }
                 }
             }
-            // Past the last matching full block, the rows of a cached block that continue the
-            // prompt (a prompt seen before is then computed from its last token only).
-            let mut partial = None;
-            if policy.prefix_caching {
-                let start = table.len() * bs;
-                // At least the last prompt token is computed; at most a block's rows less one.
-                let end = (w.req.prompt.len() - 1).min(start + bs - 1);
-                if end > start {
-                    let parent = table.len().checked_sub(1).map(|i| &prompt_hashes[i]);
-                    partial = self.pool.longest_prefix(parent, &w.req.prompt[start..end]);
-                }
-            }
             let mut need = self.blocks_for(&w.req).saturating_sub(table.len());
             if self.pool.available() < self.reserved + need {
                 for b in table {
                     self.pool.release(b);
                 }
-                if let Some((src, _)) = partial {
-                    self.pool.release(src);
-                }
                 break;
             }
+            // Past the last matching full block, the rows of a cached block that continue the
+            // prompt (a prompt seen before is then computed from its last token only). Looked up
+            // only once the sequence is admitted: holding the source takes it off the evictable
+            // blocks, which must not decide the admission (a request needing the whole pool
+            // would otherwise never be admitted).
             let full_blocks = table.len();
             let mut copied = 0;
-            if let Some((src, rows)) = partial {
-                if let Some(dst) = self.pool.allocate() {
-                    self.pool.copy_rows(src, dst, rows);
-                    table.push(dst);
-                    need = need.saturating_sub(1);
-                    copied = rows;
+            if policy.prefix_caching {
+                let start = full_blocks * bs;
+                // At least the last prompt token is computed; at most a block's rows less one.
+                let end = (w.req.prompt.len() - 1).min(start + bs - 1);
+                let parent = full_blocks.checked_sub(1).map(|i| &prompt_hashes[i]);
+                let partial = if end > start {
+                    self.pool.longest_prefix(parent, &w.req.prompt[start..end])
+                } else {
+                    None
+                };
+                if let Some((src, rows)) = partial {
+                    if let Some(dst) = self.pool.allocate() {
+                        self.pool.copy_rows(src, dst, rows);
+                        table.push(dst);
+                        need = need.saturating_sub(1);
+                        copied = rows;
+                    }
+                    self.pool.release(src);
                 }
-                self.pool.release(src);
             }
             let Some(w) = self.waiting.remove(i) else {
                 break;
