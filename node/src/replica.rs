@@ -487,7 +487,10 @@ async fn sync_with(store: &Store, client: &Client, peer: PeerId, forks: &ForkPul
         }
     }
     let digest = convicted_digest(&convicted);
-    let mut after: Option<PeerId> = None;
+    // A set larger than one round's pages is fetched over several rounds: each resumes where
+    // the last one stopped.
+    let mut after: Option<PeerId> = forks.cursor(peer);
+    let mut finished = false;
     for _ in 0..MAX_EVIDENCE_PAGES {
         let (proofs, next) = match client
             .sync_call(peer, SyncRequest::Evidence { digest, after })
@@ -506,9 +509,13 @@ async fn sync_with(store: &Store, client: &Client, peer: PeerId, forks: &ForkPul
         }
         match next {
             Some(n) if after.is_none_or(|a| n > a) => after = Some(n),
-            _ => break,
+            _ => {
+                finished = true;
+                break;
+            }
         }
     }
+    forks.set_cursor(peer, if finished { None } else { after });
 }
 
 /// The origins this node convicted, read off the runtime.
@@ -527,10 +534,33 @@ async fn convicted(store: &Store) -> Option<std::collections::HashSet<PeerId>> {
 /// When each (peer, origin) was last pulled whole because the chains differed: at most once an
 /// hour, so a peer that fakes chains cannot make this node verify an origin's records every
 /// round.
+///
+/// It also keeps, per peer, where the last round's exchange of proofs stopped.
 #[derive(Debug, Default)]
-struct ForkPulls(std::sync::Mutex<HashMap<(PeerId, PeerId), std::time::Instant>>);
+struct ForkPulls(
+    std::sync::Mutex<HashMap<(PeerId, PeerId), std::time::Instant>>,
+    std::sync::Mutex<HashMap<PeerId, PeerId>>,
+);
 
 impl ForkPulls {
+    fn cursor(&self, peer: PeerId) -> Option<PeerId> {
+        self.1.lock().ok()?.get(&peer).copied()
+    }
+
+    fn set_cursor(&self, peer: PeerId, after: Option<PeerId>) {
+        let Ok(mut cursors) = self.1.lock() else {
+            return;
+        };
+        match after {
+            Some(a) if cursors.len() < Self::MAX || cursors.contains_key(&peer) => {
+                cursors.insert(peer, a);
+            }
+            _ => {
+                cursors.remove(&peer);
+            }
+        }
+    }
+
     const EVERY: Duration = Duration::from_secs(3600);
     const MAX: usize = 65_536;
 
