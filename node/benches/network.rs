@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use metainf_node::net::{self, Client, NetworkConfig, Topic};
 use metainf_node::replica::{Replica, route_events};
 use metainf_node::store::Store;
-use metainf_protocol::{Heartbeat, Keypair, VerifiedRecord, codec, fixtures};
+use metainf_protocol::{Keypair, VerifiedRecord, codec, fixtures};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -282,20 +282,7 @@ async fn flood(rate: usize, origins: u64, seconds: u64) {
         for (tick, chunk) in wires_sent[1..].chunks(per_tick.max(1)).enumerate() {
             for (i, w) in chunk.iter().enumerate() {
                 if i % 20 == 19 {
-                    let beat = Heartbeat {
-                        peer: me,
-                        sent_at_ms: metainf_node::clock::now_ms() + sent as u64,
-                        queue_depth: 0,
-                        running_jobs: 0,
-                        queue_capacity: 4,
-                        models: vec![fixtures::smollm2()],
-                        price_per_hour: 0.1,
-                        free_memory_bytes: 1 << 30,
-                        hardware: fixtures::cpu_hardware(1).id().unwrap(),
-                        profile: Some(fixtures::cpu_hardware(1)),
-                        records_seq: 0,
-                        load: None,
-                    };
+                    let beat = fixtures::heartbeat(me, metainf_node::clock::now_ms() + sent as u64);
                     let _ = sender
                         .publish_raw(Topic::Heartbeats, codec::encode(&beat).unwrap())
                         .await;

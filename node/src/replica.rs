@@ -69,8 +69,8 @@ pub struct Replica {
     sync_rounds: Arc<Semaphore>,
     /// Peers with a round running.
     syncing: Arc<std::sync::Mutex<HashSet<PeerId>>>,
-    /// Whole pulls of forked origins, rate-limited.
-    forks: Arc<ForkPulls>,
+    /// What anti-entropy remembers between rounds.
+    memory: Arc<RoundMemory>,
     tasks: TaskTracker,
 }
 
@@ -96,36 +96,30 @@ impl Replica {
             sync_answers: Arc::new(Semaphore::new(SYNC_ANSWERS)),
             sync_rounds: Arc::new(Semaphore::new(SYNC_ROUNDS)),
             syncing: Arc::new(std::sync::Mutex::new(HashSet::new())),
-            forks: Arc::new(ForkPulls::default()),
+            memory: Arc::new(RoundMemory::default()),
             tasks,
+        }
+    }
+
+    /// Queues a gossiped message for its checker; when the queue is full it is ignored (neither
+    /// forwarded nor held against its sender; anti-entropy fetches it later).
+    fn check_later(&self, queue: &mpsc::Sender<GossipRecord>, message: GossipRecord) {
+        if let Err(e) = queue.try_send(message) {
+            let message = e.into_inner();
+            let client = self.client.clone();
+            self.tasks.spawn(async move {
+                let _ = client
+                    .report_record(message.ticket, GossipVerdict::Ignore)
+                    .await;
+            });
         }
     }
 
     /// Takes the events that concern the tensor without waiting; gives back the others.
     pub fn handle(&self, event: NetEvent) -> Option<NetEvent> {
         match event {
-            NetEvent::Record(record) => {
-                if let Err(e) = self.records.try_send(record) {
-                    let record = e.into_inner();
-                    let client = self.client.clone();
-                    self.tasks.spawn(async move {
-                        let _ = client
-                            .report_record(record.ticket, GossipVerdict::Ignore)
-                            .await;
-                    });
-                }
-            }
-            NetEvent::Evidence(proof) => {
-                if let Err(e) = self.evidence.try_send(proof) {
-                    let proof = e.into_inner();
-                    let client = self.client.clone();
-                    self.tasks.spawn(async move {
-                        let _ = client
-                            .report_record(proof.ticket, GossipVerdict::Ignore)
-                            .await;
-                    });
-                }
-            }
+            NetEvent::Record(record) => self.check_later(&self.records, record),
+            NetEvent::Evidence(proof) => self.check_later(&self.evidence, proof),
             NetEvent::Heartbeat(heartbeat) => {
                 let _ = self.heartbeats.try_send(*heartbeat);
             }
@@ -155,11 +149,11 @@ impl Replica {
                     drop(syncing);
                     let (store, client) = (self.store.clone(), self.client.clone());
                     let (rounds, syncing) = (self.sync_rounds.clone(), Arc::clone(&self.syncing));
-                    let forks = Arc::clone(&self.forks);
+                    let memory = Arc::clone(&self.memory);
                     self.tasks.spawn(async move {
                         if let Ok(_permit) = rounds.acquire_owned().await {
                             // A slow or stalling peer holds a round slot for this long at most.
-                            let round = sync_with(&store, &client, peer, &forks);
+                            let round = sync_with(&store, &client, peer, &memory);
                             if tokio::time::timeout(SYNC_ROUND_LIMIT, round).await.is_err() {
                                 debug!(%peer, "a sync round ran past its limit");
                             }
@@ -423,7 +417,7 @@ async fn store_evidence(
 /// through the buckets that differ and queues pulls of what `peer` has and this node lacks,
 /// then fetches the proofs of equivocation it lacks. Every answer is checked before it is used;
 /// the first one that is wrong ends the round.
-async fn sync_with(store: &Store, client: &Client, peer: PeerId, forks: &ForkPulls) {
+async fn sync_with(store: &Store, client: &Client, peer: PeerId, memory: &RoundMemory) {
     let ours = {
         let store = store.clone();
         match tokio::task::spawn_blocking(move || store.version_chains()).await {
@@ -474,7 +468,7 @@ async fn sync_with(store: &Store, client: &Client, peer: PeerId, forks: &ForkPul
                     .unwrap_or((0, metainf_protocol::ContentId([0; 32])));
                 if seq > have {
                     let _ = client.pull(peer, origin, have).await;
-                } else if seq == have && seq > 0 && chain != our_chain && forks.due(peer, origin) {
+                } else if seq == have && seq > 0 && chain != our_chain && memory.due(peer, origin) {
                     // The same records counted, different records held: one of them is a
                     // second version. Pulling all of them finds it (and convicts its origin).
                     let _ = client.pull(peer, origin, 0).await;
@@ -489,7 +483,7 @@ async fn sync_with(store: &Store, client: &Client, peer: PeerId, forks: &ForkPul
     let digest = convicted_digest(&convicted);
     // A set larger than one round's pages is fetched over several rounds: each resumes where
     // the last one stopped.
-    let mut after: Option<PeerId> = forks.cursor(peer);
+    let mut after: Option<PeerId> = memory.cursor(peer);
     let mut finished = false;
     for _ in 0..MAX_EVIDENCE_PAGES {
         let (proofs, next) = match client
@@ -515,7 +509,7 @@ async fn sync_with(store: &Store, client: &Client, peer: PeerId, forks: &ForkPul
             }
         }
     }
-    forks.set_cursor(peer, if finished { None } else { after });
+    memory.set_cursor(peer, if finished { None } else { after });
 }
 
 /// The origins this node convicted, read off the runtime.
@@ -531,24 +525,23 @@ async fn convicted(store: &Store) -> Option<std::collections::HashSet<PeerId>> {
     }
 }
 
-/// When each (peer, origin) was last pulled whole because the chains differed: at most once an
-/// hour, so a peer that fakes chains cannot make this node verify an origin's records every
-/// round.
-///
-/// It also keeps, per peer, where the last round's exchange of proofs stopped.
+/// What anti-entropy remembers between rounds: when each (peer, origin) was last pulled whole
+/// because the chains differed (at most once an hour, so a peer that fakes chains cannot make
+/// this node verify an origin's records every round), and per peer where the last exchange of
+/// proofs stopped.
 #[derive(Debug, Default)]
-struct ForkPulls(
-    std::sync::Mutex<HashMap<(PeerId, PeerId), std::time::Instant>>,
-    std::sync::Mutex<HashMap<PeerId, PeerId>>,
-);
+struct RoundMemory {
+    fork_pulls: std::sync::Mutex<HashMap<(PeerId, PeerId), std::time::Instant>>,
+    evidence_cursors: std::sync::Mutex<HashMap<PeerId, PeerId>>,
+}
 
-impl ForkPulls {
+impl RoundMemory {
     fn cursor(&self, peer: PeerId) -> Option<PeerId> {
-        self.1.lock().ok()?.get(&peer).copied()
+        self.evidence_cursors.lock().ok()?.get(&peer).copied()
     }
 
     fn set_cursor(&self, peer: PeerId, after: Option<PeerId>) {
-        let Ok(mut cursors) = self.1.lock() else {
+        let Ok(mut cursors) = self.evidence_cursors.lock() else {
             return;
         };
         match after {
@@ -565,7 +558,7 @@ impl ForkPulls {
     const MAX: usize = 65_536;
 
     fn due(&self, peer: PeerId, origin: PeerId) -> bool {
-        let Ok(mut last) = self.0.lock() else {
+        let Ok(mut last) = self.fork_pulls.lock() else {
             return false;
         };
         if last.len() >= Self::MAX {

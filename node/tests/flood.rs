@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use metainf_node::net::{self, Client, NetworkConfig, Topic};
 use metainf_node::replica::{Replica, route_events};
 use metainf_node::store::Store;
-use metainf_protocol::{Heartbeat, Keypair, codec, fixtures};
+use metainf_protocol::{Keypair, codec, fixtures};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -93,20 +93,8 @@ async fn a_flooded_node_answers_commands_within_50_ms() {
                 for w in chunk {
                     flooder.publish_bytes(w.clone()).await.unwrap();
                 }
-                let heartbeat = Heartbeat {
-                    peer: me,
-                    sent_at_ms: metainf_node::clock::now_ms() + tick as u64,
-                    queue_depth: 0,
-                    running_jobs: 0,
-                    queue_capacity: 4,
-                    models: vec![fixtures::smollm2()],
-                    price_per_hour: 0.1,
-                    free_memory_bytes: 1 << 30,
-                    hardware: fixtures::cpu_hardware(1).id().unwrap(),
-                    profile: Some(fixtures::cpu_hardware(1)),
-                    records_seq: 0,
-                    load: None,
-                };
+                let heartbeat =
+                    fixtures::heartbeat(me, metainf_node::clock::now_ms() + tick as u64);
                 let _ = flooder
                     .publish_raw(Topic::Heartbeats, codec::encode(&heartbeat).unwrap())
                     .await;

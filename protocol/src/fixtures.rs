@@ -5,9 +5,10 @@
 
 use std::collections::BTreeMap;
 
-use libp2p_identity::Keypair;
+use libp2p_identity::{Keypair, PeerId};
 
 use crate::hardware::{CpuSpec, DeviceKind, HardwareMeasurements, HardwareProfile, HardwareSpec};
+use crate::heartbeat::Heartbeat;
 use crate::id::ContentId;
 use crate::method::MethodConfig;
 use crate::model::ModelDescriptor;
@@ -124,5 +125,27 @@ pub fn signed(key: &Keypair, seq: u64, variant: u64) -> SignedRecord {
     match SignedRecord::sign(record(key, seq, variant), key) {
         Ok(s) => s,
         Err(e) => panic!("fixture records are signed by their own origin: {e}"),
+    }
+}
+
+/// A heartbeat of `peer` serving the default model on a one-thread CPU, sent at `sent_at_ms`.
+pub fn heartbeat(peer: PeerId, sent_at_ms: u64) -> Heartbeat {
+    let hardware = cpu_hardware(1);
+    Heartbeat {
+        peer,
+        sent_at_ms,
+        queue_depth: 0,
+        running_jobs: 0,
+        queue_capacity: 4,
+        models: vec![smollm2()],
+        price_per_hour: 0.1,
+        free_memory_bytes: 1 << 30,
+        hardware: match hardware.id() {
+            Ok(id) => id,
+            Err(e) => panic!("the fixture hardware has an id: {e}"),
+        },
+        profile: Some(hardware),
+        records_seq: 0,
+        load: None,
     }
 }
