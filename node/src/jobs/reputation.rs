@@ -2,11 +2,11 @@
 //! gateway's own measurement of every attempt (its clock, end to end), whether it ended well,
 //! and how much slower it ran than the prediction built from the host's records and heartbeats.
 //!
-//! - **Correction:** a host's predictions are scaled by its observed slowdown beyond a factor of
-//!   two (an exponentially weighted mean of ln(observed / predicted); within 2× is the
-//!   predictor's own error, which honest hosts show too and the learner corrects from their
-//!   records): a host that copied the fastest profile or announces an empty queue it does not
-//!   have is predicted as slow as it turns out to be, after a job or two.
+//! - **Correction:** once a host ran three jobs for this node, its predictions are scaled by its
+//!   observed slowdown beyond a factor of four (an exponentially weighted mean of
+//!   ln(observed / predicted); within 4× is the predictor's own error, which honest hosts show
+//!   too while it is young, and the learner corrects from their records): a host that copied the
+//!   fastest profile or announces an empty queue it does not have is routed as what it delivers.
 //! - **Exclusion:** three failures in a row (errors, timeouts, results that do not match the
 //!   job) exclude a host for a minute, doubling with each further one up to an hour.
 //! - Kept in the store (`meta`), so a restart does not forgive; local opinion only: it is not
@@ -25,8 +25,10 @@ use crate::store::Store;
 const META: &str = "reputation";
 /// Weight of the newest observation in the slowdown mean.
 const ALPHA: f64 = 0.3;
-/// Slowdown (observed / predicted) an honest host may show: the predictor's own error.
-const TOLERATED: f64 = std::f64::consts::LN_2;
+/// Slowdown (observed / predicted) an honest host may show: the predictor's own error (ln 4).
+const TOLERATED: f64 = 2.0 * std::f64::consts::LN_2;
+/// Successes before any correction applies.
+const OBSERVATIONS: u64 = 3;
 /// Largest correction applied to a host's predictions.
 pub(crate) const MAX_SLOWDOWN: f64 = 100.0;
 /// Failures in a row that exclude a host.
@@ -66,6 +68,9 @@ impl HostRecord {
     /// The factor its predictions are multiplied by (≥ 1): how much slower than predicted it
     /// ran, beyond the 2× any prediction may be off.
     pub fn slowdown(&self) -> f64 {
+        if self.succeeded < OBSERVATIONS {
+            return 1.0;
+        }
         (self.slowdown_log - TOLERATED)
             .max(0.0)
             .exp()
@@ -209,8 +214,8 @@ mod tests {
             rep.succeeded(good, 1.1, 1.0);
         }
         let (l, g) = (rep.get(&liar).unwrap(), rep.get(&good).unwrap());
-        // 8× slower than promised: routed 4× slower (2× is tolerated as prediction error).
-        assert!((l.slowdown() - 4.0).abs() < 1e-9);
+        // 8× slower than promised: routed 2× slower (4× is tolerated as prediction error).
+        assert!((l.slowdown() - 2.0).abs() < 1e-9);
         assert_eq!(g.slowdown(), 1.0);
         assert!(l.score() < g.score());
         // Faster than predicted earns nothing (the predictor learns that from records).
