@@ -11,9 +11,15 @@
 //!   every 5 ms meanwhile (round-trip p50/p99/max), and the records stored by the end of the
 //!   flood and after it are counted.
 //!
+//! - idle: per-node idle traffic of 50, 100 and 200 hosts announcing a model and a cache
+//!   summary, with the fixed 5 s heartbeat interval and with the interval that grows with the
+//!   network (`heartbeat_budget_per_s` = 2): loopback bytes sent per second per node, and the
+//!   heartbeats each node received per second.
+//!
 //! Run: `cargo bench --profile dev --workspace --bench network`
 //! (`METAINF_BENCH_NODES`, `METAINF_BENCH_RECORDS`, `METAINF_BENCH_CATCHUP` override the sizes;
-//! `METAINF_BENCH_ONLY=flood` runs only the flood).
+//! `METAINF_BENCH_ONLY=flood` or `=idle` runs only that part; `METAINF_BENCH_IDLE_S` sets the
+//! idle window, default 40 s).
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
@@ -58,8 +64,17 @@ async fn start(
     bootstrap: Vec<libp2p::Multiaddr>,
     token: &CancellationToken,
 ) -> Bench {
+    start_with(dir, bootstrap, token, |_| {}).await
+}
+
+async fn start_with(
+    dir: &std::path::Path,
+    bootstrap: Vec<libp2p::Multiaddr>,
+    token: &CancellationToken,
+    tweak: impl FnOnce(&mut NetworkConfig),
+) -> Bench {
     let store = Store::open(dir.join("store")).unwrap();
-    let config = NetworkConfig {
+    let mut config = NetworkConfig {
         listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
         bootstrap,
         mdns: false,
@@ -68,6 +83,7 @@ async fn start(
         anti_entropy_interval_s: 3600,
         ..NetworkConfig::default()
     };
+    tweak(&mut config);
     let hardware = fixtures::cpu_hardware(1);
     let key = Keypair::generate_ed25519();
     let (client, event_loop, events) = net::start(key, hardware, config).unwrap();
@@ -200,6 +216,68 @@ async fn propagation(n: usize, records: usize) {
     );
     token.cancel();
     tokio::time::sleep(Duration::from_millis(500)).await;
+}
+
+/// Per-node idle traffic of a network of `n` hosts, each offering a model with a cache summary
+/// in its heartbeats: loopback bytes sent per second over a window, divided by `n`, and the
+/// heartbeats each node received per second. `budget_per_s` 0 is the fixed 5 s interval.
+async fn idle(n: usize, budget_per_s: f64, window: Duration) -> (f64, f64) {
+    let dir = tempfile::tempdir().unwrap();
+    let token = CancellationToken::new();
+    let mut nodes: Vec<Bench> = Vec::with_capacity(n);
+    let mut offers = Vec::with_capacity(n);
+    for i in 0..n {
+        let boot: Vec<_> = [i.wrapping_sub(1), i / 2]
+            .into_iter()
+            .filter(|&j| j < i)
+            .map(|j| nodes[j].addr.clone())
+            .collect();
+        let node = start_with(&dir.path().join(format!("n{i}")), boot, &token, |c| {
+            c.heartbeat_budget_per_s = budget_per_s;
+        })
+        .await;
+        let blocks: Vec<_> = (0..300u32)
+            .map(|b| metainf_protocol::cache::chain_hash(None, &[i as u32, b]))
+            .collect();
+        let (tx, rx) = tokio::sync::watch::channel(net::Offer {
+            models: vec![fixtures::smollm2()],
+            queue_depth: 0,
+            running_jobs: 0,
+            queue_capacity: 64,
+            load: None,
+            cache: Some(std::sync::Arc::new(metainf_protocol::CacheSummary::new(
+                "SmolLM2-135M-Instruct",
+                16,
+                &blocks,
+            ))),
+        });
+        node.client.set_offer(rx).await.unwrap();
+        offers.push(tx);
+        nodes.push(node);
+    }
+    // Connections, subscriptions, the mesh and every node's interval settle.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let heard = |nodes: &[Bench]| {
+        let nodes: Vec<Client> = nodes.iter().map(|b| b.client.clone()).collect();
+        async move {
+            let mut total = 0usize;
+            for c in &nodes {
+                total += c.heartbeats_received().await.unwrap_or(0);
+            }
+            total
+        }
+    };
+    let before = loopback_tx_bytes();
+    let beats_before = heard(&nodes).await;
+    let t0 = Instant::now();
+    tokio::time::sleep(window).await;
+    let secs = t0.elapsed().as_secs_f64();
+    let per_node = (loopback_tx_bytes() - before) as f64 / secs / n as f64;
+    let beats = (heard(&nodes).await - beats_before) as f64 / secs / n as f64;
+    token.cancel();
+    drop(offers);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    (per_node, beats)
 }
 
 async fn catch_up(count: usize) {
@@ -340,6 +418,21 @@ fn main() {
         if only.is_empty() {
             propagation(n, records).await;
             catch_up(catchup).await;
+        }
+        if only.is_empty() || only == "idle" {
+            let window = Duration::from_secs(env("METAINF_BENCH_IDLE_S", 40) as u64);
+            for (n, budget) in [(50, 0.0), (100, 0.0), (50, 2.0), (100, 2.0), (200, 2.0)] {
+                let (bytes, beats) = idle(n, budget, window).await;
+                let mode = if budget > 0.0 {
+                    "interval max(5 s, N / 2 per s)"
+                } else {
+                    "fixed 5 s interval"
+                };
+                println!(
+                    "idle, {n} nodes, {mode}: {:.0} B/s sent per node, {beats:.2} heartbeats/s received per node",
+                    bytes
+                );
+            }
         }
         if only.is_empty() || only == "flood" {
             for rate in [2_000, 5_000, 10_000] {

@@ -4,9 +4,12 @@
 //! Every request is a streamed `POST /v1/chat/completions`; the client times the first
 //! content chunk (TTFT), the gaps between later chunks (ITL) and the whole response. Scenarios:
 //! `concurrent` (single-turn chats), `sequential` (the same, one client), `multi-turn`
-//! (conversations whose history, answers included, is resent every turn) and `shared-prefix`
-//! (many users behind one long system prompt). Load is closed-loop (N clients, each sending
-//! its next request when the last one is done) or open-loop (Poisson arrivals at a rate).
+//! (conversations whose history, answers included, is resent every turn), `shared-prefix`
+//! (many users behind one long system prompt) and `multi-tenant` (T tenants, each with its own
+//! long system prompt, whose multi-turn conversations resend their history). Load is
+//! closed-loop (N clients, each sending its next request when the last one is done) or
+//! open-loop (Poisson arrivals at a rate). Several gateways may share the load (`--url A,B`):
+//! conversation `c` goes to gateway `c mod n`, every turn of it.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -29,13 +32,21 @@ pub enum Scenario {
     MultiTurn,
     /// Many users behind one long shared system prompt.
     SharedPrefix,
+    /// Tenants, each with its own long system prompt, whose users hold multi-turn
+    /// conversations (history resent each turn).
+    MultiTenant,
 }
 
 /// A load test (also the flags of `metainf-node loadgen`).
 #[derive(Clone, Debug, clap::Args)]
 pub struct LoadConfig {
-    /// The endpoint's base URL (`/v1/chat/completions` is appended).
-    #[arg(long, default_value = "http://127.0.0.1:8080", value_name = "URL")]
+    /// The endpoint's base URL (`/v1/chat/completions` is appended); several, comma-separated,
+    /// share the conversations between them (each conversation stays on one).
+    #[arg(
+        long,
+        default_value = "http://127.0.0.1:8080",
+        value_name = "URL[,URL...]"
+    )]
     pub url: String,
     /// Model name to ask for [default: the first `GET /v1/models` lists].
     #[arg(long = "model-name", value_name = "NAME")]
@@ -54,16 +65,23 @@ pub struct LoadConfig {
     /// Conversations (single-turn scenarios: requests).
     #[arg(long, default_value_t = 8)]
     pub conversations: usize,
-    /// Turns per conversation (multi-turn).
+    /// Turns per conversation (multi-turn, multi-tenant).
     #[arg(long, default_value_t = 3)]
     pub turns: usize,
+    /// Tenants, each with its own system prompt (multi-tenant).
+    #[arg(long, default_value_t = 4)]
+    pub tenants: usize,
+    /// Routing policy asked of a metainf gateway in every request (`metainf`, `round-robin`,
+    /// `random`, `least-loaded`, `prefix-affinity`) [default: the gateway's own].
+    #[arg(long)]
+    pub policy: Option<String>,
     /// Most tokens per answer.
     #[arg(long, default_value_t = 64)]
     pub max_tokens: u32,
     /// Sampling temperature; 0 is greedy.
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f64,
-    /// Approximate tokens of the long system prompt (multi-turn, shared-prefix).
+    /// Approximate tokens of the long system prompt (multi-turn, shared-prefix, multi-tenant).
     #[arg(long, default_value_t = 800)]
     pub system_tokens: usize,
     /// Seed of the prompts and the arrivals.
@@ -87,6 +105,8 @@ impl Default for LoadConfig {
             rate: None,
             conversations: 8,
             turns: 3,
+            tenants: 4,
+            policy: None,
             max_tokens: 64,
             temperature: 0.0,
             system_tokens: 800,
@@ -317,8 +337,34 @@ const FOLLOW_UPS: &[&str] = &[
     "Summarise that in one sentence.",
 ];
 
+const TENANTS: &[&str] = &[
+    "Northwind Traders",
+    "Blue Harbor Bank",
+    "Maple Street Clinic",
+    "Orbit Games",
+    "Greenfield School",
+    "Atlas Logistics",
+    "Copper Kettle Cafe",
+    "Summit Outdoor Gear",
+];
+
+/// The system prompt of tenant `t` under `seed`: its own opening and its own order of rules,
+/// so that two tenants' prompts (and one tenant's under two seeds) differ from the start.
+fn tenant_prompt(t: usize, tokens: usize, seed: u64) -> String {
+    let name = TENANTS[t % TENANTS.len()];
+    let round = t / TENANTS.len();
+    let opening = format!("{name} (desk {seed}.{round}): you are this company's assistant. ");
+    let rest = system_prompt_from(tokens.saturating_sub(12), t);
+    opening + &rest
+}
+
 /// A system prompt of about `tokens` tokens (about 1.3 tokens per word of this text).
 fn system_prompt(tokens: usize) -> String {
+    system_prompt_from(tokens, 0)
+}
+
+/// The same, its rules starting from rule `first` of the list.
+fn system_prompt_from(tokens: usize, first: usize) -> String {
     let sentences = [
         "You are a careful assistant who answers questions about science, history and everyday technology.",
         "Keep answers short and concrete, and prefer plain words to jargon.",
@@ -331,7 +377,7 @@ fn system_prompt(tokens: usize) -> String {
     let mut words = 0usize;
     let mut i = 0;
     while words * 13 / 10 < tokens {
-        let s = sentences[i % sentences.len()];
+        let s = sentences[(first + i) % sentences.len()];
         if !out.is_empty() {
             out.push(' ');
         }
@@ -342,23 +388,42 @@ fn system_prompt(tokens: usize) -> String {
     out
 }
 
-/// The user turns of each conversation.
-fn conversations(config: &LoadConfig) -> (Option<String>, Vec<Vec<String>>) {
+/// One conversation: its system prompt and its user turns.
+#[derive(Clone, Debug, PartialEq)]
+struct Conversation {
+    system: Option<String>,
+    turns: Vec<String>,
+}
+
+/// Every conversation of the load.
+fn conversations(config: &LoadConfig) -> Vec<Conversation> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(config.seed);
-    let system = match config.scenario {
+    let shared = match config.scenario {
         Scenario::MultiTurn | Scenario::SharedPrefix => Some(system_prompt(config.system_tokens)),
         Scenario::Concurrent | Scenario::Sequential => {
             Some("You are a helpful assistant. Answer briefly.".to_owned())
         }
+        Scenario::MultiTenant => None,
+    };
+    let tenants: Vec<String> = match config.scenario {
+        Scenario::MultiTenant => (0..config.tenants.max(1))
+            .map(|t| tenant_prompt(t, config.system_tokens, config.seed))
+            .collect(),
+        _ => Vec::new(),
     };
     let turns = match config.scenario {
-        Scenario::MultiTurn => config.turns.max(1),
+        Scenario::MultiTurn | Scenario::MultiTenant => config.turns.max(1),
         _ => 1,
     };
-    let convs = (0..config.conversations.max(1))
+    (0..config.conversations.max(1))
         .map(|c| {
             let topic = TOPICS[(c + rng.gen_range(0..TOPICS.len())) % TOPICS.len()];
-            (0..turns)
+            let system = if tenants.is_empty() {
+                shared.clone()
+            } else {
+                Some(tenants[c % tenants.len()].clone())
+            };
+            let turns = (0..turns)
                 .map(|t| {
                     if t == 0 {
                         format!("Tell me about {topic}.")
@@ -366,18 +431,18 @@ fn conversations(config: &LoadConfig) -> (Option<String>, Vec<Vec<String>>) {
                         FOLLOW_UPS[(c + t) % FOLLOW_UPS.len()].to_owned()
                     }
                 })
-                .collect()
+                .collect();
+            Conversation { system, turns }
         })
-        .collect();
-    (system, convs)
+        .collect()
 }
 
 struct Shared {
     client: reqwest::Client,
-    url: String,
+    /// The gateways (conversation `c` goes to `urls[c % len]`).
+    urls: Vec<String>,
     model: String,
     config: LoadConfig,
-    system: Option<String>,
     bar: Option<indicatif::ProgressBar>,
     samples: Mutex<Vec<Sample>>,
 }
@@ -406,13 +471,21 @@ pub async fn run(config: LoadConfig) -> Result<LoadReport> {
         .default_headers(headers)
         .build()
         .context("cannot build the HTTP client")?;
-    let url = config.url.trim_end_matches('/').to_owned();
+    let urls: Vec<String> = config
+        .url
+        .split(',')
+        .map(|u| u.trim().trim_end_matches('/').to_owned())
+        .filter(|u| !u.is_empty())
+        .collect();
+    let Some(first) = urls.first() else {
+        bail!("--url names no endpoint");
+    };
     let model = match &config.model {
         Some(m) => m.clone(),
-        None => first_model(&client, &url).await?,
+        None => first_model(&client, first).await?,
     };
-    let (system, convs) = conversations(&config);
-    let total: usize = convs.iter().map(Vec::len).sum();
+    let convs = conversations(&config);
+    let total: usize = convs.iter().map(|c| c.turns.len()).sum();
     let bar = config.progress.then(|| {
         let bar = indicatif::ProgressBar::new(total as u64);
         if let Ok(style) = indicatif::ProgressStyle::with_template(
@@ -424,10 +497,9 @@ pub async fn run(config: LoadConfig) -> Result<LoadReport> {
     });
     let shared = Arc::new(Shared {
         client,
-        url,
+        urls,
         model: model.clone(),
         config: config.clone(),
-        system,
         bar,
         samples: Mutex::new(Vec::with_capacity(total)),
     });
@@ -437,9 +509,9 @@ pub async fn run(config: LoadConfig) -> Result<LoadReport> {
         Some(rate) => {
             let mut rng = rand::rngs::StdRng::seed_from_u64(config.seed ^ 0x5eed);
             let mut next = Instant::now();
-            for (c, turns) in convs.into_iter().enumerate() {
+            for (c, conv) in convs.into_iter().enumerate() {
                 tokio::time::sleep_until(next.into()).await;
-                tasks.spawn(conversation(shared.clone(), c, turns));
+                tasks.spawn(conversation(shared.clone(), c, conv));
                 let u: f64 = rng.gen_range(f64::EPSILON..1.0);
                 next += Duration::from_secs_f64(-u.ln() / rate);
             }
@@ -453,8 +525,8 @@ pub async fn run(config: LoadConfig) -> Result<LoadReport> {
                 tasks.spawn(async move {
                     loop {
                         let next = queue.lock().ok().and_then(|mut q| q.pop_front());
-                        let Some((c, turns)) = next else { break };
-                        conversation(shared.clone(), c, turns).await;
+                        let Some((c, conv)) = next else { break };
+                        conversation(shared.clone(), c, conv).await;
                     }
                 });
             }
@@ -500,12 +572,12 @@ async fn first_model(client: &reqwest::Client, url: &str) -> Result<String> {
 }
 
 /// One conversation's turns, one after another, each resending the history.
-async fn conversation(shared: Arc<Shared>, c: usize, turns: Vec<String>) {
+async fn conversation(shared: Arc<Shared>, c: usize, conv: Conversation) {
     let mut messages = Vec::new();
-    if let Some(system) = &shared.system {
+    if let Some(system) = &conv.system {
         messages.push(json!({"role": "system", "content": system}));
     }
-    for (t, user) in turns.into_iter().enumerate() {
+    for (t, user) in conv.turns.into_iter().enumerate() {
         messages.push(json!({"role": "user", "content": user}));
         let (sample, answer) = request(&shared, c, t, &messages).await;
         let failed = sample.error.is_some();
@@ -532,7 +604,7 @@ async fn request(
     turn: usize,
     messages: &[serde_json::Value],
 ) -> (Sample, String) {
-    let body = json!({
+    let mut body = json!({
         "model": shared.model,
         "messages": messages,
         "max_tokens": shared.config.max_tokens,
@@ -541,6 +613,9 @@ async fn request(
         "stream": true,
         "stream_options": {"include_usage": true},
     });
+    if let (Some(policy), Some(o)) = (&shared.config.policy, body.as_object_mut()) {
+        o.insert("metainf".into(), json!({"policy": policy}));
+    }
     let sent = Instant::now();
     let mut sample = Sample {
         conversation,
@@ -553,7 +628,8 @@ async fn request(
         status: None,
     };
     let mut text = String::new();
-    let result = stream(shared, &body, sent, &mut sample, &mut text).await;
+    let url = &shared.urls[conversation % shared.urls.len().max(1)];
+    let result = stream(shared, url, &body, sent, &mut sample, &mut text).await;
     sample.e2e_s = sent.elapsed().as_secs_f64();
     if let Err(e) = result {
         sample.error = Some(format!("{e:#}"));
@@ -563,6 +639,7 @@ async fn request(
 
 async fn stream(
     shared: &Shared,
+    url: &str,
     body: &serde_json::Value,
     sent: Instant,
     sample: &mut Sample,
@@ -570,7 +647,7 @@ async fn stream(
 ) -> Result<()> {
     let mut response = shared
         .client
-        .post(format!("{}/v1/chat/completions", shared.url))
+        .post(format!("{url}/v1/chat/completions"))
         .json(body)
         .send()
         .await
@@ -663,17 +740,45 @@ mod tests {
             system_tokens: 800,
             ..LoadConfig::default()
         };
-        let (system, convs) = conversations(&multi);
+        let convs = conversations(&multi);
         assert_eq!(convs.len(), 4);
-        assert!(convs.iter().all(|c| c.len() == 3));
-        let words = system.unwrap().split_whitespace().count();
+        assert!(convs.iter().all(|c| c.turns.len() == 3));
+        assert!(convs.iter().all(|c| c.system == convs[0].system));
+        let words = convs[0].system.as_ref().unwrap().split_whitespace().count();
         assert!((550..750).contains(&words), "{words} words for ~800 tokens");
         let single = LoadConfig {
             scenario: Scenario::Concurrent,
             ..multi.clone()
         };
-        assert!(conversations(&single).1.iter().all(|c| c.len() == 1));
+        assert!(conversations(&single).iter().all(|c| c.turns.len() == 1));
         // The same seed, the same prompts.
-        assert_eq!(conversations(&multi).1, convs);
+        assert_eq!(conversations(&multi), convs);
+        // Tenants: each its own long system prompt, conversations spread over them.
+        let tenants = LoadConfig {
+            scenario: Scenario::MultiTenant,
+            conversations: 8,
+            tenants: 3,
+            system_tokens: 600,
+            ..multi.clone()
+        };
+        let convs = conversations(&tenants);
+        assert!(convs.iter().all(|c| c.turns.len() == 3));
+        let systems: std::collections::BTreeSet<&str> =
+            convs.iter().filter_map(|c| c.system.as_deref()).collect();
+        assert_eq!(systems.len(), 3);
+        assert_eq!(convs[0].system, convs[3].system);
+        let first_words: std::collections::BTreeSet<String> = systems
+            .iter()
+            .map(|s| s.split_whitespace().next().unwrap_or_default().to_owned())
+            .collect();
+        assert_eq!(
+            first_words.len(),
+            3,
+            "tenants' prompts differ from the start"
+        );
+        for s in systems {
+            let words = s.split_whitespace().count();
+            assert!((400..560).contains(&words), "{words} words for ~600 tokens");
+        }
     }
 }

@@ -64,6 +64,18 @@ impl InProc {
         queue: u32,
         bootstrap: Option<&str>,
     ) -> Self {
+        Self::start_with(dir, threads, price, queue, bootstrap, |_| {}).await
+    }
+
+    /// The same, the configuration changed by `tweak` first.
+    async fn start_with(
+        dir: PathBuf,
+        threads: usize,
+        price: f64,
+        queue: u32,
+        bootstrap: Option<&str>,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Self {
         let mut config = Config::from_toml(&node_toml(queue)).unwrap();
         config.data_dir = Some(dir);
         config.engine.threads = Some(threads);
@@ -73,6 +85,7 @@ impl InProc {
         config.network.mdns = false;
         config.network.nat = false;
         config.api.listen = "127.0.0.1:0".parse().unwrap();
+        tweak(&mut config);
         let node = tokio::task::spawn_blocking(move || Node::open(&config))
             .await
             .unwrap()
@@ -322,6 +335,129 @@ async fn wait_job(node: &impl Api, id: &str, until: impl Fn(&Value) -> bool) -> 
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A counter of `node`'s `/metrics`.
+async fn metric(node: &impl Api, name: &str) -> f64 {
+    let text = http()
+        .get(node.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| {
+            let (key, value) = l.split_once(' ')?;
+            (key == name).then(|| value.trim().parse().ok())?
+        })
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_next_turn_goes_to_the_host_holding_its_prefix_unless_it_is_overloaded() {
+    init_logs();
+    let root = tempfile::tempdir().unwrap();
+    // Two hosts of one hardware, A the cheaper (so without cache knowledge A wins every tie);
+    // heartbeats 30 s apart, so what A holds of B is stale after any change and A must ask.
+    let tweak = |c: &mut Config| {
+        c.network.heartbeat_interval_s = 30;
+        c.network.peer_timeout_s = 120;
+        c.engine.max_running = Some(4);
+        c.jobs.queue_capacity = 32;
+    };
+    let a = InProc::start_with(root.path().join("a"), 1, 0.5, 8, None, tweak).await;
+    let b = InProc::start_with(root.path().join("b"), 1, 1.0, 8, Some(&a.p2p), tweak).await;
+    wait_hosts(&a, 2).await;
+    let system = format!(
+        "You are the assistant of Northwind Traders. {}",
+        "Answer questions about orders, shipping and returns politely and briefly. ".repeat(40)
+    );
+    let turn1 = json!([
+        {"role": "system", "content": system},
+        {"role": "user", "content": "Where is my order?"},
+    ]);
+    let job = |messages: &Value, extra: Value| {
+        let mut body = json!({
+            "model": MODEL,
+            "prompts": [{"messages": messages}],
+            "max_tokens": 12,
+            "temperature": 0,
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    // The first turn runs on B (pinned): B's cache now holds the conversation.
+    let (status, v) = post(
+        &a,
+        "/v1/jobs",
+        &job(&turn1, json!({"host": b.peer, "method": "cb+pc"})),
+    )
+    .await;
+    assert_eq!(status, 202, "{v}");
+    let done = wait_job(&a, v["id"].as_str().unwrap(), |j| j["status"] == "done").await;
+    let answer = done["results"][0]["text"].as_str().unwrap().to_owned();
+    let mut turn2 = turn1.clone();
+    turn2.as_array_mut().unwrap().extend([
+        json!({"role": "assistant", "content": answer}),
+        json!({"role": "user", "content": "And when will it arrive?"}),
+    ]);
+    // The second turn, unpinned: A asks B for its state (stale) and follows the cache.
+    let queries = metric(&a, "metainf_routing_state_queries_total").await;
+    let (status, v) = post(&a, "/v1/jobs", &job(&turn2, json!({}))).await;
+    assert_eq!(status, 202, "{v}");
+    assert_eq!(v["metainf"]["host"], b.peer.as_str(), "{v}");
+    assert!(
+        v["metainf"]["cached_tokens"].as_u64().unwrap() >= 400,
+        "B's cache holds most of the prompt: {v}"
+    );
+    assert!(
+        metric(&a, "metainf_routing_state_queries_total").await > queries,
+        "the stale state was asked for"
+    );
+    wait_job(&a, v["id"].as_str().unwrap(), |j| j["status"] == "done").await;
+    // B served most of that prompt from its cache.
+    assert!(metric(&b, "metainf_served_cached_prompt_tokens_total").await >= 400.0);
+    // B overloaded (16 long sequences, 4 at a time): the same turn goes to A now.
+    let long: Vec<Value> = (0..16)
+        .map(|i| json!({"messages": [{"role": "user", "content": format!("Write a long story about ship number {i}.")}]}))
+        .collect();
+    let (status, busy) = post(
+        &a,
+        "/v1/jobs",
+        &json!({"model": MODEL, "prompts": long, "max_tokens": 200, "temperature": 0, "host": b.peer}),
+    )
+    .await;
+    assert_eq!(status, 202, "{busy}");
+    let (status, v) = post(&a, "/v1/jobs", &job(&turn2, json!({}))).await;
+    assert_eq!(status, 202, "{v}");
+    assert_eq!(
+        v["metainf"]["host"],
+        a.peer.as_str(),
+        "B is overloaded: {v}"
+    );
+    // A baseline policy asked for by the request is the one that routes it.
+    let (status, v) = post(
+        &a,
+        "/v1/jobs",
+        &job(&turn2, json!({"policy": "prefix-affinity"})),
+    )
+    .await;
+    assert_eq!(status, 202, "{v}");
+    assert_eq!(v["metainf"]["policy"], "prefix-affinity", "{v}");
+    let (status, v) = post(&a, "/v1/jobs", &job(&turn2, json!({"policy": "fastest"}))).await;
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("round-robin"),
+        "{v}"
+    );
+    let _ = (a, b);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -690,9 +826,10 @@ async fn three_nodes_route_stream_refuse_and_survive_a_dead_host() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("[0]") && stdout.contains("[1]"), "{stdout}");
 
-    // A burst at one gateway spreads over the hosts: each job accepted counts against its
-    // host's queue at once, before any heartbeat could tell.
-    let mut burst: Vec<(String, String)> = Vec::new();
+    // A burst at one gateway: each job accepted counts against its host's queue at once,
+    // before any heartbeat could tell, so a host chosen again is predicted slower than the
+    // last time (B, with twice the threads, may rightly win all three).
+    let mut burst: Vec<(String, String, f64)> = Vec::new();
     for i in 0..3 {
         let prompts: Vec<Value> = (0..4)
             .map(|j| json!({"messages": [{"role": "user", "content": format!("Describe planet number {i}{j} in detail.")}]}))
@@ -704,17 +841,22 @@ async fn three_nodes_route_stream_refuse_and_survive_a_dead_host() {
         )
         .await;
         assert_eq!(status, 202, "{v}");
+        let m = &v["metainf"];
+        let latency =
+            m["predicted_runtime_s"].as_f64().unwrap() + m["predicted_wait_s"].as_f64().unwrap();
         burst.push((
             v["id"].as_str().unwrap().to_owned(),
-            v["metainf"]["host"].as_str().unwrap().to_owned(),
+            m["host"].as_str().unwrap().to_owned(),
+            latency,
         ));
     }
-    let distinct: std::collections::HashSet<&String> = burst.iter().map(|(_, h)| h).collect();
-    assert!(
-        distinct.len() >= 2,
-        "three jobs at once all went to one host: {burst:?}"
-    );
-    for (id, _) in &burst {
+    for pair in burst.windows(2) {
+        assert!(
+            pair[0].1 != pair[1].1 || pair[1].2 > pair[0].2,
+            "a host chosen again must be predicted slower with the job it was just given: {burst:?}"
+        );
+    }
+    for (id, _, _) in &burst {
         let job = wait_job(&a, id, |j| j["status"] == "done" || j["status"] == "failed").await;
         assert_eq!(job["status"], "done", "{job}");
     }

@@ -985,3 +985,89 @@ async fn a_peer_whose_summaries_lie_is_distrusted_and_an_honest_one_still_syncs(
     victim.stop().await;
     honest.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hosts_state_is_asked_for_directly_and_queries_past_the_rate_go_unanswered() {
+    let dir = tempfile::tempdir().unwrap();
+    // Heartbeats an hour apart: after the first, only the direct queries tell.
+    let quiet = |bootstrap| NetworkConfig {
+        heartbeat_interval_s: 3600,
+        peer_timeout_s: 3600,
+        ..config(bootstrap, 3600)
+    };
+    let host = fresh(dir.path(), "host", quiet(vec![])).await;
+    let offer = |running_seqs: u32, blocks: u32| net::Offer {
+        models: vec![fixtures::smollm2()],
+        queue_depth: 0,
+        running_jobs: 0,
+        queue_capacity: 64,
+        load: Some(metainf_protocol::HostLoad {
+            running_seqs,
+            waiting_seqs: 0,
+            max_running: 8,
+            kv_blocks_total: 100,
+            kv_blocks_used: 0,
+            kv_blocks_cached: 0,
+            decode_tok_s: 0.0,
+            seq_s: 0.0,
+        }),
+        cache: Some(std::sync::Arc::new(metainf_protocol::CacheSummary::new(
+            "smollm2",
+            16,
+            &metainf_protocol::block_hashes(&(0..16 * blocks).collect::<Vec<u32>>(), 16),
+        ))),
+    };
+    let (tx, rx) = tokio::sync::watch::channel(offer(0, 0));
+    host.client.set_offer(rx).await.unwrap();
+    let router = fresh(dir.path(), "router", quiet(vec![host.addr.clone()])).await;
+    // Known at once on connecting (asked, not waited for).
+    let host_id = host.peer_id();
+    let state_of = |peers: &[net::PeerStatus]| {
+        peers
+            .iter()
+            .find(|p| p.peer == host_id)
+            .and_then(|p| p.heartbeat.clone())
+    };
+    until_peers(
+        &router.client,
+        "the host's state",
+        Duration::from_secs(10),
+        |peers| state_of(peers).is_some(),
+    )
+    .await;
+    let known = state_of(&router.client.peers().await.unwrap()).unwrap();
+    assert_eq!(known.load.unwrap().running_seqs, 0);
+    // The host gets busy and caches a conversation; no heartbeat says so for an hour, a
+    // direct query does, and the router keeps the answer as the host's state.
+    tx.send(offer(5, 40)).unwrap();
+    let now = router.client.query_state(host.peer_id()).await.unwrap();
+    assert_eq!(now.load.unwrap().running_seqs, 5);
+    let conversation: Vec<u32> = (0..16 * 40 + 7).collect();
+    let cache = now.cache.unwrap();
+    assert_eq!(
+        cache.cached_tokens(&metainf_protocol::block_hashes(&conversation, 16)),
+        640
+    );
+    assert_eq!(now.interval_s, 3600);
+    let held = router.client.peers().await.unwrap();
+    let held = held.iter().find(|p| p.peer == host.peer_id()).unwrap();
+    assert_eq!(
+        held.heartbeat.as_ref().unwrap().load.unwrap().running_seqs,
+        5
+    );
+    assert!(held.alive, "alive for three of its announced intervals");
+    // A burst past the rate limit: the host answers its share and drops the rest.
+    let burst = futures::future::join_all(
+        (0..2 * net::state::MAX_QUERIES_PER_S).map(|_| router.client.query_state(host.peer_id())),
+    )
+    .await;
+    let answered = burst.iter().filter(|r| r.is_ok()).count();
+    assert!(
+        answered >= 1 && answered <= net::state::MAX_QUERIES_PER_S as usize,
+        "{answered} of {} answered",
+        burst.len()
+    );
+    drop(tx);
+    router.stop().await;
+    host.stop().await;
+}

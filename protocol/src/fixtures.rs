@@ -147,5 +147,7 @@ pub fn heartbeat(peer: PeerId, sent_at_ms: u64) -> Heartbeat {
         profile: Some(hardware),
         records_seq: 0,
         load: None,
+        cache: None,
+        interval_s: 5,
     }
 }

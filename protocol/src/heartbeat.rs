@@ -3,6 +3,7 @@
 use libp2p_identity::PeerId;
 use serde::{Deserialize, Serialize};
 
+use crate::cache::CacheSummary;
 use crate::error::{ProtocolError, Result};
 use crate::hardware::{HardwareId, HardwareProfile};
 use crate::model::ModelDescriptor;
@@ -39,7 +40,15 @@ pub struct Heartbeat {
     pub records_seq: u64,
     /// Live load of its serving engine (of its first model), when it serves one.
     pub load: Option<HostLoad>,
+    /// What that engine's prefix cache holds.
+    pub cache: Option<CacheSummary>,
+    /// Seconds until the sender's next heartbeat at the latest (its interval grows with the
+    /// network, so that heartbeats cost each node the same whatever the network's size).
+    pub interval_s: u32,
 }
+
+/// Longest heartbeat interval a node may announce, seconds.
+pub const MAX_HEARTBEAT_INTERVAL_S: u32 = 3600;
 
 /// The live load of a host's serving engine: what routers predict its wait from.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -103,6 +112,15 @@ impl Heartbeat {
         validate::finite_nonneg("heartbeat.price_per_hour", self.price_per_hour)?;
         if let Some(load) = &self.load {
             load.validate()?;
+        }
+        if let Some(cache) = &self.cache {
+            cache.validate()?;
+        }
+        if self.interval_s > MAX_HEARTBEAT_INTERVAL_S {
+            return Err(ProtocolError::invalid(
+                "heartbeat.interval_s",
+                format!("{} s, at most {MAX_HEARTBEAT_INTERVAL_S}", self.interval_s),
+            ));
         }
         if self.queue_depth > self.queue_capacity {
             return Err(ProtocolError::invalid(

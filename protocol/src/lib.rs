@@ -9,6 +9,7 @@
 //! P[workload, method, hardware] (for a model), signed by its origin. [`SignedRecord::verify`]
 //! turns it into a [`VerifiedRecord`], the only form the store accepts.
 
+pub mod cache;
 pub mod codec;
 pub mod error;
 pub mod evidence;
@@ -25,6 +26,7 @@ pub mod workload;
 #[cfg(any(test, feature = "fixtures"))]
 pub mod fixtures;
 
+pub use cache::{BlockHash, CacheSummary, block_hashes};
 pub use codec::{MAX_MESSAGE_BYTES, MAX_RECORD_BYTES, WIRE_VERSION, decode, encode};
 pub use error::{ProtocolError, Result};
 pub use evidence::{Equivocation, MAX_EVIDENCE_BYTES, VerifiedEquivocation};

@@ -259,6 +259,12 @@ fn a_heartbeats_engine_load_is_range_checked() {
             decode_tok_s: 120.0,
             seq_s: 2.0,
         }),
+        cache: Some(metainf_protocol::CacheSummary::new(
+            "smollm2",
+            16,
+            &metainf_protocol::block_hashes(&[7; 640], 16),
+        )),
+        interval_s: 5,
     };
     hb.validate().unwrap();
     let back: Heartbeat = codec::decode(&codec::encode(&hb).unwrap()).unwrap();
@@ -282,6 +288,15 @@ fn a_heartbeats_engine_load_is_range_checked() {
         hb.load = Some(bad);
         assert!(hb.validate().is_err(), "{bad:?}");
     }
+    hb.load = Some(ok);
+    hb.interval_s = 100_000;
+    assert!(hb.validate().is_err(), "an interval past an hour");
+    hb.interval_s = 5;
+    // A cache summary past its bound is refused with the heartbeat that carries it.
+    if let Some(c) = hb.cache.as_mut() {
+        c.bits = vec![0xff; 2 * metainf_protocol::cache::MAX_SUMMARY_BYTES];
+    }
+    assert!(hb.validate().is_err());
 }
 
 #[test]

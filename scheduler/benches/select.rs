@@ -1,5 +1,7 @@
 //! One routing decision (Algorithm 2) over 8 methods × 100 hosts with distinct hardware, with
-//! the default meta-predictor (4 × 30 trees of depth 6) trained on 2,000 records; and training
+//! the default meta-predictor (4 × 30 trees of depth 6) trained on 2,000 records (a third of
+//! them served jobs with cache hits and co-load); again with every host's live load and a
+//! different cached share of the job per host (the predictor sees the share); and training
 //! that predictor on 10,000 records.
 //!
 //! `cargo bench --profile dev -p metainf-scheduler --bench select`
@@ -10,7 +12,9 @@
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use metainf_protocol::{Keypair, MethodConfig, Objective, PerfRecord, fixtures};
+use metainf_protocol::{
+    HostLoad, Keypair, MethodConfig, Objective, PerfRecord, RecordSource, ServedLoad, fixtures,
+};
 use metainf_scheduler::robust::{Gate, RobustConfig};
 use metainf_scheduler::select::Predictor;
 use metainf_scheduler::{FeatureConfig, GbdtParams, Host, MetaPredictor, Query, Tensor, select};
@@ -33,8 +37,18 @@ fn records(hardware: u32) -> Vec<PerfRecord> {
                 r.workload = fixtures::workload(preset, 8 + 4 * w as u32);
                 r.workload.prefix_sharing = 0.1 * w as f64;
                 r.method = m.clone();
-                let wall =
+                let mut wall =
                     20.0 / f64::from(units).sqrt() * (1.0 + 0.1 * ((mi * 7 + w * 3) % 5) as f64);
+                if seq % 3 == 0 {
+                    // A served job: part of its prompt from the cache, beside other jobs.
+                    let tenths = seq % 10;
+                    r.source = RecordSource::Served(ServedLoad {
+                        mean_running_seqs: 6.0,
+                        mean_foreign_seqs: 2.0,
+                        cached_prompt_tokens: r.metrics.prompt_tokens * tenths / 10,
+                    });
+                    wall *= 1.0 - 0.05 * tenths as f64;
+                }
                 r.metrics.wall_time_s = wall;
                 r.metrics.throughput_tok_s = r.metrics.output_tokens as f64 / wall;
                 out.push(r);
@@ -46,7 +60,7 @@ fn records(hardware: u32) -> Vec<PerfRecord> {
 
 /// p50, p99 and max of 5,000 timed single decisions with `model`, printed with the layers its
 /// gate kept.
-fn percentiles(model: &MetaPredictor, query: &Query<'_>) {
+fn percentiles(model: &MetaPredictor, query: &Query<'_>, what: &str) {
     let predictor = Predictor { model, cache: None };
     let mut times: Vec<f64> = (0..5000)
         .map(|_| {
@@ -57,7 +71,7 @@ fn percentiles(model: &MetaPredictor, query: &Query<'_>) {
         .collect();
     times.sort_by(f64::total_cmp);
     println!(
-        "select 8 methods x 100 hosts over 5000 decisions ({}): p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+        "select 8 methods x 100 hosts{what} over 5000 decisions ({}): p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
         model.model().gate().describe(),
         times[2500],
         times[4950],
@@ -85,6 +99,7 @@ fn bench(c: &mut Criterion) {
             power_w: None,
             load: None,
             slowdown: 1.0,
+            cached_tokens: 0,
         })
         .collect();
     let methods = MethodConfig::standard_methods();
@@ -103,7 +118,39 @@ fn bench(c: &mut Criterion) {
         objective: Objective::Runtime,
         explore: 0.0,
     };
-    percentiles(&model, &query);
+    percentiles(&model, &query, "");
+    println!(
+        "the predictor sees the cache share: {}",
+        predictor
+            .model
+            .features()
+            .sees_extra(metainf_scheduler::served::CACHED_SHARE)
+    );
+    // Every host with its live load and its own cached share of the job.
+    let total = (workload.prompt_tokens.mean * f64::from(workload.requests)) as u64;
+    let loaded: Vec<Host> = hosts
+        .iter()
+        .zip(1u32..)
+        .map(|(h, i)| Host {
+            load: Some(HostLoad {
+                running_seqs: i % 9,
+                waiting_seqs: i % 3,
+                max_running: 8,
+                kv_blocks_total: 1000,
+                kv_blocks_used: 10 * (i % 9),
+                kv_blocks_cached: 100,
+                decode_tok_s: 50.0,
+                seq_s: 2.0,
+            }),
+            cached_tokens: total * u64::from(i % 11) / 10,
+            ..h.clone()
+        })
+        .collect();
+    let with_state = Query {
+        hosts: &loaded,
+        ..query.clone()
+    };
+    percentiles(&model, &with_state, " with load and cache per host");
     // The heaviest model the gate can keep: every layer, both tree ensembles evaluated.
     let heavy = MetaPredictor::train_with(
         &tensor,
@@ -116,9 +163,13 @@ fn bench(c: &mut Criterion) {
         None,
     )
     .unwrap();
-    percentiles(&heavy, &query);
+    percentiles(&heavy, &query, "");
+    percentiles(&heavy, &with_state, " with load and cache per host");
     c.bench_function("select 8 methods x 100 hosts", |b| {
         b.iter(|| select(&predictor, std::hint::black_box(&query)).unwrap())
+    });
+    c.bench_function("select 8 methods x 100 hosts with load and cache", |b| {
+        b.iter(|| select(&predictor, std::hint::black_box(&with_state)).unwrap())
     });
     let big = Tensor::from_records(&records(250)).unwrap();
     let mut group = c.benchmark_group("train");

@@ -26,6 +26,9 @@ pub struct Choice {
     pub energy_j: Option<f64>,
     /// Uncertainty of the runtime (standard deviation of ln runtime over the ensemble).
     pub log_std: f64,
+    /// Prompt tokens the host's prefix cache would serve.
+    #[serde(default)]
+    pub cached_tokens: u64,
 }
 
 impl Choice {

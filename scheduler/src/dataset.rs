@@ -271,7 +271,15 @@ impl Tensor {
             let ids = r.cell()?;
             let h = hardware.intern(ids.hardware, &r.hardware);
             let m = models.intern(ids.model, &r.model);
-            let w = workloads.intern(ids.workload, &r.workload);
+            // A served job's cell is its workload as served (cache hits, co-load).
+            let w = match &r.source {
+                metainf_protocol::RecordSource::Served(load) => {
+                    let served =
+                        crate::served::served_workload(&r.workload, load, r.metrics.prompt_tokens);
+                    workloads.intern(served.id()?, &served)
+                }
+                _ => workloads.intern(ids.workload, &r.workload),
+            };
             let k = methods.intern(ids.method, &r.method);
             let c = *cell_index.entry((h, m, w)).or_insert_with(|| {
                 keys.push((h, m, w));

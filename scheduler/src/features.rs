@@ -374,6 +374,17 @@ impl FeatureSpace {
         Ok(space)
     }
 
+    /// Whether predictions see the workload fact `key` (it was in training, and workloads are
+    /// described by their numeric facts).
+    pub fn sees_extra(&self, key: &str) -> bool {
+        self.extra_keys.iter().any(|k| k == key)
+            && match self.config.encoding {
+                Encoding::Auto => self.numeric_kinds.contains(&kind_key(Kind::Workload)),
+                Encoding::Numeric | Encoding::NumericText => true,
+                Encoding::OneHot | Encoding::Text => false,
+            }
+    }
+
     /// The configuration.
     pub fn config(&self) -> FeatureConfig {
         self.config

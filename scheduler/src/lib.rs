@@ -20,6 +20,7 @@ pub mod predictor;
 pub mod robust;
 pub mod select;
 pub mod selectors;
+pub mod served;
 pub mod split;
 
 pub use dataset::{Cell, Metric, Tensor};

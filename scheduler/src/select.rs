@@ -36,6 +36,9 @@ pub struct Host {
     /// records or heartbeats promise more than it delivers is routed as what it delivers.
     #[serde(default = "no_slowdown")]
     pub slowdown: f64,
+    /// Prompt tokens of this job its prefix cache would serve (from its cache summary).
+    #[serde(default)]
+    pub cached_tokens: u64,
 }
 
 fn no_slowdown() -> f64 {
@@ -47,6 +50,33 @@ fn no_slowdown() -> f64 {
 /// BENCHMARKS.md (a decode step of 4 sequences took 2.2× one sequence's); an engine whose steps
 /// are memory-bound (a GPU) shares far more cheaply, which the learned predictor refines.
 pub const STEP_COST_PER_SEQ: f64 = 0.67;
+
+/// What one generated token costs in prompt tokens prefilled, for a predictor that has not
+/// learned what a cache hit saves: on the 2-core machine of BENCHMARKS.md a single stream
+/// prefills ~350 tokens/s and decodes ~45, so a generated token costs about 8 prompt tokens.
+pub const DECODE_COST_IN_PROMPT_TOKENS: f64 = 8.0;
+
+/// The share of a job's time alone spent on prefilling its prompts (after in-job prefix
+/// sharing), by [`DECODE_COST_IN_PROMPT_TOKENS`].
+pub fn prefill_share(w: &WorkloadDescriptor) -> f64 {
+    let prompt = w.prompt_tokens.mean.max(0.0) * (1.0 - w.prefix_sharing.clamp(0.0, 1.0));
+    let decode = w.max_new_tokens.mean.max(0.0) * DECODE_COST_IN_PROMPT_TOKENS;
+    if prompt + decode > 0.0 {
+        prompt / (prompt + decode)
+    } else {
+        0.0
+    }
+}
+
+/// The share of `w`'s prompt tokens that `cached_tokens` are (0..=1).
+pub fn cache_share(w: &WorkloadDescriptor, cached_tokens: u64) -> f64 {
+    let total = w.prompt_tokens.mean.max(0.0) * f64::from(w.requests);
+    if total > 0.0 {
+        (cached_tokens as f64 / total).clamp(0.0, 1.0)
+    } else {
+        0.0
+    }
+}
 
 impl Host {
     /// Predicted (wait, runtime) of a job of `seqs` sequences whose runtime alone would be
@@ -127,6 +157,12 @@ pub trait RuntimeModel {
         hardware: &[&HardwareProfile],
         methods: &[MethodConfig],
     ) -> Result<Vec<Vec<Prediction>>>;
+
+    /// Whether its predictions see the workload fact `key` (say, a host's cache share);
+    /// where not, the caller accounts for it in its own way.
+    fn sees(&self, _key: &str) -> bool {
+        false
+    }
 }
 
 /// A [`MetaPredictor`] with the embedding cache its features may need.
@@ -148,6 +184,10 @@ impl RuntimeModel for Predictor<'_> {
         self.model
             .predict_grid(workload, model, hardware, methods, self.cache)
     }
+
+    fn sees(&self, key: &str) -> bool {
+        self.model.features().sees_extra(key)
+    }
 }
 
 /// Scores every pair and chooses (Algorithm 2).
@@ -161,23 +201,83 @@ pub fn select(model: &dyn RuntimeModel, query: &Query<'_>) -> Result<Decision> {
     if query.methods.is_empty() {
         return Err(SelectError::NoCandidates("methods").into());
     }
-    // Distinct hardware, by content id.
-    let mut distinct: Vec<&HardwareProfile> = Vec::new();
-    let mut ids = Vec::new();
-    let mut host_hw = Vec::with_capacity(query.hosts.len());
+    // Distinct (hardware, cache share): hosts of one hardware whose caches would serve this
+    // job alike share one prediction. A predictor that learned the share from served records
+    // predicts with it; otherwise the share saves its part of the prefill time.
+    let learned_cache = model.sees(crate::served::CACHED_SHARE);
+    let bucket =
+        |h: &Host| -> u8 { (cache_share(query.workload, h.cached_tokens) * 10.0).round() as u8 };
+    type Variant<'h> = (
+        u8,
+        Vec<&'h HardwareProfile>,
+        Vec<metainf_protocol::HardwareId>,
+    );
+    let mut variants: Vec<Variant<'_>> = Vec::new();
+    let mut host_cell = Vec::with_capacity(query.hosts.len());
     for h in query.hosts {
         let id = h.hardware.id()?;
-        let idx = match ids.iter().position(|i| *i == id) {
+        let b = if learned_cache { bucket(h) } else { 0 };
+        let v = match variants.iter().position(|v| v.0 == b) {
+            Some(v) => v,
+            None => {
+                variants.push((b, Vec::new(), Vec::new()));
+                variants.len() - 1
+            }
+        };
+        let (_, hw, ids) = &mut variants[v];
+        let i = match ids.iter().position(|i| *i == id) {
             Some(i) => i,
             None => {
                 ids.push(id);
-                distinct.push(&h.hardware);
+                hw.push(&h.hardware);
                 ids.len() - 1
             }
         };
-        host_hw.push(idx);
+        host_cell.push((v, i));
     }
-    let grid = model.predict_grid(query.workload, query.model, &distinct, query.methods)?;
+    // Only a method with prefix caching reads the host's cache: the others are predicted
+    // without the share.
+    let caching: Vec<bool> = query
+        .methods
+        .iter()
+        .map(|m| m.has(metainf_protocol::method::flags::PREFIX_CACHING))
+        .collect();
+    let (with_cache, without): (Vec<MethodConfig>, Vec<MethodConfig>) = {
+        let (a, b): (Vec<_>, Vec<_>) = query.methods.iter().zip(&caching).partition(|(_, c)| **c);
+        (
+            a.into_iter().map(|(m, _)| m.clone()).collect(),
+            b.into_iter().map(|(m, _)| m.clone()).collect(),
+        )
+    };
+    let mut grids = Vec::with_capacity(variants.len());
+    for (b, hw, _) in &variants {
+        let grid = if *b == 0 || with_cache.is_empty() {
+            model.predict_grid(query.workload, query.model, hw, query.methods)?
+        } else {
+            let w = crate::served::with_cache_share(query.workload, f64::from(*b) / 10.0, 0.0);
+            let cached = model.predict_grid(&w, query.model, hw, &with_cache)?;
+            let plain = if without.is_empty() {
+                vec![Vec::new(); hw.len()]
+            } else {
+                model.predict_grid(query.workload, query.model, hw, &without)?
+            };
+            // Back in the query's method order.
+            cached
+                .into_iter()
+                .zip(plain)
+                .map(|(c, p)| {
+                    let (mut c, mut p) = (c.into_iter(), p.into_iter());
+                    caching
+                        .iter()
+                        .map(|&pc| if pc { c.next() } else { p.next() })
+                        .collect::<Option<Vec<Prediction>>>()
+                        .ok_or(SelectError::NoCandidates("predictions"))
+                })
+                .collect::<std::result::Result<Vec<_>, _>>()?
+        };
+        grids.push(grid);
+    }
+    let prefill = prefill_share(query.workload);
     // Score every pair on plain numbers; only the ranked few become `Choice`s (which clone
     // names and methods).
     struct Scored {
@@ -191,14 +291,23 @@ pub fn select(model: &dyn RuntimeModel, query: &Query<'_>) -> Result<Decision> {
     }
     let mut all = Vec::with_capacity(query.hosts.len() * query.methods.len());
     for (hi, host) in query.hosts.iter().enumerate() {
-        for (mi, p) in grid[host_hw[hi]].iter().enumerate() {
+        let (v, i) = host_cell[hi];
+        // Without a learned cache effect: the cached share of the prefill is not computed, by
+        // the methods that read the cache.
+        let saved = if learned_cache {
+            1.0
+        } else {
+            1.0 - prefill * cache_share(query.workload, host.cached_tokens)
+        };
+        for (mi, p) in grids[v][i].iter().enumerate() {
+            let saved = if caching[mi] { saved } else { 1.0 };
             let slowdown = if host.slowdown.is_finite() {
                 host.slowdown.max(1.0)
             } else {
                 1.0
             };
             let (wait_s, runtime_s) =
-                host.predict(query.workload.requests, p.runtime_s() * slowdown);
+                host.predict(query.workload.requests, p.runtime_s() * slowdown * saved);
             all.push(Scored {
                 host: hi,
                 method: mi,
@@ -219,6 +328,11 @@ pub fn select(model: &dyn RuntimeModel, query: &Query<'_>) -> Result<Decision> {
         cost: s.cost,
         energy_j: s.energy_j,
         log_std: s.log_std,
+        cached_tokens: if caching[s.method] {
+            query.hosts[s.host].cached_tokens
+        } else {
+            0
+        },
     };
     let total = all.len();
     let (mut feasible, over): (Vec<Scored>, Vec<Scored>) = all
@@ -340,6 +454,7 @@ mod tests {
             power_w: None,
             load: None,
             slowdown: 1.0,
+            cached_tokens: 0,
         }
     }
 
@@ -390,6 +505,72 @@ mod tests {
             close(runtime, 2.0 * (1.0 + 16.0 * c) / (1.0 + c)),
             "{runtime}"
         );
+    }
+
+    #[test]
+    fn the_host_holding_a_jobs_prefix_wins_until_it_is_overloaded() {
+        // A second turn: 800 prompt tokens, 64 new, one request.
+        let mut w = fixtures::workload("chat", 1);
+        w.requests = 1;
+        w.prompt_tokens.mean = 800.0;
+        w.max_new_tokens.mean = 64.0;
+        w.prefix_sharing = 0.0;
+        let m = fixtures::smollm2();
+        let methods = MethodConfig::standard_methods();
+        let mut warm = host("warm", 1, 0.0, 0);
+        warm.cached_tokens = 768;
+        let cold = host("cold", 1, 0.0, 0);
+        let hosts = vec![cold.clone(), warm.clone()];
+        let q = Query {
+            workload: &w,
+            model: &m,
+            hosts: &hosts,
+            methods: &methods,
+            budget: None,
+            objective: Objective::Runtime,
+            explore: 0.0,
+        };
+        let d = select(&Table, &q).unwrap();
+        assert_eq!(d.chosen.host_name, "warm");
+        assert!(d.chosen.method.has("prefix_caching"));
+        assert_eq!(d.chosen.cached_tokens, 768);
+        // A method without prefix caching does not read the cache: no saving.
+        let plain = |name: &str| {
+            d.ranked
+                .iter()
+                .find(|c| c.host_name == name && !c.method.has("prefix_caching"))
+                .map(|c| (c.method.clone(), c.runtime_s, c.cached_tokens))
+        };
+        if let (Some(w), Some(c)) = (plain("warm"), plain("cold"))
+            && w.0 == c.0
+        {
+            assert_eq!((w.1, w.2), (c.1, 0));
+        }
+        // The saving is the cached share of the prefill: 800 / (800 + 8 · 64) of the time is
+        // prefill, 96 % of it cached.
+        let by = |name: &str| {
+            d.ranked
+                .iter()
+                .find(|c| c.host_name == name && c.method == d.chosen.method)
+                .map(|c| c.runtime_s)
+                .unwrap()
+        };
+        let expected = 1.0 - (800.0 / 1312.0) * (768.0 / 800.0);
+        assert!((by("warm") / by("cold") - expected).abs() < 1e-9);
+        // The warm host busy with a long queue: the cold one is faster now.
+        warm.load = Some(HostLoad {
+            running_seqs: 8,
+            waiting_seqs: 24,
+            max_running: 8,
+            kv_blocks_total: 100,
+            kv_blocks_used: 90,
+            kv_blocks_cached: 10,
+            decode_tok_s: 50.0,
+            seq_s: 4.0,
+        });
+        let hosts = vec![cold, warm];
+        let d = select(&Table, &Query { hosts: &hosts, ..q }).unwrap();
+        assert_eq!(d.chosen.host_name, "cold");
     }
 
     #[test]

@@ -107,6 +107,7 @@ fn predictor_learns_saves_reloads_and_routes() {
             power_w: None,
             load: None,
             slowdown: 1.0,
+            cached_tokens: 0,
         },
         Host {
             name: "cheap".into(),
@@ -117,6 +118,7 @@ fn predictor_learns_saves_reloads_and_routes() {
             power_w: None,
             load: None,
             slowdown: 1.0,
+            cached_tokens: 0,
         },
     ];
     let predictor = Predictor {

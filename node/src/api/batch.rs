@@ -49,6 +49,8 @@ pub(super) struct BatchJob {
     method: Option<String>,
     #[serde(default)]
     host: Option<String>,
+    #[serde(default)]
+    policy: Option<String>,
 }
 
 impl BatchJob {
@@ -66,6 +68,7 @@ impl BatchJob {
             objective: self.objective,
             method: self.method,
             host: self.host,
+            policy: self.policy,
         };
         (self.model, self.prompts, generation, route)
     }
@@ -84,8 +87,9 @@ pub(super) async fn post_job(
         })
         .collect::<Result<Vec<_>, _>>()?;
     let params = generation.into_params(GenerationDefaults::batch());
+    let policy = route.policy()?;
     let request = job_request(model, prompts, params, route, false)?;
-    let routed = state.service.route(request).await?;
+    let routed = state.service.route(request, policy).await?;
     state.service.accept(&routed).await?;
     let body = JobAccepted {
         id: routed.request.id.to_string(),

@@ -227,6 +227,7 @@ fn choice_view(c: &metainf_scheduler::Choice) -> ChoiceView {
         predicted_runtime_s: c.runtime_s,
         predicted_wait_s: c.wait_s,
         predicted_cost: c.cost,
+        cached_tokens: c.cached_tokens,
     }
 }
 
@@ -238,6 +239,7 @@ fn routing_view(routed: &Routed) -> RoutingView {
         over_budget: routed.decision.over_budget,
         routing_ms: routed.routing_s * 1000.0,
         predictor_generation: routed.generation,
+        policy: routed.policy.to_string(),
     }
 }
 

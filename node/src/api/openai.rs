@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use super::request::{GenerationDefaults, GenerationFields, RouteOptions, job_request};
 use super::types::{ChatChoice, ChunkChoice, CompletionResponse, Delta, TextChoice, Usage};
 use super::{ApiError, ApiJson, AppState, outcome_view, to_wire};
+use crate::jobs::policy::RoutingPolicy;
 use crate::jobs::{JobError, Outcome};
 
 /// A message's content: a string, or parts of which the text ones are joined.
@@ -99,21 +100,20 @@ pub(crate) struct Common {
 }
 
 impl Common {
-    fn request(mut self, prompts: Vec<Prompt>) -> Result<(JobRequest, bool), ApiError> {
+    fn request(
+        mut self,
+        prompts: Vec<Prompt>,
+    ) -> Result<(JobRequest, bool, Option<RoutingPolicy>), ApiError> {
         if self.n.is_some_and(|n| n != 1) {
             return Err(ApiError::invalid("n must be 1"));
         }
         self.generation.max_tokens = self.max_completion_tokens.or(self.generation.max_tokens);
         let params = self.generation.into_params(GenerationDefaults::OPENAI);
         let usage = self.stream_options.is_some_and(|o| o.include_usage);
-        let request = job_request(
-            self.model,
-            prompts,
-            params,
-            self.metainf.unwrap_or_default(),
-            self.stream,
-        )?;
-        Ok((request, usage))
+        let route = self.metainf.unwrap_or_default();
+        let policy = route.policy()?;
+        let request = job_request(self.model, prompts, params, route, self.stream)?;
+        Ok((request, usage, policy))
     }
 }
 
@@ -167,8 +167,8 @@ pub(crate) async fn chat_completions(
     ApiJson(body): ApiJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
     let messages = chat_messages(body.messages)?;
-    let (request, usage) = body.common.request(vec![Prompt::Chat(messages)])?;
-    respond(state, request, usage, Kind::Chat).await
+    let (request, usage, policy) = body.common.request(vec![Prompt::Chat(messages)])?;
+    respond(state, request, usage, policy, Kind::Chat).await
 }
 
 pub(crate) async fn completions(
@@ -179,8 +179,8 @@ pub(crate) async fn completions(
         PromptSpec::One(p) => vec![Prompt::Text(p)],
         PromptSpec::Many(ps) => ps.into_iter().map(Prompt::Text).collect(),
     };
-    let (request, usage) = body.common.request(prompts)?;
-    respond(state, request, usage, Kind::Text).await
+    let (request, usage, policy) = body.common.request(prompts)?;
+    respond(state, request, usage, policy, Kind::Text).await
 }
 
 fn usage(outcome: &Outcome) -> Usage {
@@ -243,10 +243,11 @@ async fn respond(
     state: AppState,
     request: JobRequest,
     include_usage: bool,
+    policy: Option<RoutingPolicy>,
     kind: Kind,
 ) -> Result<Response, ApiError> {
     let service = state.service.clone();
-    let routed = service.route(request).await?;
+    let routed = service.route(request, policy).await?;
     service.accept(&routed).await?;
     let model = routed.request.model.clone();
     let job = routed.request.id.to_string();

@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use super::ApiError;
 use crate::jobs::JobService;
+use crate::jobs::policy::RoutingPolicy;
 
 /// `stop`: one string or several.
 #[derive(Debug, Deserialize)]
@@ -105,6 +106,21 @@ pub struct RouteOptions {
     /// Run on exactly this host (a peer id).
     #[serde(default)]
     pub host: Option<String>,
+    /// How to choose the host (`metainf`, `round-robin`, `random`, `least-loaded`,
+    /// `prefix-affinity`); the node's `[jobs] routing` where absent.
+    #[serde(default)]
+    pub policy: Option<String>,
+}
+
+impl RouteOptions {
+    /// The routing policy asked for, if any.
+    pub(crate) fn policy(&self) -> Result<Option<RoutingPolicy>, ApiError> {
+        self.policy
+            .as_deref()
+            .map(str::parse)
+            .transpose()
+            .map_err(|e: String| ApiError::invalid(format!("metainf.policy: {e}")))
+    }
 }
 
 /// Builds and validates a job request.

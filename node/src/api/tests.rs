@@ -35,6 +35,7 @@ fn choice() -> metainf_scheduler::Choice {
         cost: 0.125,
         energy_j: None,
         log_std: 0.1,
+        cached_tokens: 96,
     }
 }
 
@@ -45,6 +46,7 @@ fn old_choice_json(c: &metainf_scheduler::Choice) -> Value {
         "predicted_runtime_s": c.runtime_s,
         "predicted_wait_s": c.wait_s,
         "predicted_cost": c.cost,
+        "cached_tokens": c.cached_tokens,
     })
 }
 
@@ -187,6 +189,7 @@ fn choices_and_outcomes_keep_their_shape() {
         over_budget: 2,
         routing_ms: 0.5,
         predictor_generation: 3,
+        policy: "prefix-affinity".into(),
     };
     let mut reference = old_choice_json(&c);
     if let Some(o) = reference.as_object_mut() {
@@ -194,6 +197,7 @@ fn choices_and_outcomes_keep_their_shape() {
         o.insert("over_budget".into(), json!(2));
         o.insert("routing_ms".into(), json!(0.5));
         o.insert("predictor_generation".into(), json!(3));
+        o.insert("policy".into(), json!("prefix-affinity"));
     }
     same(&routing, &reference);
     let accepted = JobAccepted {

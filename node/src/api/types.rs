@@ -59,6 +59,9 @@ pub struct ChoiceView {
     pub predicted_wait_s: f64,
     /// Predicted cost.
     pub predicted_cost: f64,
+    /// Prompt tokens the host's prefix cache was expected to serve.
+    #[serde(default)]
+    pub cached_tokens: u64,
 }
 
 /// The `metainf` object of an accepted batch job: the choice and how it was made.
@@ -75,6 +78,9 @@ pub struct RoutingView {
     pub routing_ms: f64,
     /// Predictor generation that decided (0 = the prior).
     pub predictor_generation: u64,
+    /// The routing policy that chose the host.
+    #[serde(default)]
+    pub policy: String,
 }
 
 /// The `metainf` object of a finished chat or text completion.

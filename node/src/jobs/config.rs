@@ -37,6 +37,13 @@ pub struct JobsConfig {
     /// the peers; unset = half of `queue_capacity`, so the rest is always left to this node's
     /// own API clients.
     pub peer_sequences: Option<u32>,
+    /// How jobs choose their host when the request does not say: `metainf` (the predictor,
+    /// with every host's cache, load and speed), `round-robin`, `random`, `least-loaded` or
+    /// `prefix-affinity`.
+    pub routing: super::policy::RoutingPolicy,
+    /// Milliseconds after which a host's announced state counts as stale: a decision asks its
+    /// best few candidates with stale state for their state now (`/metainf/state/1`).
+    pub state_stale_ms: u64,
 }
 
 impl JobsConfig {
@@ -77,6 +84,8 @@ impl Default for JobsConfig {
             accept_jobs_from: super::admission::AcceptFrom::Any,
             peer_allowlist: Vec::new(),
             peer_sequences: None,
+            routing: super::policy::RoutingPolicy::Metainf,
+            state_stale_ms: 1000,
         }
     }
 }

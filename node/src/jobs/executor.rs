@@ -14,8 +14,8 @@ use metainf_profiler::engine::{
 };
 use metainf_profiler::tokenizer::{TextStream, chat_template};
 use metainf_protocol::{
-    Arrival, Completion, FinishReason, HostLoad, JobRequest, MethodConfig, ModelDescriptor, Prompt,
-    WorkloadDescriptor,
+    Arrival, CacheSummary, Completion, FinishReason, HostLoad, JobRequest, MethodConfig,
+    ModelDescriptor, Prompt, WorkloadDescriptor,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -83,15 +83,22 @@ impl ServedModel {
 
     /// The workload descriptor of a job on this model.
     pub fn describe(&self, request: &JobRequest) -> Result<WorkloadDescriptor, ExecError> {
-        let prompts = self.tokenize(&request.prompts)?;
+        Ok(Self::describe_tokens(
+            &self.tokenize(&request.prompts)?,
+            request,
+        ))
+    }
+
+    /// The workload descriptor of a job whose prompts tokenize to `prompts`.
+    pub fn describe_tokens(prompts: &[Vec<u32>], request: &JobRequest) -> WorkloadDescriptor {
         let max_new = vec![request.params.max_tokens; prompts.len()];
-        Ok(WorkloadDescriptor::from_prompts(
+        WorkloadDescriptor::from_prompts(
             None,
-            &prompts,
+            prompts,
             &max_new,
             Arrival::AllAtOnce,
             request.params.temperature,
-        ))
+        )
     }
 }
 
@@ -121,7 +128,11 @@ struct Inner {
     servers: Vec<Server>,
     config: SchedConfig,
     offer: watch::Sender<Offer>,
+    /// Per engine: the block list its last summary was built from, and the summary.
+    summaries: std::sync::Mutex<Vec<Option<SummaryMemo>>>,
 }
+
+type SummaryMemo = (Arc<Vec<metainf_protocol::BlockHash>>, Arc<CacheSummary>);
 
 impl Executor {
     /// Starts one serving engine per model with the host-wide `config`. The engines end when
@@ -146,12 +157,15 @@ impl Executor {
             running_jobs: 0,
             queue_capacity: u32::try_from(config.max_waiting).unwrap_or(u32::MAX),
             load: None,
+            cache: None,
         });
+        let summaries = std::sync::Mutex::new(vec![None; models.len()]);
         let executor = Self(Arc::new(Inner {
             models,
             servers,
             config,
             offer,
+            summaries,
         }));
         executor.publish_load();
         Ok((executor, EngineThread(threads)))
@@ -211,6 +225,29 @@ impl Executor {
         })
     }
 
+    /// What the prefix cache of the engine serving `name` holds now (rebuilt only when the
+    /// engine's block list changed).
+    pub fn cache_summary(&self, name: &str) -> Option<Arc<CacheSummary>> {
+        let i = self
+            .0
+            .models
+            .iter()
+            .position(|m| m.descriptor.name == name)?;
+        let server = self.0.servers.get(i)?;
+        let blocks = server.cached_blocks();
+        let mut memo = self.0.summaries.lock().ok()?;
+        let slot = memo.get_mut(i)?;
+        if let Some((seen, summary)) = slot.as_ref()
+            && Arc::ptr_eq(seen, &blocks)
+        {
+            return Some(summary.clone());
+        }
+        let block_size = u32::try_from(self.0.config.block_size).unwrap_or(u32::MAX);
+        let summary = Arc::new(CacheSummary::new(name, block_size, &blocks));
+        *slot = Some((blocks, summary.clone()));
+        Some(summary)
+    }
+
     /// Sequences that may wait in an engine.
     pub fn capacity(&self) -> u32 {
         u32::try_from(self.0.config.max_waiting).unwrap_or(u32::MAX)
@@ -230,10 +267,16 @@ impl Executor {
     fn publish_load(&self) {
         let (waiting, running) = self.load();
         let load = self.host_load();
+        let cache = self
+            .0
+            .models
+            .first()
+            .and_then(|m| self.cache_summary(&m.descriptor.name));
         self.0.offer.send_modify(|o| {
             o.queue_depth = waiting.min(o.queue_capacity);
             o.running_jobs = running;
             o.load = load;
+            o.cache = cache;
         });
     }
 

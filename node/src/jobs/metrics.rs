@@ -40,6 +40,12 @@ pub struct Metrics {
     pub peer_jobs_refused: Counter,
     /// Performance records made of finished jobs.
     pub records_made: Counter,
+    /// Hosts asked for their state at decision time (theirs was stale).
+    pub state_queries: Counter,
+    /// Prompt tokens of the jobs this host's engines ran.
+    pub prompt_tokens: Counter,
+    /// Those whose KV came from the prefix cache.
+    pub cached_prompt_tokens: Counter,
     /// Records in the store.
     pub records: Gauge,
     /// Predictor generation in use (0 = the prior).
@@ -79,6 +85,9 @@ impl Metrics {
             forwarded: Counter::default(),
             peer_jobs_refused: Counter::default(),
             records_made: Counter::default(),
+            state_queries: Counter::default(),
+            prompt_tokens: Counter::default(),
+            cached_prompt_tokens: Counter::default(),
             records: Gauge::default(),
             predictor_generation: Gauge::default(),
             abs_log_error: Histogram::new([0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0]),
@@ -122,6 +131,21 @@ impl Metrics {
             "job_records",
             "Performance records made of finished jobs",
             m.records_made.clone(),
+        );
+        registry.register(
+            "routing_state_queries",
+            "Hosts asked for their state at decision time because theirs was stale",
+            m.state_queries.clone(),
+        );
+        registry.register(
+            "served_prompt_tokens",
+            "Prompt tokens of the jobs this host's engines ran",
+            m.prompt_tokens.clone(),
+        );
+        registry.register(
+            "served_cached_prompt_tokens",
+            "Prompt tokens of those jobs whose KV came from the prefix cache",
+            m.cached_prompt_tokens.clone(),
         );
         registry.register("store_records", "Records in the store", m.records.clone());
         registry.register(

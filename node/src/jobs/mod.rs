@@ -14,6 +14,7 @@ pub mod learn;
 pub mod metrics;
 mod ops;
 mod persist;
+pub mod policy;
 pub mod reputation;
 mod route;
 mod run;
@@ -71,6 +72,8 @@ struct Inner {
     /// host's heartbeat is up to an interval old, and a burst of jobs must not all see the same
     /// empty queue.
     pending: std::sync::Mutex<std::collections::HashMap<PeerId, (u32, u32)>>,
+    /// Jobs the round-robin policy routed.
+    round_robin: AtomicU64,
 }
 
 /// The node's job service. Cheap to clone.
@@ -128,6 +131,7 @@ impl JobService {
             started: Instant::now(),
             records: AtomicU64::new(records),
             pending: std::sync::Mutex::new(std::collections::HashMap::new()),
+            round_robin: AtomicU64::new(0),
         };
         let service = Self(Arc::new(inner));
         if let Some(net) = &net {

@@ -88,7 +88,7 @@ impl JobService {
             self.spawn(async move {
                 // Peers announce themselves within a heartbeat or two.
                 tokio::time::sleep(Duration::from_secs(2)).await;
-                match service.route(entry.request.clone()).await {
+                match service.route(entry.request.clone(), None).await {
                     Ok(routed) => match service.accept(&routed).await {
                         Ok(()) => {
                             let _ = service.execute(routed, None).await;

@@ -3,12 +3,18 @@
 //! scheduler's choice of host and method within the budget.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Instant;
 
 use libp2p::PeerId;
-use metainf_protocol::{Arrival, HostLoad, JobId, JobRequest, ModelDescriptor, WorkloadDescriptor};
+use metainf_protocol::{
+    Arrival, BlockHash, CacheSummary, Heartbeat, HostLoad, JobId, JobRequest, ModelDescriptor,
+    WorkloadDescriptor, block_hashes,
+};
 use metainf_scheduler::SchedulerError;
-use metainf_scheduler::select::{Decision, Host, Query, SelectError};
+use metainf_scheduler::select::{Decision, Host, Query, RuntimeModel, SelectError};
+
+use super::policy::RoutingPolicy;
 use tracing::warn;
 
 use super::learn::Current;
@@ -28,12 +34,17 @@ pub struct Routed {
     pub generation: u64,
     /// Seconds spent routing.
     pub routing_s: f64,
+    /// The policy that chose the host (a retry routes by it too).
+    pub policy: RoutingPolicy,
 }
 
 /// A candidate host with the peer that runs it.
 pub(super) struct Candidate {
     peer: PeerId,
     host: Host,
+    /// When the state it is judged by was sent (its heartbeat or state answer); `None` for
+    /// this node, whose state is always current.
+    state_at_ms: Option<u64>,
 }
 
 impl JobService {
@@ -50,14 +61,21 @@ impl JobService {
         }
     }
 
-    /// Hosts that serve `model`, and its descriptor.
+    /// Hosts that serve `model`, and its descriptor; with the job's `prompts` (tokenized,
+    /// where this node can), the tokens each host's prefix cache would serve of them.
     pub(super) async fn candidates(
         &self,
         model: &str,
+        prefix: &mut PrefixHashes<'_>,
     ) -> (Option<ModelDescriptor>, Vec<Candidate>) {
         let mut descriptor = None;
         let mut out = Vec::new();
         if let Some(m) = self.0.executor.model(model) {
+            let cached_tokens = self
+                .0
+                .executor
+                .cache_summary(model)
+                .map_or(0, |s| prefix.cached_tokens(&s));
             descriptor = Some(m.descriptor.clone());
             let (queued, running) = self.0.executor.load();
             let mine = self.pending_on(&self.0.peer_id);
@@ -76,42 +94,122 @@ impl JobService {
                         .host_load()
                         .map(|l| self.with_pending(l, &self.0.peer_id)),
                     slowdown: 1.0,
+                    cached_tokens,
                 },
+                state_at_ms: None,
             });
         }
         let now = now_ms();
         for p in self.live_peers().await {
-            let seen = self.0.reputation.get(&p.peer);
             // Excluded for failing (or for a failed check): not a candidate until it ends.
-            if seen.as_ref().is_some_and(|r| r.excluded(now)) {
+            if self
+                .0
+                .reputation
+                .get(&p.peer)
+                .is_some_and(|r| r.excluded(now))
+            {
                 continue;
             }
             let Some(h) = p.heartbeat else { continue };
-            let Some(m) = h.models.iter().find(|m| m.name == model) else {
-                continue;
-            };
-            let Some(profile) = h.profile.clone() else {
-                continue;
-            };
-            descriptor.get_or_insert_with(|| m.clone());
-            out.push(Candidate {
-                peer: p.peer,
-                host: Host {
-                    name: p.peer.to_string(),
-                    hardware: profile,
-                    price_per_hour: h.price_per_hour,
-                    queue_depth: h
-                        .queue_depth
-                        .max(self.pending_on(&p.peer).saturating_sub(h.running_jobs)),
-                    running_jobs: h.running_jobs,
-                    power_w: None,
-                    load: h.load.map(|l| self.with_pending(l, &p.peer)),
-                    // What it claims, corrected by what this node saw it deliver.
-                    slowdown: seen.map_or(1.0, |r| r.slowdown()),
-                },
-            });
+            if let Some((m, candidate)) = self.peer_candidate(&h, model, prefix) {
+                descriptor.get_or_insert(m);
+                out.push(candidate);
+            }
         }
         (descriptor, out)
+    }
+
+    /// A peer as a candidate for a job on `model`, judged by its heartbeat `h`.
+    fn peer_candidate(
+        &self,
+        h: &Heartbeat,
+        model: &str,
+        prefix: &mut PrefixHashes<'_>,
+    ) -> Option<(ModelDescriptor, Candidate)> {
+        let m = h.models.iter().find(|m| m.name == model)?;
+        let profile = h.profile.clone()?;
+        let peer = h.peer;
+        let seen = self.0.reputation.get(&peer);
+        let host = Host {
+            name: peer.to_string(),
+            hardware: profile,
+            price_per_hour: h.price_per_hour,
+            queue_depth: h
+                .queue_depth
+                .max(self.pending_on(&peer).saturating_sub(h.running_jobs)),
+            running_jobs: h.running_jobs,
+            power_w: None,
+            load: h.load.map(|l| self.with_pending(l, &peer)),
+            // What it claims, corrected by what this node saw it deliver.
+            slowdown: seen.map_or(1.0, |r| r.slowdown()),
+            cached_tokens: h
+                .cache
+                .as_ref()
+                .filter(|c| c.model == model)
+                .map_or(0, |c| prefix.cached_tokens(c)),
+        };
+        Some((
+            m.clone(),
+            Candidate {
+                peer,
+                host,
+                state_at_ms: Some(h.sent_at_ms),
+            },
+        ))
+    }
+
+    /// Asks the few best candidates of `decision` whose state is older than the configured
+    /// staleness for their state now (in parallel, each within [`STATE_QUERY_TIMEOUT`]), and
+    /// updates them; whether any changed.
+    async fn refresh_stale(
+        &self,
+        decision: &Decision,
+        candidates: &mut [Candidate],
+        model: &str,
+        prefix: &mut PrefixHashes<'_>,
+    ) -> bool {
+        let Some(net) = &self.0.net else {
+            return false;
+        };
+        let stale_before = now_ms().saturating_sub(self.0.config.state_stale_ms);
+        let mut asked: Vec<usize> = Vec::new();
+        for c in std::iter::once(&decision.chosen).chain(&decision.ranked) {
+            if asked.len() >= STATE_QUERIES || asked.contains(&c.host) {
+                continue;
+            }
+            if candidates
+                .get(c.host)
+                .and_then(|c| c.state_at_ms)
+                .is_some_and(|at| at < stale_before)
+            {
+                asked.push(c.host);
+            }
+        }
+        if asked.is_empty() {
+            return false;
+        }
+        let answers = futures::future::join_all(asked.iter().map(|&i| {
+            let peer = candidates[i].peer;
+            async move {
+                tokio::time::timeout(STATE_QUERY_TIMEOUT, net.query_state(peer))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+            }
+        }))
+        .await;
+        self.0.metrics.state_queries.inc_by(asked.len() as u64);
+        let mut changed = false;
+        for (i, answer) in asked.into_iter().zip(answers) {
+            let Some(h) = answer else { continue };
+            if let Some((_, fresh)) = self.peer_candidate(&h, model, prefix)
+                && fresh.peer == candidates[i].peer
+            {
+                changed |= fresh.host != candidates[i].host;
+                candidates[i] = fresh;
+            }
+        }
+        changed
     }
 
     /// Gives a new job its id and acceptance time.
@@ -121,21 +219,38 @@ impl JobService {
         request
     }
 
-    /// Routes a job: validates it, describes its workload, and asks the scheduler.
-    pub async fn route(&self, request: JobRequest) -> Result<Routed, JobError> {
-        self.route_excluding(request, &HashSet::new()).await
+    /// Routes a job: validates it, describes its workload, and asks the scheduler, by
+    /// `policy` (the node's default where `None`).
+    pub async fn route(
+        &self,
+        request: JobRequest,
+        policy: Option<RoutingPolicy>,
+    ) -> Result<Routed, JobError> {
+        let policy = policy.unwrap_or(self.0.config.routing);
+        self.route_excluding(request, policy, &HashSet::new()).await
     }
 
     pub(super) async fn route_excluding(
         &self,
         request: JobRequest,
+        policy: RoutingPolicy,
         exclude: &HashSet<PeerId>,
     ) -> Result<Routed, JobError> {
         let started = Instant::now();
         request
             .validate()
             .map_err(|e| JobError::Invalid(e.to_string()))?;
-        let (descriptor, mut candidates) = self.candidates(&request.model).await;
+        // Tokenized once, where this node serves the model: the workload and every host's
+        // cached prefix come from the same tokens.
+        let tokens = match self.0.executor.model(&request.model) {
+            Some(m) => Some(
+                m.tokenize(&request.prompts)
+                    .map_err(|e| JobError::Invalid(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let mut prefix = PrefixHashes::new(tokens.as_deref());
+        let (descriptor, mut candidates) = self.candidates(&request.model, &mut prefix).await;
         let Some(model) = descriptor else {
             return Err(JobError::UnknownModel {
                 model: request.model.clone(),
@@ -171,10 +286,8 @@ impl JobService {
                 request.model
             )));
         }
-        let workload = match self.0.executor.model(&request.model) {
-            Some(m) => m
-                .describe(&request)
-                .map_err(|e| JobError::Invalid(e.to_string()))?,
+        let workload = match &tokens {
+            Some(t) => super::executor::ServedModel::describe_tokens(t, &request),
             None => approximate_workload(&request),
         };
         let methods = match &request.pin_method {
@@ -186,33 +299,23 @@ impl JobService {
             }
             None => self.0.methods.clone(),
         };
-        let hosts: Vec<Host> = candidates.iter().map(|c| c.host.clone()).collect();
         let trained = self.0.learner.current();
         let generation = trained.as_ref().map_or(0, |t| t.generation);
-        let query = Query {
+        let job = Job {
             workload: &workload,
             model: &model,
-            hosts: &hosts,
             methods: &methods,
-            budget: request.budget,
-            objective: request.objective,
-            explore: self.0.config.explore,
+            request: &request,
+            policy,
         };
-        let decision = match metainf_scheduler::select(&Current(trained), &query) {
-            Ok(d) => d,
-            // A predictor that cannot score this job (say, a model it never saw) falls back
-            // to the prior rather than refusing the job.
-            Err(SchedulerError::Select(e @ SelectError::OverBudget { .. })) => {
-                return Err(over_budget(e));
-            }
-            Err(e) => {
-                warn!(error = %e, "the predictor failed; routing with the prior");
-                metainf_scheduler::select(&Current(None), &query).map_err(|e| match e {
-                    SchedulerError::Select(e @ SelectError::OverBudget { .. }) => over_budget(e),
-                    other => JobError::Internal(other.to_string()),
-                })?
-            }
-        };
+        let mut decision = self.decide_on(&candidates, &job, trained.clone())?;
+        // The best candidates' state is refreshed where stale, and the job decided again.
+        if self
+            .refresh_stale(&decision, &mut candidates, &request.model, &mut prefix)
+            .await
+        {
+            decision = self.decide_on(&candidates, &job, trained)?;
+        }
         let routing_s = started.elapsed().as_secs_f64();
         self.0.metrics.routing_seconds.observe(routing_s);
         Ok(Routed {
@@ -221,6 +324,7 @@ impl JobService {
             decision,
             generation,
             routing_s,
+            policy,
         })
     }
 
@@ -269,6 +373,130 @@ impl JobService {
             }
         }
     }
+}
+
+/// Most candidates one decision asks for their state.
+const STATE_QUERIES: usize = 3;
+/// How long a decision waits for a state answer.
+const STATE_QUERY_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(300);
+
+/// A job's prompts as chain hashes of their blocks, per block size (computed once for each
+/// block size the hosts use).
+pub(super) struct PrefixHashes<'a> {
+    prompts: Option<&'a [Vec<u32>]>,
+    by_block_size: Vec<(u32, Vec<Vec<BlockHash>>)>,
+}
+
+impl<'a> PrefixHashes<'a> {
+    fn new(prompts: Option<&'a [Vec<u32>]>) -> Self {
+        Self {
+            prompts,
+            by_block_size: Vec::new(),
+        }
+    }
+
+    /// Prompt tokens `summary`'s host holds in its cache, over every prompt.
+    fn cached_tokens(&mut self, summary: &CacheSummary) -> u64 {
+        let Some(prompts) = self.prompts else {
+            return 0;
+        };
+        let bs = summary.block_size;
+        let i = match self.by_block_size.iter().position(|(b, _)| *b == bs) {
+            Some(i) => i,
+            None => {
+                let hashes = prompts
+                    .iter()
+                    .map(|p| block_hashes(p, bs as usize))
+                    .collect();
+                self.by_block_size.push((bs, hashes));
+                self.by_block_size.len() - 1
+            }
+        };
+        self.by_block_size[i]
+            .1
+            .iter()
+            .map(|h| summary.cached_tokens(h))
+            .fold(0u64, u64::saturating_add)
+    }
+}
+
+/// What a decision is about.
+struct Job<'a> {
+    workload: &'a WorkloadDescriptor,
+    model: &'a ModelDescriptor,
+    methods: &'a [metainf_protocol::MethodConfig],
+    request: &'a JobRequest,
+    policy: RoutingPolicy,
+}
+
+impl JobService {
+    /// Decides `job` among `candidates` as they stand, with the trained predictor (or the
+    /// prior, where it cannot score the job).
+    fn decide_on(
+        &self,
+        candidates: &[Candidate],
+        job: &Job<'_>,
+        trained: Option<Arc<super::learn::Trained>>,
+    ) -> Result<Decision, JobError> {
+        let hosts: Vec<Host> = candidates.iter().map(|c| c.host.clone()).collect();
+        let query = Query {
+            workload: job.workload,
+            model: job.model,
+            hosts: &hosts,
+            methods: job.methods,
+            budget: job.request.budget,
+            objective: job.request.objective,
+            explore: self.0.config.explore,
+        };
+        let prompt_tokens =
+            (job.workload.prompt_tokens.mean.max(0.0) * f64::from(job.workload.requests)) as u64;
+        let turn = &self.0.round_robin;
+        let decide =
+            |model: &dyn RuntimeModel| decide(model, &query, job.policy, prompt_tokens, turn);
+        match decide(&Current(trained)) {
+            Ok(d) => Ok(d),
+            // A predictor that cannot score this job (say, a model it never saw) falls back
+            // to the prior rather than refusing the job.
+            Err(SchedulerError::Select(e @ SelectError::OverBudget { .. })) => Err(over_budget(e)),
+            Err(e) => {
+                warn!(error = %e, "the predictor failed; routing with the prior");
+                decide(&Current(None)).map_err(|e| match e {
+                    SchedulerError::Select(e @ SelectError::OverBudget { .. }) => over_budget(e),
+                    other => JobError::Internal(other.to_string()),
+                })
+            }
+        }
+    }
+}
+
+/// The decision of `policy`: the scheduler's over every pair for `metainf`; for a baseline,
+/// the first host in its order that can run the job within the budget, with the method the
+/// predictor scores best there (so that only the choice of host differs between policies).
+fn decide(
+    model: &dyn RuntimeModel,
+    query: &Query<'_>,
+    policy: RoutingPolicy,
+    prompt_tokens: u64,
+    turn: &std::sync::atomic::AtomicU64,
+) -> metainf_scheduler::Result<Decision> {
+    let Some(order) = super::policy::order(policy, query.hosts, prompt_tokens, turn) else {
+        return metainf_scheduler::select(model, query);
+    };
+    for i in order {
+        let one = Query {
+            hosts: &query.hosts[i..=i],
+            ..query.clone()
+        };
+        if let Ok(mut d) = metainf_scheduler::select(model, &one) {
+            d.chosen.host = i;
+            for c in &mut d.ranked {
+                c.host = i;
+            }
+            return Ok(d);
+        }
+    }
+    // No host can: the scheduler's own answer over them all says why (say, the cheapest).
+    metainf_scheduler::select(model, query)
 }
 
 pub(super) fn over_budget(e: SelectError) -> JobError {

@@ -162,7 +162,10 @@ impl JobService {
             {
                 break Err(exhausted(all_busy, retry_after, attempts, &last_error));
             }
-            routed = match self.route_excluding(request.clone(), &tried).await {
+            routed = match self
+                .route_excluding(request.clone(), routed.policy, &tried)
+                .await
+            {
                 Ok(r) => r,
                 Err(JobError::NoHost(_)) => {
                     break Err(exhausted(all_busy, retry_after, attempts, &last_error));
@@ -270,6 +273,9 @@ impl JobService {
         exec: &executor::Execution,
         metrics: &metainf_protocol::Metrics,
     ) -> Result<metainf_protocol::RecordId, String> {
+        let cached = exec.co_load.cached_prompt_tokens.min(metrics.prompt_tokens);
+        self.0.metrics.prompt_tokens.inc_by(metrics.prompt_tokens);
+        self.0.metrics.cached_prompt_tokens.inc_by(cached);
         let record = PerfRecord {
             origin: self.0.peer_id,
             seq: 0,
@@ -282,7 +288,7 @@ impl JobService {
             source: RecordSource::Served(ServedLoad {
                 mean_running_seqs: exec.co_load.mean_running,
                 mean_foreign_seqs: exec.co_load.mean_foreign.min(exec.co_load.mean_running),
-                cached_prompt_tokens: exec.co_load.cached_prompt_tokens.min(metrics.prompt_tokens),
+                cached_prompt_tokens: cached,
             }),
             engine: ENGINE_NAME.to_owned(),
         };

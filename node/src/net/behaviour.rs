@@ -12,7 +12,7 @@ use libp2p::{Swarm, autonat, dcutr, identify, mdns, noise, ping, relay, tcp, yam
 use metainf_protocol::{ContentId, MAX_EVIDENCE_BYTES};
 
 use super::config::{NetError, NetworkConfig};
-use super::{HEARTBEATS_TOPIC, RECORDS_TOPIC, jobs, sync};
+use super::{HEARTBEATS_TOPIC, RECORDS_TOPIC, jobs, state, sync};
 
 /// Every protocol the node speaks.
 #[derive(NetworkBehaviour)]
@@ -24,6 +24,7 @@ pub(super) struct Behaviour {
     pub(super) sync: request_response::Behaviour<sync::SyncCodec>,
     pub(super) jobs: request_response::Behaviour<jobs::JobCodec>,
     pub(super) deltas: request_response::Behaviour<jobs::DeltaCodec>,
+    pub(super) state: request_response::Behaviour<state::StateCodec>,
     pub(super) mdns: Toggle<mdns::tokio::Behaviour>,
     pub(super) autonat: Toggle<autonat::Behaviour>,
     pub(super) relay: Toggle<relay::client::Behaviour>,
@@ -113,6 +114,10 @@ pub(super) fn build_swarm(
                     [(jobs::DELTA_PROTOCOL, ProtocolSupport::Full)],
                     request_response::Config::default()
                         .with_request_timeout(Duration::from_secs(120)),
+                ),
+                state: request_response::Behaviour::new(
+                    [(state::PROTOCOL, ProtocolSupport::Full)],
+                    request_response::Config::default().with_request_timeout(state::TIMEOUT),
                 ),
                 mdns: Toggle::from(mdns),
                 autonat: Toggle::from(

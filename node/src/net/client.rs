@@ -6,7 +6,7 @@ use std::collections::HashSet;
 
 use libp2p::request_response::ResponseChannel;
 use libp2p::{Multiaddr, PeerId};
-use metainf_protocol::{JobId, ModelId, VerifiedRecord};
+use metainf_protocol::{Heartbeat, JobId, ModelId, VerifiedRecord};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::config::NetError;
@@ -56,6 +56,13 @@ pub(crate) enum Command {
         reply: oneshot::Sender<HashSet<PeerId>>,
     },
     SyncNow,
+    HeartbeatsReceived {
+        reply: oneshot::Sender<usize>,
+    },
+    QueryState {
+        peer: PeerId,
+        reply: super::state::StateAnswer,
+    },
     SyncCall {
         peer: PeerId,
         request: Box<SyncRequest>,
@@ -217,6 +224,19 @@ impl Client {
     /// Starts an anti-entropy round with every connected peer now.
     pub async fn sync_now(&self) -> Result<(), NetError> {
         self.send(Command::SyncNow).await
+    }
+
+    /// Heartbeats this node took in (from gossip and state answers) since it started.
+    pub async fn heartbeats_received(&self) -> Result<usize, NetError> {
+        self.ask(|reply| Command::HeartbeatsReceived { reply })
+            .await
+    }
+
+    /// Asks `peer` for its state now (`/metainf/state/1`): its heartbeat as of the answer,
+    /// checked, and kept as its state where newer.
+    pub async fn query_state(&self, peer: PeerId) -> Result<Heartbeat, NetError> {
+        self.ask(|reply| Command::QueryState { peer, reply })
+            .await?
     }
 
     /// Sends a sync request (digests, a summary page, evidence) and waits for the answer.

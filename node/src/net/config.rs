@@ -25,8 +25,13 @@ pub struct NetworkConfig {
     /// Addresses at which others can reach this node (a public IP, a port forward). A relay
     /// server serves only once it has one; AutoNAT confirms them otherwise.
     pub external_addresses: Vec<Multiaddr>,
-    /// Seconds between heartbeats.
+    /// Seconds between heartbeats in a small network.
     pub heartbeat_interval_s: u64,
+    /// Heartbeats a second the whole network may cost each node: in a network of `N` nodes
+    /// each announces every `max(heartbeat_interval_s, N / budget)` seconds, so per-node
+    /// traffic stays flat as the network grows (0 = always `heartbeat_interval_s`). Routers
+    /// ask candidate hosts directly for state they hold stale.
+    pub heartbeat_budget_per_s: f64,
     /// A peer silent for this many seconds counts as gone.
     pub peer_timeout_s: u64,
     /// Seconds between anti-entropy rounds.
@@ -56,6 +61,7 @@ impl Default for NetworkConfig {
             autonat_private_addresses: false,
             external_addresses: Vec::new(),
             heartbeat_interval_s: 5,
+            heartbeat_budget_per_s: 2.0,
             peer_timeout_s: 30,
             anti_entropy_interval_s: 30,
             page_size: 1000,

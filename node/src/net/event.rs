@@ -105,6 +105,8 @@ pub struct Offer {
     pub queue_capacity: u32,
     /// Live load of its serving engine.
     pub load: Option<metainf_protocol::HostLoad>,
+    /// What its prefix cache holds (shared: heartbeats and state answers clone it often).
+    pub cache: Option<std::sync::Arc<metainf_protocol::CacheSummary>>,
 }
 
 /// A job call from a peer, to be answered through [`InboundJob::respond`].

@@ -87,13 +87,20 @@ pub struct EventLoop {
     pub(super) direct_attempts: HashMap<PeerId, Instant>,
     /// Tasks the loop started (deltas waiting for a slow client), awaited when it stops.
     pub(super) tasks: TaskTracker,
+    /// Heartbeats taken in since the start.
+    pub(super) heartbeats_received: usize,
+    /// State queries waiting for their answer.
+    pub(super) state_calls: HashMap<OutboundRequestId, super::state::StateAnswer>,
+    /// State queries each peer sent this node in the current second: (window start, count).
+    pub(super) state_queries: HashMap<PeerId, (Instant, u32)>,
 }
 
 impl EventLoop {
     /// Runs until `shutdown` is cancelled.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let mut heartbeat =
-            tokio::time::interval(Duration::from_secs(self.config.heartbeat_interval_s.max(1)));
+        // The first heartbeat at once, then each after the interval the network's size sets.
+        let heartbeat = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(heartbeat);
         let mut anti_entropy = tokio::time::interval(Duration::from_secs(
             self.config.anti_entropy_interval_s.max(1),
         ));
@@ -104,10 +111,11 @@ impl EventLoop {
                 () = shutdown.cancelled() => break,
                 Some(command) = self.commands.recv() => self.on_command(command),
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
-                _ = heartbeat.tick() => {
+                () = &mut heartbeat => {
                     self.send_heartbeat();
                     self.upgrade_relayed();
                     self.prune_peers();
+                    heartbeat.as_mut().reset(tokio::time::Instant::now() + self.heartbeat_interval());
                 }
                 _ = anti_entropy.tick() => self.start_sync_round(),
             }
@@ -212,6 +220,10 @@ impl EventLoop {
                 self.pending_providers.insert(id, (reply, HashSet::new()));
             }
             Command::SyncNow => self.start_sync_round(),
+            Command::QueryState { peer, reply } => self.query_state(peer, reply),
+            Command::HeartbeatsReceived { reply } => {
+                let _ = reply.send(self.heartbeats_received);
+            }
             Command::SyncCall {
                 peer,
                 request,
@@ -283,9 +295,10 @@ impl EventLoop {
         }
     }
 
-    /// Every peer heard from, with its connection state and liveness now.
+    /// Every peer heard from, with its connection state and liveness now: alive when heard
+    /// from within the peer timeout, or within three of the heartbeat intervals it announced
+    /// (longer in a large network).
     fn peer_list(&self) -> Vec<PeerStatus> {
-        let timeout = Duration::from_secs(self.config.peer_timeout_s);
         let now = now_ms();
         let mut peers: Vec<PeerStatus> = self
             .peers
@@ -302,7 +315,9 @@ impl EventLoop {
                     .distrusted
                     .get(&p.peer)
                     .is_some_and(|until| *until > Instant::now());
-                p.alive = is_alive(p.last_seen_ms, now, timeout);
+                let announced = p.heartbeat.as_ref().map_or(0, |h| h.interval_s);
+                let timeout = self.config.peer_timeout_s.max(3 * u64::from(announced));
+                p.alive = is_alive(p.last_seen_ms, now, Duration::from_secs(timeout));
                 p
             })
             .collect();
@@ -341,6 +356,10 @@ impl EventLoop {
                 if num_established.get() == 1 {
                     let _ = self.emit(NetEvent::PeerUp(peer_id));
                     let _ = self.emit(NetEvent::SyncDue(vec![peer_id]));
+                    // A new peer's state is asked for at once, not waited for: heartbeats
+                    // may be minutes apart in a large network.
+                    let (reply, _) = oneshot::channel();
+                    self.query_state(peer_id, reply);
                 }
             }
             SwarmEvent::ConnectionClosed {
@@ -517,6 +536,7 @@ impl EventLoop {
                 }
             }
             BehaviourEvent::Sync(event) => self.on_sync_event(event),
+            BehaviourEvent::State(event) => self.on_state_event(event),
             BehaviourEvent::Jobs(event) => self.on_job_event(event),
             BehaviourEvent::Deltas(event) => self.on_delta_event(event),
             _ => {}

@@ -6,6 +6,8 @@
 //! [`NetEvent::Record`] and waits in gossipsub's cache until the replica reports its verdict;
 //! the loop itself never waits for a disk.
 
+use std::time::Duration;
+
 use libp2p::PeerId;
 use libp2p::gossipsub::{self, MessageAcceptance};
 use metainf_protocol::{Heartbeat, codec};
@@ -98,23 +100,34 @@ impl EventLoop {
             // Valid, and relays may not know yet: ignored, not held against them.
             return GossipVerdict::Ignore;
         }
+        if self.take_heartbeat(heartbeat) {
+            GossipVerdict::Accept
+        } else {
+            // A replay (gossipsub forgets a message id after its duplicate window), an old
+            // copy or a clock far ahead: neither newer state nor a sign of life. Ignored, not
+            // rejected: the relay that forwarded it may be honest.
+            GossipVerdict::Ignore
+        }
+    }
+
+    /// Keeps a valid heartbeat (from gossip or a state query) as its peer's state if it is
+    /// newer than the one held; whether it was.
+    pub(super) fn take_heartbeat(&mut self, heartbeat: Heartbeat) -> bool {
         let peer = heartbeat.peer;
         let previous = self.peers.get(&peer).and_then(|s| s.heartbeat.as_ref());
         let max_age_ms = self.config.peer_timeout_s.saturating_mul(1000);
         if !fresh(previous, &heartbeat, now_ms(), max_age_ms) {
-            // A replay (gossipsub forgets a message id after its duplicate window), an old
-            // copy or a clock far ahead: neither newer state nor a sign of life. Ignored, not
-            // rejected: the relay that forwarded it may be honest.
             debug!(%peer, sent_at_ms = heartbeat.sent_at_ms, "ignored a stale heartbeat");
-            return GossipVerdict::Ignore;
+            return false;
         }
         self.seen(peer);
+        self.heartbeats_received = self.heartbeats_received.saturating_add(1);
         if let Some(status) = self.peers.get_mut(&peer) {
             status.heartbeat = Some(heartbeat.clone());
         }
         // The replica remembers it on disk; a full channel loses only this copy.
         let _ = self.emit(NetEvent::Heartbeat(Box::new(heartbeat)));
-        GossipVerdict::Accept
+        true
     }
 
     /// Gossips a record's or proof's wire bytes (already stored by whoever sends it).
@@ -129,7 +142,8 @@ impl EventLoop {
         }
     }
 
-    pub(super) fn send_heartbeat(&mut self) {
+    /// This node's state as its heartbeats (and its answers to state queries) carry it.
+    pub(super) fn own_heartbeat(&self) -> Heartbeat {
         let local = *self.swarm.local_peer_id();
         let records_seq = self.records_seq.as_ref().map_or(0, |s| *s.borrow());
         let offer = self
@@ -139,7 +153,7 @@ impl EventLoop {
             .unwrap_or_default();
         let mut models = offer.models;
         models.truncate(metainf_protocol::heartbeat::MAX_HEARTBEAT_MODELS);
-        let heartbeat = Heartbeat {
+        Heartbeat {
             peer: local,
             sent_at_ms: now_ms(),
             queue_depth: offer.queue_depth.min(offer.queue_capacity),
@@ -152,7 +166,37 @@ impl EventLoop {
             profile: Some(self.profile.clone()),
             records_seq,
             load: offer.load,
+            cache: offer.cache.as_deref().cloned(),
+            // Within the bound by construction (`heartbeat_interval` caps it).
+            interval_s: self.heartbeat_interval().as_secs_f64().ceil() as u32,
+        }
+    }
+
+    /// Time until this node's next heartbeat: the configured interval, or longer in a large
+    /// network, so that the heartbeats of all `N` nodes reach each node at most
+    /// `heartbeat_budget_per_s` times a second (an interval of `N / budget` seconds). A node
+    /// with nothing to offer (no model, or a full queue) announces four times as rarely.
+    pub(super) fn heartbeat_interval(&self) -> Duration {
+        let base = self.config.heartbeat_interval_s.max(1) as f64;
+        let nodes = self.peers.len().saturating_add(1) as f64;
+        let budget = self.config.heartbeat_budget_per_s;
+        let scaled = if budget.is_finite() && budget > 0.0 {
+            base.max(nodes / budget)
+        } else {
+            base
         };
+        let offers = self.offer.as_ref().is_some_and(|o| {
+            let o = o.borrow();
+            !o.models.is_empty() && o.queue_depth < o.queue_capacity
+        });
+        let s = if offers { scaled } else { 4.0 * scaled };
+        Duration::from_secs_f64(s.min(f64::from(
+            metainf_protocol::heartbeat::MAX_HEARTBEAT_INTERVAL_S,
+        )))
+    }
+
+    pub(super) fn send_heartbeat(&mut self) {
+        let heartbeat = self.own_heartbeat();
         match codec::encode(&heartbeat) {
             Ok(bytes) => {
                 // No peers yet is not an error.
@@ -190,6 +234,8 @@ mod tests {
             profile: None,
             records_seq: 0,
             load: None,
+            cache: None,
+            interval_s: 5,
         };
         let now = 10_000_000;
         let held = beat(now - 5_000);

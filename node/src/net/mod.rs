@@ -17,6 +17,7 @@
 //! | `gossip.rs` | records and heartbeats topics, validation verdicts |
 //! | `anti_entropy.rs` + `sync.rs` | version vectors and paged pulls; its wire types |
 //! | `job_transport.rs` + `jobs.rs` | job calls and streamed deltas; their wire types |
+//! | `state.rs` | `/metainf/state/1`: a host's state now, asked for directly |
 //! | `nat.rs` | relays, hole punching, direct dials |
 //! | `frame.rs` | the length-prefixed, size-limited codec of every request-response protocol |
 //!
@@ -32,6 +33,10 @@
 //!   seq. A record that conflicts with a stored one is ignored, not rejected (the relay may be
 //!   honest); the proof is gossiped, every node deletes the origin's records, refuses its next
 //!   ones and [`Client::ban`]s it: no heartbeat, connection or job of it is accepted.
+//! - **Heartbeats that scale**: each node announces every `max(interval, N / budget)` seconds
+//!   (`heartbeat_budget_per_s`, default 2 a second per node whatever `N`), four times as rarely
+//!   with nothing to offer; a peer counts as alive for three of its announced intervals. A
+//!   router asks its best candidates directly (`/metainf/state/1`) when their state is stale.
 //! - **Kademlia** (server mode): peer routing, bootstrap, provider records for served models.
 
 mod anti_entropy;
@@ -45,6 +50,7 @@ mod gossip;
 mod job_transport;
 mod jobs;
 mod nat;
+pub mod state;
 mod sync;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -183,6 +189,9 @@ pub fn start(
         direct_addrs: HashMap::new(),
         direct_attempts: HashMap::new(),
         tasks: TaskTracker::new(),
+        state_calls: HashMap::new(),
+        heartbeats_received: 0,
+        state_queries: HashMap::new(),
     };
     Ok((client, event_loop, events_rx))
 }

@@ -17,29 +17,13 @@ use std::collections::{BTreeMap, HashMap};
 use crate::error::{ProfilerError, Result};
 
 /// Hash of the tokens `0..(i+1)·block_size` of a sequence: the previous block's hash chained
-/// with this block's tokens.
-pub(crate) type BlockHash = [u8; 16];
-
-/// Chains a block's tokens onto its predecessor's hash.
-pub(crate) fn chain_hash(parent: Option<&BlockHash>, tokens: &[u32]) -> BlockHash {
-    keyed_hash("metainf kv prefix block v1", parent, tokens)
-}
+/// with this block's tokens (the network's definition, so that routers can compute it).
+pub(crate) use metainf_protocol::cache::{BlockHash, chain_hash};
 
 /// The key of the first `tokens.len()` rows of a block after `parent` (another key space than
 /// [`chain_hash`]'s full blocks).
 pub(crate) fn partial_hash(parent: Option<&BlockHash>, tokens: &[u32]) -> BlockHash {
-    keyed_hash("metainf kv partial block v1", parent, tokens)
-}
-
-fn keyed_hash(context: &str, parent: Option<&BlockHash>, tokens: &[u32]) -> BlockHash {
-    let mut hasher = blake3::Hasher::new_derive_key(context);
-    hasher.update(parent.map_or(&[0u8; 16][..], |p| &p[..]));
-    for t in tokens {
-        hasher.update(&t.to_le_bytes());
-    }
-    let mut out = [0u8; 16];
-    out.copy_from_slice(&hasher.finalize().as_bytes()[..16]);
-    out
+    metainf_protocol::cache::keyed_hash("metainf kv partial block v1", parent, tokens)
 }
 
 /// Counters of the prefix cache.
@@ -66,6 +50,8 @@ pub(crate) struct KvPool {
     values: Vec<f32>,
     refs: Vec<u32>,
     hash_of: Vec<Option<BlockHash>>,
+    /// Whether `hash_of` is a full block's chain hash (not a partial block's key).
+    full: Vec<bool>,
     cached: HashMap<BlockHash, u32>,
     /// Prefix key → (cached block, rows).
     partials: HashMap<BlockHash, (u32, usize)>,
@@ -111,6 +97,7 @@ impl KvPool {
             values: vec![0.0; floats],
             refs: vec![0; blocks],
             hash_of: vec![None; blocks],
+            full: vec![false; blocks],
             cached: HashMap::new(),
             partials: HashMap::new(),
             partial_keys: vec![Vec::new(); blocks],
@@ -200,6 +187,7 @@ impl KvPool {
                 if let Some(h) = self.hash_of[b as usize].take() {
                     self.cached.remove(&h);
                 }
+                self.full[b as usize] = false;
                 for key in std::mem::take(&mut self.partial_keys[b as usize]) {
                     if self.partials.get(&key).is_some_and(|e| e.0 == b) {
                         self.partials.remove(&key);
@@ -258,7 +246,30 @@ impl KvPool {
         }
         self.cached.insert(hash, block);
         self.hash_of[block as usize] = Some(hash);
+        self.full[block as usize] = true;
         self.register_prefixes(block, parent, tokens);
+    }
+
+    /// The chain hashes of the full blocks the pool holds, those in use first and then the
+    /// cached ones from the most recently used, at most `limit`: what the host tells routers.
+    pub(crate) fn recent_block_hashes(&self, limit: usize) -> Vec<BlockHash> {
+        let mut held: Vec<(u64, BlockHash)> = self
+            .hash_of
+            .iter()
+            .enumerate()
+            .filter(|&(b, h)| h.is_some() && self.full[b])
+            .filter_map(|(b, h)| {
+                let recency = if self.refs[b] > 0 {
+                    u64::MAX
+                } else {
+                    self.last_use[b]
+                };
+                Some((recency, (*h)?))
+            })
+            .collect();
+        held.sort_unstable_by_key(|h| std::cmp::Reverse(h.0));
+        held.truncate(limit);
+        held.into_iter().map(|(_, h)| h).collect()
     }
 
     /// Keeps a block whose sequence ended inside it (its first `tokens.len()` rows valid) as a
@@ -409,6 +420,40 @@ mod tests {
         assert!(p.partials.is_empty(), "{:?}", p.partials);
         p.release(x);
         p.release(y);
+    }
+
+    #[test]
+    fn the_pool_lists_its_full_blocks_in_use_first_then_most_recent() {
+        let mut p = pool(4);
+        let h1 = chain_hash(None, &[1, 2, 3, 4]);
+        let h2 = chain_hash(Some(&h1), &[5, 6, 7, 8]);
+        let h3 = chain_hash(None, &[9, 9, 9, 9]);
+        let (a, b, c) = (
+            p.allocate().unwrap(),
+            p.allocate().unwrap(),
+            p.allocate().unwrap(),
+        );
+        p.register(a, h1, None, &[1, 2, 3, 4]);
+        p.register(b, h2, Some(&h1), &[5, 6, 7, 8]);
+        p.register(c, h3, None, &[9, 9, 9, 9]);
+        // A partial block is not a full block: not listed.
+        let d = p.allocate().unwrap();
+        p.keep_partial(d, Some(&h3), &[1, 2]);
+        p.release(a);
+        p.release(c);
+        p.release(d);
+        // b in use first, then c (released last), then a.
+        assert_eq!(p.recent_block_hashes(10), vec![h2, h3, h1]);
+        assert_eq!(p.recent_block_hashes(2), vec![h2, h3]);
+        // What the network computes over the same tokens names the same blocks.
+        assert_eq!(
+            metainf_protocol::block_hashes(&[1, 2, 3, 4, 5, 6, 7, 8, 0], 4),
+            vec![h1, h2]
+        );
+        // Evicted blocks leave the list.
+        p.release(b);
+        let _ = (p.allocate(), p.allocate(), p.allocate(), p.allocate());
+        assert!(p.recent_block_hashes(10).is_empty());
     }
 
     #[test]

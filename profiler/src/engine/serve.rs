@@ -17,7 +17,13 @@ use tracing::{debug, warn};
 
 use super::sched::{self, CoLoad, JobKey, JobPolicy, SchedConfig, Scheduler, SeqEvent};
 use super::{Completion, Engine, FinishReason, KvStats, Request, RunReport};
+use crate::engine::kv::BlockHash;
 use crate::error::{ProfilerError, Result};
+
+/// Most blocks [`Server::cached_blocks`] lists.
+pub use metainf_protocol::cache::MAX_SUMMARY_ENTRIES;
+/// Least time between two refreshes of [`Server::cached_blocks`] while the engine steps.
+pub const SUMMARY_REFRESH: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Receives one job's results on the engine thread. Calls must return at once (hand the work
 /// to another thread): the whole batch waits on them.
@@ -91,6 +97,8 @@ struct Gauges {
     cached: AtomicUsize,
     decode_tok_s: AtomicU64,
     seq_s: AtomicU64,
+    /// The full blocks the prefix cache holds (chain hashes, in use and most recent first).
+    blocks: std::sync::Mutex<Arc<Vec<BlockHash>>>,
 }
 
 /// One job's control block, shared by its [`JobHandle`] and the engine thread.
@@ -184,6 +192,7 @@ impl Server {
             jobs: HashMap::new(),
             next_key: 0,
             step_tokens: 0,
+            blocks_published: None,
         };
         let thread = std::thread::Builder::new()
             .name("metainf-serve".into())
@@ -228,6 +237,17 @@ impl Server {
             decode_tok_s: f64::from_bits(g.decode_tok_s.load(Ordering::Relaxed)),
             seq_s: f64::from_bits(g.seq_s.load(Ordering::Relaxed)),
         }
+    }
+
+    /// The chain hashes of the full KV blocks the engine holds, in use and most recently used
+    /// first (at most [`MAX_SUMMARY_ENTRIES`], refreshed at most every
+    /// [`SUMMARY_REFRESH`]): what its cache summary covers.
+    pub fn cached_blocks(&self) -> Arc<Vec<BlockHash>> {
+        self.gauges
+            .blocks
+            .lock()
+            .map(|b| b.clone())
+            .unwrap_or_default()
     }
 
     /// Submits a job of `requests` (their arrival times are ignored: they arrive now). The
@@ -322,13 +342,17 @@ struct Worker {
     jobs: HashMap<JobKey, Active>,
     next_key: JobKey,
     step_tokens: u64,
+    /// When the cached blocks were last published, and the pool's counters then.
+    blocks_published: Option<(Instant, (u64, u64, u64, usize))>,
 }
 
 impl Worker {
     fn run(mut self, rx: mpsc::Receiver<Submission>) {
         loop {
             if self.jobs.is_empty() {
-                // Idle: block until there is work, or every handle is gone.
+                // Idle: what the last jobs left is published, then block until there is work,
+                // or every handle is gone.
+                self.publish(None);
                 match rx.recv() {
                     Ok(s) => self.take(s),
                     Err(_) => break,
@@ -509,6 +533,8 @@ impl Worker {
             prompt_tokens: job.prompt_tokens,
             completions,
         };
+        // What the job left in the cache is announced before anyone learns it ended.
+        self.publish_blocks();
         if let Some(sink) = job.sink.take() {
             sink.done(Ok(JobOutcome { report, co_load }));
         }
@@ -532,8 +558,29 @@ impl Worker {
         }
     }
 
+    fn fingerprint(pool: &super::kv::KvPool) -> (u64, u64, u64, usize) {
+        let stats = pool.stats();
+        (
+            stats.hits,
+            stats.misses,
+            stats.evictions,
+            pool.used_blocks(),
+        )
+    }
+
+    /// Publishes the blocks the cache holds now.
+    fn publish_blocks(&mut self) {
+        let pool = self.scheduler.pool();
+        let blocks = pool.recent_block_hashes(MAX_SUMMARY_ENTRIES);
+        let fingerprint = Self::fingerprint(pool);
+        if let Ok(mut b) = self.gauges.blocks.lock() {
+            *b = Arc::new(blocks);
+        }
+        self.blocks_published = Some((Instant::now(), fingerprint));
+    }
+
     fn publish(&mut self, step_s: Option<f64>) {
-        let g = &self.gauges;
+        let g = Arc::clone(&self.gauges);
         g.waiting.store(self.scheduler.waiting(), Ordering::Relaxed);
         g.running.store(self.scheduler.running(), Ordering::Relaxed);
         g.jobs.store(self.jobs.len(), Ordering::Relaxed);
@@ -542,6 +589,19 @@ impl Worker {
         g.used
             .store(pool.used_blocks().saturating_sub(cached), Ordering::Relaxed);
         g.cached.store(cached, Ordering::Relaxed);
+        // The cache's content changes when blocks are registered, hit or evicted (the counters
+        // and the held count tell): republished at most every refresh while steps run, and
+        // at once when the engine goes idle (so the last change is never left out).
+        let fingerprint = Self::fingerprint(pool);
+        let due = match self.blocks_published {
+            None => true,
+            Some((at, seen)) => {
+                seen != fingerprint && (step_s.is_none() || at.elapsed() >= SUMMARY_REFRESH)
+            }
+        };
+        if due {
+            self.publish_blocks();
+        }
         if let Some(s) = step_s
             && s > 0.0
         {
