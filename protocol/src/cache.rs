@@ -82,6 +82,18 @@ pub struct CacheSummary {
     pub bits: Vec<u8>,
 }
 
+/// The filter's length for `entries` blocks: a power of two of bytes, 8 bits a block.
+fn filter_bytes(entries: usize) -> usize {
+    if entries == 0 {
+        0
+    } else {
+        (entries.min(MAX_SUMMARY_ENTRIES) * BITS_PER_ENTRY)
+            .div_ceil(8)
+            .next_power_of_two()
+            .clamp(8, MAX_SUMMARY_BYTES)
+    }
+}
+
 fn positions(hash: &BlockHash, hashes: u8, bits: usize) -> impl Iterator<Item = usize> {
     let mut a = [0u8; 8];
     let mut b = [0u8; 8];
@@ -97,14 +109,7 @@ impl CacheSummary {
     /// [`MAX_SUMMARY_ENTRIES`] are covered).
     pub fn new(model: &str, block_size: u32, blocks: &[BlockHash]) -> Self {
         let blocks = &blocks[..blocks.len().min(MAX_SUMMARY_ENTRIES)];
-        let bytes = if blocks.is_empty() {
-            0
-        } else {
-            (blocks.len() * BITS_PER_ENTRY)
-                .div_ceil(8)
-                .next_power_of_two()
-                .clamp(8, MAX_SUMMARY_BYTES)
-        };
+        let bytes = filter_bytes(blocks.len());
         let mut bits = vec![0u8; bytes];
         for h in blocks {
             for p in positions(h, HASHES, bytes * 8) {
@@ -166,8 +171,29 @@ impl CacheSummary {
                 "the filter's length is not a power of two",
             ));
         }
-        if self.hashes == 0 || self.hashes > 16 {
-            return Err(ProtocolError::invalid("cache.hashes", "not in 1..=16"));
+        if self.hashes != HASHES {
+            return Err(ProtocolError::invalid(
+                "cache.hashes",
+                format!(
+                    "{} bit positions a block, the scheme sets {HASHES}",
+                    self.hashes
+                ),
+            ));
+        }
+        // The filter is as long as its entries make it, and no fuller than they can make it: a
+        // filter of ones would claim every prompt cached.
+        if self.bits.len() != filter_bytes(self.entries as usize) {
+            return Err(ProtocolError::invalid(
+                "cache.bits",
+                "the filter's length does not match its entries",
+            ));
+        }
+        let ones: u64 = self.bits.iter().map(|b| u64::from(b.count_ones())).sum();
+        if ones > u64::from(self.entries) * u64::from(HASHES) {
+            return Err(ProtocolError::invalid(
+                "cache.bits",
+                "more bits set than its entries can set",
+            ));
         }
         Ok(())
     }
@@ -236,6 +262,21 @@ mod tests {
         assert!(bad.validate().is_err());
         let mut bad = good.clone();
         bad.hashes = 0;
+        assert!(bad.validate().is_err());
+        // A filter of ones (every prompt "cached") or one longer than its entries need.
+        let mut bad = good.clone();
+        bad.bits.iter_mut().for_each(|b| *b = 0xff);
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("more bits")
+        );
+        let mut bad = good.clone();
+        bad.entries = 0;
+        assert!(bad.validate().is_err());
+        let mut bad = good.clone();
+        bad.bits = vec![0; 1024];
         assert!(bad.validate().is_err());
         let mut bad = good;
         bad.model = String::new();

@@ -69,6 +69,9 @@ pub struct HostLoad {
     pub decode_tok_s: f64,
     /// Recent mean seconds a sequence spends in the engine.
     pub seq_s: f64,
+    /// Tokens its running and waiting sequences may still generate (their `max_tokens` less
+    /// what they generated): with the decode rate, how long the work ahead takes.
+    pub remaining_tokens: u64,
 }
 
 impl HostLoad {

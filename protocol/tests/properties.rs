@@ -258,6 +258,7 @@ fn a_heartbeats_engine_load_is_range_checked() {
             kv_blocks_cached: 60,
             decode_tok_s: 120.0,
             seq_s: 2.0,
+            remaining_tokens: 0,
         }),
         cache: Some(metainf_protocol::CacheSummary::new(
             "smollm2",

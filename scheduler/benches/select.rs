@@ -141,6 +141,7 @@ fn bench(c: &mut Criterion) {
                 kv_blocks_cached: 100,
                 decode_tok_s: 50.0,
                 seq_s: 2.0,
+                remaining_tokens: 0,
             }),
             cached_tokens: total * u64::from(i % 11) / 10,
             ..h.clone()

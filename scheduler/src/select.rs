@@ -68,6 +68,19 @@ pub fn prefill_share(w: &WorkloadDescriptor) -> f64 {
     }
 }
 
+/// The share of the prompt tokens `w` computes (after in-job prefix sharing) that
+/// `cached_tokens` distinct cached tokens spare it (0..=1).
+pub fn cache_saving(w: &WorkloadDescriptor, cached_tokens: u64) -> f64 {
+    let total = w.prompt_tokens.mean.max(0.0)
+        * f64::from(w.requests)
+        * (1.0 - w.prefix_sharing.clamp(0.0, 1.0));
+    if total > 0.0 {
+        (cached_tokens as f64 / total).clamp(0.0, 1.0)
+    } else {
+        0.0
+    }
+}
+
 /// The share of `w`'s prompt tokens that `cached_tokens` are (0..=1).
 pub fn cache_share(w: &WorkloadDescriptor, cached_tokens: u64) -> f64 {
     let total = w.prompt_tokens.mean.max(0.0) * f64::from(w.requests);
@@ -84,7 +97,8 @@ impl Host {
     ///
     /// With a serving engine's load: the job waits while the sequences ahead of it (running
     /// and waiting, and its own past the engine's free places) drain, `max_running` at a time,
-    /// each taking the engine's recent mean sequence time; once in, it shares every step with
+    /// each taking its share of the tokens the engine may still generate at its per-sequence
+    /// decode rate (or, unannounced, the engine's recent mean sequence time); once in, it shares every step with
     /// the others in the batch, each step costing [`STEP_COST_PER_SEQ`] more per sequence.
     /// Without one: the jobs ahead, each taking as long as this one.
     pub fn predict(&self, seqs: u32, alone_s: f64) -> (f64, f64) {
@@ -93,7 +107,17 @@ impl Host {
                 let max = u64::from(l.max_running);
                 let own = u64::from(seqs.max(1)).min(max);
                 let ahead = u64::from(l.running_seqs) + u64::from(l.waiting_seqs);
-                let per_seq = if l.seq_s > 0.0 { l.seq_s } else { alone_s };
+                // Each sequence ahead takes its share of the work ahead at the engine's
+                // per-sequence decode rate, where the host tells both; else its recent mean
+                // sequence time (short recent jobs make it optimistic about a long queue).
+                let running = f64::from(l.running_seqs.max(1));
+                let per_seq = if l.remaining_tokens > 0 && l.decode_tok_s > 0.0 && ahead > 0 {
+                    (l.remaining_tokens as f64 / ahead as f64) / (l.decode_tok_s / running)
+                } else if l.seq_s > 0.0 {
+                    l.seq_s
+                } else {
+                    alone_s
+                };
                 let over = (ahead + u64::from(seqs.max(1))).saturating_sub(max);
                 let wait = over as f64 / max as f64 * per_seq;
                 let others = ahead.min(max - own) as f64;
@@ -297,7 +321,7 @@ pub fn select(model: &dyn RuntimeModel, query: &Query<'_>) -> Result<Decision> {
         let saved = if learned_cache {
             1.0
         } else {
-            1.0 - prefill * cache_share(query.workload, host.cached_tokens)
+            1.0 - prefill * cache_saving(query.workload, host.cached_tokens)
         };
         for (mi, p) in grids[v][i].iter().enumerate() {
             let saved = if caching[mi] { saved } else { 1.0 };
@@ -472,6 +496,7 @@ mod tests {
             kv_blocks_cached: 0,
             decode_tok_s: 50.0,
             seq_s: 4.0,
+            remaining_tokens: 0,
         };
         let c = STEP_COST_PER_SEQ;
         let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
@@ -501,6 +526,18 @@ mod tests {
         });
         let (wait, runtime) = h.predict(1, 2.0);
         assert!(close(wait, 4.25), "{wait}");
+        // With the work ahead announced: 3,200 tokens over 32 sequences, 64 tokens/s over 16
+        // running (4 each): 25 s a sequence, 17 of them past the free places.
+        let mut told = h.clone();
+        told.load = Some(HostLoad {
+            running_seqs: 16,
+            waiting_seqs: 16,
+            remaining_tokens: 3200,
+            decode_tok_s: 64.0,
+            ..load
+        });
+        let (long_wait, _) = told.predict(1, 2.0);
+        assert!(close(long_wait, 17.0 / 16.0 * 25.0), "{long_wait}");
         assert!(
             close(runtime, 2.0 * (1.0 + 16.0 * c) / (1.0 + c)),
             "{runtime}"
@@ -567,6 +604,7 @@ mod tests {
             kv_blocks_cached: 10,
             decode_tok_s: 50.0,
             seq_s: 4.0,
+            remaining_tokens: 0,
         });
         let hosts = vec![cold, warm];
         let d = select(&Table, &Query { hosts: &hosts, ..q }).unwrap();

@@ -221,6 +221,7 @@ impl Executor {
                 } else {
                     0.0
                 },
+                remaining_tokens: l.remaining_tokens,
             }
         })
     }

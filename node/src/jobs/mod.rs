@@ -71,9 +71,11 @@ struct Inner {
     /// Jobs (and their sequences) this node sent to each host that have not ended yet: a
     /// host's heartbeat is up to an interval old, and a burst of jobs must not all see the same
     /// empty queue.
-    pending: std::sync::Mutex<std::collections::HashMap<PeerId, (u32, u32)>>,
+    pending: std::sync::Mutex<std::collections::HashMap<PeerId, (u32, u32, u64)>>,
     /// Jobs the round-robin policy routed.
     round_robin: AtomicU64,
+    /// When this node last started or ended a job on each host (Unix ms).
+    dispatched: std::sync::Mutex<std::collections::HashMap<PeerId, u64>>,
 }
 
 /// The node's job service. Cheap to clone.
@@ -132,6 +134,7 @@ impl JobService {
             records: AtomicU64::new(records),
             pending: std::sync::Mutex::new(std::collections::HashMap::new()),
             round_robin: AtomicU64::new(0),
+            dispatched: std::sync::Mutex::new(std::collections::HashMap::new()),
         };
         let service = Self(Arc::new(inner));
         if let Some(net) = &net {

@@ -14,7 +14,6 @@
 //!   the idlest), where it routes as `least-loaded`.
 
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use metainf_scheduler::select::Host;
 use rand::seq::SliceRandom;
@@ -95,14 +94,14 @@ pub(crate) fn load_of(h: &Host) -> u64 {
     }
 }
 
-/// The order in which a baseline `policy` tries `hosts` for a job of `prompt_tokens` (`turn`
-/// counts the jobs round-robin has routed). `None` for [`RoutingPolicy::Metainf`], which
+/// The order in which a baseline `policy` tries `hosts` for a job of `prompt_tokens` (`turn`:
+/// the job's number among those round-robin routed, taken once per job). `None` for [`RoutingPolicy::Metainf`], which
 /// scores hosts instead of ordering them.
 pub(crate) fn order(
     policy: RoutingPolicy,
     hosts: &[Host],
     prompt_tokens: u64,
-    turn: &AtomicU64,
+    turn: u64,
 ) -> Option<Vec<usize>> {
     let n = hosts.len();
     let mut idx: Vec<usize> = (0..n).collect();
@@ -116,7 +115,7 @@ pub(crate) fn order(
         RoutingPolicy::RoundRobin => {
             idx.sort_by(|&a, &b| hosts[a].name.cmp(&hosts[b].name));
             if n > 0 {
-                let start = (turn.fetch_add(1, Ordering::Relaxed) % n as u64) as usize;
+                let start = (turn % n as u64) as usize;
                 idx.rotate_left(start);
             }
         }
@@ -168,6 +167,7 @@ mod tests {
                 kv_blocks_cached: 0,
                 decode_tok_s: 0.0,
                 seq_s: 0.0,
+                remaining_tokens: 0,
             }),
             slowdown: 1.0,
             cached_tokens: cached,
@@ -176,34 +176,35 @@ mod tests {
 
     #[test]
     fn each_baseline_orders_the_hosts_as_its_namesake_does() {
-        let turn = AtomicU64::new(0);
+        let turn = std::sync::atomic::AtomicU64::new(0);
+        let next = || turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let hosts = vec![host("b", 2, 0), host("a", 0, 0), host("c", 5, 700)];
         // Round-robin: a, b, c, a, ...
         let firsts: Vec<String> = (0..4)
             .map(|_| {
-                let o = order(RoutingPolicy::RoundRobin, &hosts, 800, &turn).unwrap();
+                let o = order(RoutingPolicy::RoundRobin, &hosts, 800, next()).unwrap();
                 hosts[o[0]].name.clone()
             })
             .collect();
         assert_eq!(firsts, ["a", "b", "c", "a"]);
         // Least-loaded: a (0), b (2), c (5).
-        let o = order(RoutingPolicy::LeastLoaded, &hosts, 800, &turn).unwrap();
+        let o = order(RoutingPolicy::LeastLoaded, &hosts, 800, 0).unwrap();
         assert_eq!(o, [1, 0, 2]);
         // Prefix-affinity: c holds 700 of 800 tokens and loads are in balance.
-        let o = order(RoutingPolicy::PrefixAffinity, &hosts, 800, &turn).unwrap();
+        let o = order(RoutingPolicy::PrefixAffinity, &hosts, 800, 0).unwrap();
         assert_eq!(o[0], 2);
         // ... not when its cache covers under half the prompt.
-        let o = order(RoutingPolicy::PrefixAffinity, &hosts, 2000, &turn).unwrap();
+        let o = order(RoutingPolicy::PrefixAffinity, &hosts, 2000, 0).unwrap();
         assert_eq!(o[0], 1);
         // ... nor when c is far busier than a: least-loaded then.
         let busy = vec![host("b", 2, 0), host("a", 0, 0), host("c", 20, 700)];
-        let o = order(RoutingPolicy::PrefixAffinity, &busy, 800, &turn).unwrap();
+        let o = order(RoutingPolicy::PrefixAffinity, &busy, 800, 0).unwrap();
         assert_eq!(o, [1, 0, 2]);
         // Random: every host, once.
-        let mut o = order(RoutingPolicy::Random, &hosts, 800, &turn).unwrap();
+        let mut o = order(RoutingPolicy::Random, &hosts, 800, 0).unwrap();
         o.sort_unstable();
         assert_eq!(o, [0, 1, 2]);
-        assert!(order(RoutingPolicy::Metainf, &hosts, 800, &turn).is_none());
+        assert!(order(RoutingPolicy::Metainf, &hosts, 800, 0).is_none());
     }
 
     #[test]

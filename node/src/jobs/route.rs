@@ -158,13 +158,15 @@ impl JobService {
         ))
     }
 
-    /// Asks the few best candidates of `decision` whose state is older than the configured
-    /// staleness for their state now (in parallel, each within [`STATE_QUERY_TIMEOUT`]), and
-    /// updates them; whether any changed.
+    /// Asks the few best candidates of `decision` whose state is stale (older than the
+    /// configured staleness, or older than this node's last job start or end there) for their
+    /// state now (in parallel, each within [`STATE_QUERY_TIMEOUT`]), and updates them: a
+    /// newer answer replaces what was held, one that no longer offers the model removes the
+    /// candidate. Whether anything changed.
     async fn refresh_stale(
         &self,
         decision: &Decision,
-        candidates: &mut [Candidate],
+        candidates: &mut Vec<Candidate>,
         model: &str,
         prefix: &mut PrefixHashes<'_>,
     ) -> bool {
@@ -177,10 +179,13 @@ impl JobService {
             if asked.len() >= STATE_QUERIES || asked.contains(&c.host) {
                 continue;
             }
-            if candidates
-                .get(c.host)
-                .and_then(|c| c.state_at_ms)
-                .is_some_and(|at| at < stale_before)
+            let Some(candidate) = candidates.get(c.host) else {
+                continue;
+            };
+            let changed_since = self.last_dispatch(&candidate.peer);
+            if candidate
+                .state_at_ms
+                .is_some_and(|at| at < stale_before || at < changed_since)
             {
                 asked.push(c.host);
             }
@@ -200,16 +205,42 @@ impl JobService {
         .await;
         self.0.metrics.state_queries.inc_by(asked.len() as u64);
         let mut changed = false;
+        let mut gone = Vec::new();
         for (i, answer) in asked.into_iter().zip(answers) {
             let Some(h) = answer else { continue };
-            if let Some((_, fresh)) = self.peer_candidate(&h, model, prefix)
-                && fresh.peer == candidates[i].peer
+            if h.peer != candidates[i].peer
+                || candidates[i]
+                    .state_at_ms
+                    .is_some_and(|at| h.sent_at_ms <= at)
             {
-                changed |= fresh.host != candidates[i].host;
-                candidates[i] = fresh;
+                continue;
+            }
+            match self.peer_candidate(&h, model, prefix) {
+                Some((_, fresh)) => {
+                    changed |= fresh.host != candidates[i].host;
+                    candidates[i] = fresh;
+                }
+                None => gone.push(i),
             }
         }
+        if !gone.is_empty() {
+            gone.sort_unstable();
+            for i in gone.into_iter().rev() {
+                candidates.remove(i);
+            }
+            changed = true;
+        }
         changed
+    }
+
+    /// When this node last started or ended a job on `peer` (Unix ms; 0 = never).
+    fn last_dispatch(&self, peer: &PeerId) -> u64 {
+        self.0
+            .dispatched
+            .lock()
+            .ok()
+            .and_then(|d| d.get(peer).copied())
+            .unwrap_or(0)
     }
 
     /// Gives a new job its id and acceptance time.
@@ -307,6 +338,13 @@ impl JobService {
             methods: &methods,
             request: &request,
             policy,
+            turn: match policy {
+                RoutingPolicy::RoundRobin => self
+                    .0
+                    .round_robin
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                _ => 0,
+            },
         };
         let mut decision = self.decide_on(&candidates, &job, trained.clone())?;
         // The best candidates' state is refreshed where stale, and the job decided again.
@@ -314,6 +352,12 @@ impl JobService {
             .refresh_stale(&decision, &mut candidates, &request.model, &mut prefix)
             .await
         {
+            if candidates.is_empty() {
+                return Err(JobError::NoHost(format!(
+                    "no live host serves {:?} now",
+                    request.model
+                )));
+            }
             decision = self.decide_on(&candidates, &job, trained)?;
         }
         let routing_s = started.elapsed().as_secs_f64();
@@ -331,10 +375,12 @@ impl JobService {
     /// A host's announced load with the sequences this node sent it since: jobs accepted
     /// count at once, before the engine (or a heartbeat) shows them.
     fn with_pending(&self, mut load: HostLoad, peer: &PeerId) -> HostLoad {
-        let pending = self.pending_seqs_on(peer);
+        let (_, pending, tokens) = self.pending_counts(peer);
         load.waiting_seqs = load
             .waiting_seqs
             .max(pending.saturating_sub(load.running_seqs));
+        // What those jobs may generate, where the host does not count them yet.
+        load.remaining_tokens = load.remaining_tokens.max(tokens);
         load
     }
 
@@ -343,30 +389,39 @@ impl JobService {
         self.pending_counts(peer).0
     }
 
-    /// Their sequences.
-    pub(super) fn pending_seqs_on(&self, peer: &PeerId) -> u32 {
-        self.pending_counts(peer).1
-    }
-
-    fn pending_counts(&self, peer: &PeerId) -> (u32, u32) {
+    /// Jobs, sequences and tokens they may generate, that this node sent to `peer` and that
+    /// have not ended.
+    fn pending_counts(&self, peer: &PeerId) -> (u32, u32, u64) {
         self.0
             .pending
             .lock()
-            .map(|p| p.get(peer).copied().unwrap_or((0, 0)))
-            .unwrap_or((0, 0))
+            .map(|p| p.get(peer).copied().unwrap_or((0, 0, 0)))
+            .unwrap_or((0, 0, 0))
     }
 
-    /// Counts a job of `seqs` sequences for (`up`) or against `peer`.
-    pub(super) fn count_pending(&self, peer: PeerId, up: bool, seqs: usize) {
-        let seqs = u32::try_from(seqs).unwrap_or(u32::MAX);
+    /// Counts `request` for (`up`) or against `peer`.
+    pub(super) fn count_pending(&self, peer: PeerId, up: bool, request: &JobRequest) {
+        let seqs = u32::try_from(request.prompts.len()).unwrap_or(u32::MAX);
+        let tokens = u64::from(seqs).saturating_mul(u64::from(request.params.max_tokens));
+        // A job's start and end change the host's load and cache: state sent before is stale.
+        if let Ok(mut d) = self.0.dispatched.lock() {
+            d.insert(peer, now_ms());
+            if d.len() > MAX_DISPATCHED
+                && let Some(oldest) = d.iter().min_by_key(|(_, t)| **t).map(|(p, _)| *p)
+            {
+                d.remove(&oldest);
+            }
+        }
         if let Ok(mut p) = self.0.pending.lock() {
-            let (jobs, s) = p.entry(peer).or_insert((0, 0));
+            let (jobs, s, t) = p.entry(peer).or_insert((0, 0, 0));
             if up {
                 *jobs = jobs.saturating_add(1);
                 *s = s.saturating_add(seqs);
+                *t = t.saturating_add(tokens);
             } else {
                 *jobs = jobs.saturating_sub(1);
                 *s = s.saturating_sub(seqs);
+                *t = t.saturating_sub(tokens);
             }
             if *jobs == 0 {
                 p.remove(&peer);
@@ -375,6 +430,10 @@ impl JobService {
     }
 }
 
+/// Block sizes a job's prompts are hashed for.
+const MAX_BLOCK_SIZES: usize = 2;
+/// Hosts whose last job start or end this node remembers.
+const MAX_DISPATCHED: usize = 4096;
 /// Most candidates one decision asks for their state.
 const STATE_QUERIES: usize = 3;
 /// How long a decision waits for a state answer.
@@ -395,7 +454,10 @@ impl<'a> PrefixHashes<'a> {
         }
     }
 
-    /// Prompt tokens `summary`'s host holds in its cache, over every prompt.
+    /// Distinct prompt tokens `summary`'s host holds in its cache, over every prompt (a block
+    /// several prompts share counts once). Hashed for at most [`MAX_BLOCK_SIZES`] block sizes:
+    /// a host announcing yet another one is counted as holding nothing (each size costs a hash
+    /// of every prompt token, and block sizes are the hosts' to claim).
     fn cached_tokens(&mut self, summary: &CacheSummary) -> u64 {
         let Some(prompts) = self.prompts else {
             return 0;
@@ -403,6 +465,7 @@ impl<'a> PrefixHashes<'a> {
         let bs = summary.block_size;
         let i = match self.by_block_size.iter().position(|(b, _)| *b == bs) {
             Some(i) => i,
+            None if self.by_block_size.len() >= MAX_BLOCK_SIZES => return 0,
             None => {
                 let hashes = prompts
                     .iter()
@@ -412,11 +475,11 @@ impl<'a> PrefixHashes<'a> {
                 self.by_block_size.len() - 1
             }
         };
-        self.by_block_size[i]
-            .1
-            .iter()
-            .map(|h| summary.cached_tokens(h))
-            .fold(0u64, u64::saturating_add)
+        let mut held: HashSet<&BlockHash> = HashSet::new();
+        for prompt in &self.by_block_size[i].1 {
+            held.extend(prompt.iter().take_while(|h| summary.contains(h)));
+        }
+        (held.len() as u64).saturating_mul(u64::from(bs))
     }
 }
 
@@ -427,6 +490,8 @@ struct Job<'a> {
     methods: &'a [metainf_protocol::MethodConfig],
     request: &'a JobRequest,
     policy: RoutingPolicy,
+    /// Its number among the jobs round-robin routed (taken once, however often it is decided).
+    turn: u64,
 }
 
 impl JobService {
@@ -450,7 +515,7 @@ impl JobService {
         };
         let prompt_tokens =
             (job.workload.prompt_tokens.mean.max(0.0) * f64::from(job.workload.requests)) as u64;
-        let turn = &self.0.round_robin;
+        let turn = job.turn;
         let decide =
             |model: &dyn RuntimeModel| decide(model, &query, job.policy, prompt_tokens, turn);
         match decide(&Current(trained)) {
@@ -477,7 +542,7 @@ fn decide(
     query: &Query<'_>,
     policy: RoutingPolicy,
     prompt_tokens: u64,
-    turn: &std::sync::atomic::AtomicU64,
+    turn: u64,
 ) -> metainf_scheduler::Result<Decision> {
     let Some(order) = super::policy::order(policy, query.hosts, prompt_tokens, turn) else {
         return metainf_scheduler::select(model, query);

@@ -52,7 +52,7 @@ impl JobService {
         .await
         .map_err(JobError::Unpersisted)?;
         if let Some(&peer) = routed.hosts.get(routed.decision.chosen.host) {
-            self.count_pending(peer, true, routed.request.prompts.len());
+            self.count_pending(peer, true, &routed.request);
         }
         Ok(())
     }
@@ -85,9 +85,9 @@ impl JobService {
             };
             if counted != Some(peer) {
                 if let Some(old) = counted.replace(peer) {
-                    self.count_pending(old, false, request.prompts.len());
+                    self.count_pending(old, false, &request);
                 }
-                self.count_pending(peer, true, request.prompts.len());
+                self.count_pending(peer, true, &request);
             }
             attempts += 1;
             tried.insert(peer);
@@ -174,7 +174,7 @@ impl JobService {
             };
         };
         if let Some(peer) = counted {
-            self.count_pending(peer, false, request.prompts.len());
+            self.count_pending(peer, false, &request);
         }
         let latency_s = accepted.elapsed().as_secs_f64();
         let choice = match &result {

@@ -91,8 +91,11 @@ pub struct EventLoop {
     pub(super) heartbeats_received: usize,
     /// State queries waiting for their answer.
     pub(super) state_calls: HashMap<OutboundRequestId, super::state::StateAnswer>,
-    /// State queries each peer sent this node in the current second: (window start, count).
+    /// State queries each connected peer sent this node in the current second: (window start,
+    /// count).
     pub(super) state_queries: HashMap<PeerId, (Instant, u32)>,
+    /// State queries this node answered in the current second, from all peers.
+    pub(super) state_answers: (Instant, u32),
 }
 
 impl EventLoop {
@@ -384,6 +387,7 @@ impl EventLoop {
                 self.pull_queue.retain(|(p, _, _)| *p != peer_id);
                 self.pulling.retain(|_, p| *p != peer_id);
                 self.broken_promises.remove(&peer_id);
+                self.state_queries.remove(&peer_id);
                 let _ = self.emit(NetEvent::PeerDown(peer_id));
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
@@ -412,9 +416,15 @@ impl EventLoop {
             .saturating_mul(10_000)
             .max(60_000);
         let connected: HashSet<PeerId> = self.swarm.connected_peers().copied().collect();
+        // A peer is kept at least for three of the heartbeat intervals it announced (long in
+        // a large network), so that it is not forgotten between two of its heartbeats.
         self.peers.retain(|peer, status| {
-            connected.contains(peer) || now.saturating_sub(status.last_seen_ms) < keep_ms
+            let announced = status.heartbeat.as_ref().map_or(0, |h| h.interval_s);
+            let keep = keep_ms.max(3_000 * u64::from(announced));
+            connected.contains(peer) || now.saturating_sub(status.last_seen_ms) < keep
         });
+        self.state_queries
+            .retain(|_, (start, _)| start.elapsed() < Duration::from_secs(1));
         if self.peers.len() > MAX_KNOWN_PEERS {
             let mut silent: Vec<(u64, PeerId)> = self
                 .peers
@@ -438,6 +448,7 @@ impl EventLoop {
         }
         info!(%peer, "banned a peer convicted of equivocation");
         self.peers.remove(&peer);
+        self.state_queries.remove(&peer);
         self.swarm.behaviour_mut().kad.remove_peer(&peer);
         let _ = self.swarm.disconnect_peer_id(peer);
     }

@@ -1,4 +1,4 @@
-//! Gossip on `metainf/records/1` and `metainf/heartbeats/1`.
+//! Gossip on `metainf/records/1` and `metainf/heartbeats/2`.
 //!
 //! Messages are validated before they are forwarded (gossipsub's manual validation). A
 //! heartbeat is small and checked here (size, decoding, ranges, sender = the peer it names).

@@ -21,7 +21,7 @@
 //! | `nat.rs` | relays, hole punching, direct dials |
 //! | `frame.rs` | the length-prefixed, size-limited codec of every request-response protocol |
 //!
-//! - **Gossip** (`metainf/records/1`, `metainf/heartbeats/1`): messages are validated before
+//! - **Gossip** (`metainf/records/1`, `metainf/heartbeats/2`): messages are validated before
 //!   they are forwarded (gossipsub's manual validation): size, decoding, signature, signer =
 //!   origin, value ranges, dedup against the store. Invalid records are rejected and count
 //!   against the sender's peer score.
@@ -82,7 +82,7 @@ use nat::{circuit_relay, last_peer_id};
 /// Gossip topic of performance records.
 pub const RECORDS_TOPIC: &str = "metainf/records/1";
 /// Gossip topic of heartbeats.
-pub const HEARTBEATS_TOPIC: &str = "metainf/heartbeats/1";
+pub const HEARTBEATS_TOPIC: &str = "metainf/heartbeats/2";
 /// Gossip topic of proofs of equivocation.
 pub const EVIDENCE_TOPIC: &str = "metainf/evidence/1";
 /// Largest heartbeat accepted.
@@ -192,6 +192,7 @@ pub fn start(
         state_calls: HashMap::new(),
         heartbeats_received: 0,
         state_queries: HashMap::new(),
+        state_answers: (std::time::Instant::now(), 0),
     };
     Ok((client, event_loop, events_rx))
 }

@@ -25,6 +25,9 @@ pub(crate) const PROTOCOL: StreamProtocol = StreamProtocol::new("/metainf/state/
 
 /// Most state queries a peer may send this node per second.
 pub const MAX_QUERIES_PER_S: u32 = 20;
+/// Most state queries this node answers per second, from all peers together (many identities
+/// cost an attacker nothing).
+pub const MAX_ANSWERS_PER_S: u32 = 200;
 
 /// How long a state query may take.
 pub(crate) const TIMEOUT: Duration = Duration::from_secs(2);
@@ -60,16 +63,26 @@ impl EventLoop {
         self.state_calls.insert(id, reply);
     }
 
-    /// Whether `peer` may ask again now (a one-second window of [`MAX_QUERIES_PER_S`]).
+    /// Whether `peer` may ask again now (one-second windows of [`MAX_QUERIES_PER_S`] per peer
+    /// and [`MAX_ANSWERS_PER_S`] in all). The per-peer windows are dropped when the peer
+    /// disconnects, and stale ones at every heartbeat.
     fn may_query(&mut self, peer: PeerId) -> bool {
         let now = Instant::now();
-        let (start, count) = self.state_queries.entry(peer).or_insert((now, 0));
-        if now.duration_since(*start) >= Duration::from_secs(1) {
-            *start = now;
-            *count = 0;
+        let window = |(start, count): &mut (Instant, u32), limit: u32| {
+            if now.duration_since(*start) >= Duration::from_secs(1) {
+                *start = now;
+                *count = 0;
+            }
+            *count = count.saturating_add(1);
+            *count <= limit
+        };
+        if !window(&mut self.state_answers, MAX_ANSWERS_PER_S) {
+            return false;
         }
-        *count = count.saturating_add(1);
-        *count <= MAX_QUERIES_PER_S
+        window(
+            self.state_queries.entry(peer).or_insert((now, 0)),
+            MAX_QUERIES_PER_S,
+        )
     }
 
     pub(super) fn on_state_event(
@@ -133,7 +146,7 @@ impl EventLoop {
             });
         match checked {
             Ok(h) => {
-                // Kept as its state where newer; the caller gets it either way.
+                // Kept as its state where newer; the caller gets it either way (and compares).
                 self.take_heartbeat(h.clone());
                 let _ = reply.send(Ok(h));
             }

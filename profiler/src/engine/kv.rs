@@ -267,8 +267,11 @@ impl KvPool {
                 Some((recency, (*h)?))
             })
             .collect();
-        held.sort_unstable_by_key(|h| std::cmp::Reverse(h.0));
+        if held.len() > limit && limit > 0 {
+            held.select_nth_unstable_by_key(limit - 1, |h| std::cmp::Reverse(h.0));
+        }
         held.truncate(limit);
+        held.sort_unstable_by_key(|h| std::cmp::Reverse(h.0));
         held.into_iter().map(|(_, h)| h).collect()
     }
 

@@ -80,7 +80,9 @@ impl SchedConfig {
 /// How one job's sequences are scheduled: the per-job half of an acceleration method.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct JobPolicy {
-    /// Its prompts reuse cached prefix blocks and publish theirs.
+    /// Its prompts reuse cached prefix blocks. Every job publishes its full blocks (and the
+    /// block it ended inside) to the host's cache whatever its method: writing costs a hash per
+    /// block, and the next job with prefix caching finds what any earlier job computed.
     pub prefix_caching: bool,
     /// Its sequences start whenever there is room; off: in static waves of `max_batch`, a
     /// wave starting only when the job's previous one has wholly finished.
@@ -249,6 +251,17 @@ impl Scheduler {
 
     pub(crate) fn waiting(&self) -> usize {
         self.waiting.len()
+    }
+
+    /// Tokens the sequences running and waiting may still generate (their `max_tokens` less
+    /// what they generated): an upper bound of the work ahead of a new sequence.
+    pub(crate) fn remaining_tokens(&self) -> u64 {
+        let running = self.running.iter().map(|s| {
+            let generated = s.tokens.len().saturating_sub(s.prompt_len());
+            (s.req.max_tokens as u64).saturating_sub(generated as u64)
+        });
+        let waiting = self.waiting.iter().map(|w| w.req.max_tokens as u64);
+        running.chain(waiting).fold(0u64, u64::saturating_add)
     }
 
     pub(crate) fn is_idle(&self) -> bool {
@@ -597,14 +610,13 @@ impl Scheduler {
         for &(i, first, n) in &items {
             let s = &mut self.running[i];
             s.computed = first + n;
-            if s.caching {
-                while s.hashes.len() < s.computed / bs {
-                    let b = s.hashes.len();
-                    let block = &s.tokens[b * bs..(b + 1) * bs];
-                    let h = chain_hash(s.hashes.last(), block);
-                    self.pool.register(s.table[b], h, s.hashes.last(), block);
-                    s.hashes.push(h);
-                }
+            // Published whatever the method (only reading the cache is the method's choice).
+            while s.hashes.len() < s.computed / bs {
+                let b = s.hashes.len();
+                let block = &s.tokens[b * bs..(b + 1) * bs];
+                let h = chain_hash(s.hashes.last(), block);
+                self.pool.register(s.table[b], h, s.hashes.last(), block);
+                s.hashes.push(h);
             }
             if s.computed == s.tokens.len() {
                 let l = logits
@@ -649,8 +661,7 @@ impl Scheduler {
         // The block it ended inside stays cached for the prompts that continue its rows.
         let bs = self.cfg.block_size;
         let last = s.computed / bs;
-        if s.caching
-            && !s.computed.is_multiple_of(bs)
+        if !s.computed.is_multiple_of(bs)
             && s.hashes.len() == last
             && let Some(&block) = s.table.get(last)
         {

@@ -84,6 +84,8 @@ pub struct EngineLoad {
     pub decode_tok_s: f64,
     /// Recent mean seconds from a sequence's admission to its end.
     pub seq_s: f64,
+    /// Tokens the running and waiting sequences may still generate (an upper bound).
+    pub remaining_tokens: u64,
 }
 
 #[derive(Default)]
@@ -97,6 +99,7 @@ struct Gauges {
     cached: AtomicUsize,
     decode_tok_s: AtomicU64,
     seq_s: AtomicU64,
+    remaining: AtomicU64,
     /// The full blocks the prefix cache holds (chain hashes, in use and most recent first).
     blocks: std::sync::Mutex<Arc<Vec<BlockHash>>>,
 }
@@ -236,6 +239,7 @@ impl Server {
             kv_blocks_cached: n(&g.cached),
             decode_tok_s: f64::from_bits(g.decode_tok_s.load(Ordering::Relaxed)),
             seq_s: f64::from_bits(g.seq_s.load(Ordering::Relaxed)),
+            remaining_tokens: g.remaining.load(Ordering::Relaxed),
         }
     }
 
@@ -584,6 +588,8 @@ impl Worker {
         g.waiting.store(self.scheduler.waiting(), Ordering::Relaxed);
         g.running.store(self.scheduler.running(), Ordering::Relaxed);
         g.jobs.store(self.jobs.len(), Ordering::Relaxed);
+        g.remaining
+            .store(self.scheduler.remaining_tokens(), Ordering::Relaxed);
         let pool = self.scheduler.pool();
         let cached = pool.evictable_blocks();
         g.used
