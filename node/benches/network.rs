@@ -19,7 +19,8 @@
 //! Run: `cargo bench --profile dev --workspace --bench network`
 //! (`METAINF_BENCH_NODES`, `METAINF_BENCH_RECORDS`, `METAINF_BENCH_CATCHUP` override the sizes;
 //! `METAINF_BENCH_ONLY=flood` or `=idle` runs only that part; `METAINF_BENCH_IDLE_S` sets the
-//! idle window, default 40 s).
+//! idle window, default 40 s; `METAINF_BENCH_IDLE_FIXED=1` measures the fixed interval at 50
+//! and 100 nodes instead of the growing one at 50, 100 and 200).
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
@@ -256,7 +257,7 @@ async fn idle(n: usize, budget_per_s: f64, window: Duration) -> (f64, f64) {
         nodes.push(node);
     }
     // Connections, subscriptions, the mesh and every node's interval settle.
-    tokio::time::sleep(Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_secs(40)).await;
     let heard = |nodes: &[Bench]| {
         let nodes: Vec<Client> = nodes.iter().map(|b| b.client.clone()).collect();
         async move {
@@ -421,7 +422,11 @@ fn main() {
         }
         if only.is_empty() || only == "idle" {
             let window = Duration::from_secs(env("METAINF_BENCH_IDLE_S", 40) as u64);
-            for (n, budget) in [(50, 0.0), (100, 0.0), (50, 2.0), (100, 2.0), (200, 2.0)] {
+            let sizes: Vec<(usize, f64)> = match std::env::var("METAINF_BENCH_IDLE_FIXED") {
+                Ok(_) => vec![(50, 0.0), (100, 0.0)],
+                Err(_) => vec![(50, 2.0), (100, 2.0), (200, 2.0)],
+            };
+            for (n, budget) in sizes {
                 let (bytes, beats) = idle(n, budget, window).await;
                 let mode = if budget > 0.0 {
                     "interval max(5 s, N / 2 per s)"

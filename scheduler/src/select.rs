@@ -225,81 +225,73 @@ pub fn select(model: &dyn RuntimeModel, query: &Query<'_>) -> Result<Decision> {
     if query.methods.is_empty() {
         return Err(SelectError::NoCandidates("methods").into());
     }
-    // Distinct (hardware, cache share): hosts of one hardware whose caches would serve this
-    // job alike share one prediction. A predictor that learned the share from served records
-    // predicts with it; otherwise the share saves its part of the prefill time.
-    let learned_cache = model.sees(crate::served::CACHED_SHARE);
-    let bucket =
-        |h: &Host| -> u8 { (cache_share(query.workload, h.cached_tokens) * 10.0).round() as u8 };
-    type Variant<'h> = (
-        u8,
-        Vec<&'h HardwareProfile>,
-        Vec<metainf_protocol::HardwareId>,
-    );
-    let mut variants: Vec<Variant<'_>> = Vec::new();
-    let mut host_cell = Vec::with_capacity(query.hosts.len());
+    // Distinct hardware, by content id: one prediction without the cache per hardware.
+    let mut distinct: Vec<&HardwareProfile> = Vec::new();
+    let mut ids = Vec::new();
+    let mut host_hw = Vec::with_capacity(query.hosts.len());
     for h in query.hosts {
         let id = h.hardware.id()?;
-        let b = if learned_cache { bucket(h) } else { 0 };
-        let v = match variants.iter().position(|v| v.0 == b) {
-            Some(v) => v,
-            None => {
-                variants.push((b, Vec::new(), Vec::new()));
-                variants.len() - 1
-            }
-        };
-        let (_, hw, ids) = &mut variants[v];
-        let i = match ids.iter().position(|i| *i == id) {
+        let idx = match ids.iter().position(|i| *i == id) {
             Some(i) => i,
             None => {
                 ids.push(id);
-                hw.push(&h.hardware);
+                distinct.push(&h.hardware);
                 ids.len() - 1
             }
         };
-        host_cell.push((v, i));
+        host_hw.push(idx);
     }
-    // Only a method with prefix caching reads the host's cache: the others are predicted
-    // without the share.
-    let caching: Vec<bool> = query
+    let base = model.predict_grid(query.workload, query.model, &distinct, query.methods)?;
+    // Only a method with prefix caching reads the host's cache. Its saving is the cached share
+    // of the prefill time; a predictor that learned what a hit saves (from served records)
+    // also predicts each host with its cached share (hosts of one hardware and share bucket
+    // share that prediction), and the lower of the two counts: a young predictor that has seen
+    // few hits must not make a cached prefix worth nothing.
+    let pc_pos: Vec<Option<usize>> = {
+        let mut next = 0;
+        query
+            .methods
+            .iter()
+            .map(|m| {
+                m.has(metainf_protocol::method::flags::PREFIX_CACHING)
+                    .then(|| {
+                        next += 1;
+                        next - 1
+                    })
+            })
+            .collect()
+    };
+    let with_cache: Vec<MethodConfig> = query
         .methods
         .iter()
-        .map(|m| m.has(metainf_protocol::method::flags::PREFIX_CACHING))
+        .zip(&pc_pos)
+        .filter(|(_, p)| p.is_some())
+        .map(|(m, _)| m.clone())
         .collect();
-    let (with_cache, without): (Vec<MethodConfig>, Vec<MethodConfig>) = {
-        let (a, b): (Vec<_>, Vec<_>) = query.methods.iter().zip(&caching).partition(|(_, c)| **c);
-        (
-            a.into_iter().map(|(m, _)| m.clone()).collect(),
-            b.into_iter().map(|(m, _)| m.clone()).collect(),
-        )
-    };
-    let mut grids = Vec::with_capacity(variants.len());
-    for (b, hw, _) in &variants {
-        let grid = if *b == 0 || with_cache.is_empty() {
-            model.predict_grid(query.workload, query.model, hw, query.methods)?
-        } else {
-            let w = crate::served::with_cache_share(query.workload, f64::from(*b) / 10.0, 0.0);
-            let cached = model.predict_grid(&w, query.model, hw, &with_cache)?;
-            let plain = if without.is_empty() {
-                vec![Vec::new(); hw.len()]
-            } else {
-                model.predict_grid(query.workload, query.model, hw, &without)?
-            };
-            // Back in the query's method order.
-            cached
-                .into_iter()
-                .zip(plain)
-                .map(|(c, p)| {
-                    let (mut c, mut p) = (c.into_iter(), p.into_iter());
-                    caching
-                        .iter()
-                        .map(|&pc| if pc { c.next() } else { p.next() })
-                        .collect::<Option<Vec<Prediction>>>()
-                        .ok_or(SelectError::NoCandidates("predictions"))
-                })
-                .collect::<std::result::Result<Vec<_>, _>>()?
-        };
-        grids.push(grid);
+    let bucket =
+        |h: &Host| -> u8 { (cache_share(query.workload, h.cached_tokens) * 10.0).round() as u8 };
+    let mut learned: std::collections::HashMap<(usize, u8), Vec<Prediction>> =
+        std::collections::HashMap::new();
+    if model.sees(crate::served::CACHED_SHARE) && !with_cache.is_empty() {
+        let mut by_bucket: std::collections::BTreeMap<u8, Vec<usize>> = Default::default();
+        for (hi, h) in query.hosts.iter().enumerate() {
+            let b = bucket(h);
+            let hws = by_bucket.entry(b).or_default();
+            if b > 0 && !hws.contains(&host_hw[hi]) {
+                hws.push(host_hw[hi]);
+            }
+        }
+        for (b, hws) in by_bucket {
+            if hws.is_empty() {
+                continue;
+            }
+            let w = crate::served::with_cache_share(query.workload, f64::from(b) / 10.0, 0.0);
+            let hw: Vec<&HardwareProfile> = hws.iter().map(|&i| distinct[i]).collect();
+            let grid = model.predict_grid(&w, query.model, &hw, &with_cache)?;
+            for (i, row) in hws.into_iter().zip(grid) {
+                learned.insert((i, b), row);
+            }
+        }
     }
     let prefill = prefill_share(query.workload);
     // Score every pair on plain numbers; only the ranked few become `Choice`s (which clone
@@ -315,23 +307,25 @@ pub fn select(model: &dyn RuntimeModel, query: &Query<'_>) -> Result<Decision> {
     }
     let mut all = Vec::with_capacity(query.hosts.len() * query.methods.len());
     for (hi, host) in query.hosts.iter().enumerate() {
-        let (v, i) = host_cell[hi];
-        // Without a learned cache effect: the cached share of the prefill is not computed, by
-        // the methods that read the cache.
-        let saved = if learned_cache {
-            1.0
-        } else {
-            1.0 - prefill * cache_saving(query.workload, host.cached_tokens)
-        };
-        for (mi, p) in grids[v][i].iter().enumerate() {
-            let saved = if caching[mi] { saved } else { 1.0 };
+        let hw = host_hw[hi];
+        let saved = 1.0 - prefill * cache_saving(query.workload, host.cached_tokens);
+        let taught = learned.get(&(hw, bucket(host)));
+        for (mi, p) in base[hw].iter().enumerate() {
+            let alone = match pc_pos[mi] {
+                Some(k) => {
+                    let analytic = p.runtime_s() * saved;
+                    taught
+                        .and_then(|row| row.get(k))
+                        .map_or(analytic, |l| analytic.min(l.runtime_s()))
+                }
+                None => p.runtime_s(),
+            };
             let slowdown = if host.slowdown.is_finite() {
                 host.slowdown.max(1.0)
             } else {
                 1.0
             };
-            let (wait_s, runtime_s) =
-                host.predict(query.workload.requests, p.runtime_s() * slowdown * saved);
+            let (wait_s, runtime_s) = host.predict(query.workload.requests, alone * slowdown);
             all.push(Scored {
                 host: hi,
                 method: mi,
@@ -352,7 +346,7 @@ pub fn select(model: &dyn RuntimeModel, query: &Query<'_>) -> Result<Decision> {
         cost: s.cost,
         energy_j: s.energy_j,
         log_std: s.log_std,
-        cached_tokens: if caching[s.method] {
+        cached_tokens: if pc_pos[s.method].is_some() {
             query.hosts[s.host].cached_tokens
         } else {
             0
@@ -594,6 +588,26 @@ mod tests {
         };
         let expected = 1.0 - (800.0 / 1312.0) * (768.0 / 800.0);
         assert!((by("warm") / by("cold") - expected).abs() < 1e-9);
+        // A predictor that "learned" the cache share but predicts no saving from it (too few
+        // hits seen) does not take the saving away.
+        struct Blind;
+        impl RuntimeModel for Blind {
+            fn predict_grid(
+                &self,
+                w: &WorkloadDescriptor,
+                m: &ModelDescriptor,
+                hw: &[&HardwareProfile],
+                methods: &[MethodConfig],
+            ) -> Result<Vec<Vec<Prediction>>> {
+                Table.predict_grid(w, m, hw, methods)
+            }
+            fn sees(&self, _: &str) -> bool {
+                true
+            }
+        }
+        let blind = select(&Blind, &q).unwrap();
+        assert_eq!(blind.chosen.host_name, "warm");
+        assert!((blind.chosen.runtime_s - d.chosen.runtime_s).abs() < 1e-12);
         // The warm host busy with a long queue: the cold one is faster now.
         warm.load = Some(HostLoad {
             running_seqs: 8,

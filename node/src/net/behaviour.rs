@@ -43,6 +43,9 @@ pub(super) fn build_swarm(
         .validate_messages()
         .max_transmit_size(MAX_EVIDENCE_BYTES + 1024)
         .heartbeat_interval(Duration::from_millis(700))
+        // Lazy gossip (IHAVE) to the 6 peers of `gossip_lazy` only, not to a quarter of every
+        // non-mesh peer: its default grows each node's idle traffic with the network's size.
+        .gossip_factor(0.0)
         // Content-addressed ids: the same record relayed by two peers is one message.
         .message_id_fn(|m: &gossipsub::Message| {
             gossipsub::MessageId::from(ContentId::of_bytes("metainf gossip", &m.data).0.to_vec())
