@@ -337,17 +337,23 @@ async fn wait_job(node: &impl Api, id: &str, until: impl Fn(&Value) -> bool) -> 
     }
 }
 
-/// A counter of `node`'s `/metrics`.
-async fn metric(node: &impl Api, name: &str) -> f64 {
-    let text = http()
+/// `node`'s `/metrics` text.
+async fn metrics(node: &impl Api) -> String {
+    http()
         .get(node.url("/metrics"))
         .send()
         .await
         .unwrap()
         .text()
         .await
-        .unwrap();
-    text.lines()
+        .unwrap()
+}
+
+/// A counter of `node`'s `/metrics`.
+async fn metric(node: &impl Api, name: &str) -> f64 {
+    metrics(node)
+        .await
+        .lines()
         .find_map(|l| {
             let (key, value) = l.split_once(' ')?;
             (key == name).then(|| value.trim().parse().ok())?
@@ -760,14 +766,7 @@ async fn three_nodes_route_stream_refuse_and_survive_a_dead_host() {
             .iter()
             .any(|d| d["measured_runtime_s"].as_f64().is_some())
     );
-    let metrics = http()
-        .get(a.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics(&a).await;
     assert!(
         metrics.contains("metainf_jobs_total{outcome=\"ok\"}"),
         "{metrics}"

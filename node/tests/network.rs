@@ -1001,17 +1001,7 @@ async fn a_hosts_state_is_asked_for_directly_and_queries_past_the_rate_go_unansw
         queue_depth: 0,
         running_jobs: 0,
         queue_capacity: 64,
-        load: Some(metainf_protocol::HostLoad {
-            running_seqs,
-            waiting_seqs: 0,
-            max_running: 8,
-            kv_blocks_total: 100,
-            kv_blocks_used: 0,
-            kv_blocks_cached: 0,
-            decode_tok_s: 0.0,
-            seq_s: 0.0,
-            remaining_tokens: 0,
-        }),
+        load: Some(fixtures::host_load(running_seqs, 0, 8)),
         cache: Some(std::sync::Arc::new(metainf_protocol::CacheSummary::new(
             "smollm2",
             16,

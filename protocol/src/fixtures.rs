@@ -128,6 +128,22 @@ pub fn signed(key: &Keypair, seq: u64, variant: u64) -> SignedRecord {
     }
 }
 
+/// An engine's live load: `running_seqs` running and `waiting_seqs` waiting of at most
+/// `max_running` at once, in a pool of 100 blocks, nothing else announced.
+pub fn host_load(running_seqs: u32, waiting_seqs: u32, max_running: u32) -> crate::HostLoad {
+    crate::HostLoad {
+        running_seqs,
+        waiting_seqs,
+        max_running,
+        kv_blocks_total: 100,
+        kv_blocks_used: 0,
+        kv_blocks_cached: 0,
+        decode_tok_s: 0.0,
+        seq_s: 0.0,
+        remaining_tokens: 0,
+    }
+}
+
 /// A heartbeat of `peer` serving the default model on a one-thread CPU, sent at `sent_at_ms`.
 pub fn heartbeat(peer: PeerId, sent_at_ms: u64) -> Heartbeat {
     let hardware = cpu_hardware(1);

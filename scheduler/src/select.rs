@@ -71,21 +71,24 @@ pub fn prefill_share(w: &WorkloadDescriptor) -> f64 {
 /// The share of the prompt tokens `w` computes (after in-job prefix sharing) that
 /// `cached_tokens` distinct cached tokens spare it (0..=1).
 pub fn cache_saving(w: &WorkloadDescriptor, cached_tokens: u64) -> f64 {
-    let total = w.prompt_tokens.mean.max(0.0)
-        * f64::from(w.requests)
-        * (1.0 - w.prefix_sharing.clamp(0.0, 1.0));
-    if total > 0.0 {
-        (cached_tokens as f64 / total).clamp(0.0, 1.0)
-    } else {
-        0.0
-    }
+    share_of(
+        cached_tokens,
+        prompt_total(w) * (1.0 - w.prefix_sharing.clamp(0.0, 1.0)),
+    )
 }
 
 /// The share of `w`'s prompt tokens that `cached_tokens` are (0..=1).
 pub fn cache_share(w: &WorkloadDescriptor, cached_tokens: u64) -> f64 {
-    let total = w.prompt_tokens.mean.max(0.0) * f64::from(w.requests);
+    share_of(cached_tokens, prompt_total(w))
+}
+
+fn prompt_total(w: &WorkloadDescriptor) -> f64 {
+    w.prompt_tokens.mean.max(0.0) * f64::from(w.requests)
+}
+
+fn share_of(tokens: u64, total: f64) -> f64 {
     if total > 0.0 {
-        (cached_tokens as f64 / total).clamp(0.0, 1.0)
+        (tokens as f64 / total).clamp(0.0, 1.0)
     } else {
         0.0
     }

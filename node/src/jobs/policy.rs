@@ -148,7 +148,7 @@ pub(crate) fn order(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use metainf_protocol::{HostLoad, fixtures};
+    use metainf_protocol::fixtures;
 
     fn host(name: &str, seqs: u32, cached: u64) -> Host {
         Host {
@@ -158,17 +158,7 @@ mod tests {
             queue_depth: 0,
             running_jobs: 0,
             power_w: None,
-            load: Some(HostLoad {
-                running_seqs: seqs.min(8),
-                waiting_seqs: seqs.saturating_sub(8),
-                max_running: 8,
-                kv_blocks_total: 100,
-                kv_blocks_used: 0,
-                kv_blocks_cached: 0,
-                decode_tok_s: 0.0,
-                seq_s: 0.0,
-                remaining_tokens: 0,
-            }),
+            load: Some(fixtures::host_load(seqs.min(8), seqs.saturating_sub(8), 8)),
             slowdown: 1.0,
             cached_tokens: cached,
         }
