@@ -7,6 +7,10 @@
 #
 #   scripts/bench-routing.sh [OUT_DIR]     # JSON reports in OUT_DIR (default target/bench-routing)
 #
+# TESTNET=1 runs it on the docker testnet instead (testnet/up.sh: node-a/b/c with engine threads
+# 1, 2, 1), each container held to a CPU quota (TESTNET_CPUS, default "0.5 1.0 0.5", applied
+# with `docker update --cpus`), so the hosts' speeds differ without sharing cores.
+#
 # ORDER=reverse runs the policies in the reverse order (the predictor learns from every job,
 # so a later policy routes with a better-trained predictor: run both orders). THREADS="1 1 2",
 # TENANTS, CONVERSATIONS, TURNS, RATE, MAX_TOKENS and SYSTEM_TOKENS change the setup.
@@ -32,10 +36,24 @@ pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  if [ "${TESTNET:-}" = 1 ]; then testnet/down.sh >/dev/null 2>&1 || true; fi
 }
 trap cleanup EXIT
 
 apis=()
+if [ "${TESTNET:-}" = 1 ]; then
+  testnet/down.sh >/dev/null 2>&1 || true
+  testnet/up.sh >&2
+  read -r -a cpus <<<"${TESTNET_CPUS:-0.5 1.0 0.5}"
+  names=(a b c)
+  ports=("${METAINF_TESTNET_PORT:-18080}" "${METAINF_TESTNET_PORT_B:-18081}" "${METAINF_TESTNET_PORT_C:-18082}")
+  for i in 0 1 2; do
+    docker update --cpus "${cpus[$i]}" "metainf_node-${names[$i]}_1" >/dev/null
+    apis+=("http://127.0.0.1:${ports[$i]}")
+  done
+  threads=(1 2 1)
+  echo "== docker testnet, CPU quotas ${cpus[*]}" >&2
+else
 boot=""
 for i in "${!threads[@]}"; do
   dir="$(mktemp -d)"
@@ -67,6 +85,7 @@ EOF
   fi
   apis+=("$api")
 done
+fi
 urls="$(IFS=,; echo "${apis[*]}")"
 # Every gateway sees every host.
 for api in "${apis[@]}"; do

@@ -14,7 +14,10 @@
 //! - idle: per-node idle traffic of 50, 100 and 200 hosts announcing a model and a cache
 //!   summary, with the fixed 5 s heartbeat interval and with the interval that grows with the
 //!   network (`heartbeat_budget_per_s` = 2): loopback bytes sent per second per node, and the
-//!   heartbeats each node received per second.
+//!   heartbeats each node received per second, and the connections each node holds; every
+//!   node keeps at most `max_peers` peers (`METAINF_BENCH_MAX_PEERS`, default 32, 0 = no limit:
+//!   without a limit 200 nodes on one loopback hold ~40,000 sockets, past a 20,000 open-file
+//!   limit).
 //!
 //! Run: `cargo bench --profile dev --workspace --bench network`
 //! (`METAINF_BENCH_NODES`, `METAINF_BENCH_RECORDS`, `METAINF_BENCH_CATCHUP` override the sizes;
@@ -222,7 +225,7 @@ async fn propagation(n: usize, records: usize) {
 /// Per-node idle traffic of a network of `n` hosts, each offering a model with a cache summary
 /// in its heartbeats: loopback bytes sent per second over a window, divided by `n`, and the
 /// heartbeats each node received per second. `budget_per_s` 0 is the fixed 5 s interval.
-async fn idle(n: usize, budget_per_s: f64, window: Duration) -> (f64, f64) {
+async fn idle(n: usize, budget_per_s: f64, window: Duration, max_peers: u32) -> (f64, f64, f64) {
     let dir = tempfile::tempdir().unwrap();
     let token = CancellationToken::new();
     let mut nodes: Vec<Bench> = Vec::with_capacity(n);
@@ -235,6 +238,7 @@ async fn idle(n: usize, budget_per_s: f64, window: Duration) -> (f64, f64) {
             .collect();
         let node = start_with(&dir.path().join(format!("n{i}")), boot, &token, |c| {
             c.heartbeat_budget_per_s = budget_per_s;
+            c.max_peers = max_peers;
         })
         .await;
         let blocks: Vec<_> = (0..300u32)
@@ -275,10 +279,15 @@ async fn idle(n: usize, budget_per_s: f64, window: Duration) -> (f64, f64) {
     let secs = t0.elapsed().as_secs_f64();
     let per_node = (loopback_tx_bytes() - before) as f64 / secs / n as f64;
     let beats = (heard(&nodes).await - beats_before) as f64 / secs / n as f64;
+    let mut connections = 0usize;
+    for b in &nodes {
+        let peers = b.client.peers().await.unwrap_or_default();
+        connections += peers.iter().filter(|p| p.connected).count();
+    }
     token.cancel();
     drop(offers);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    (per_node, beats)
+    (per_node, beats, connections as f64 / n as f64)
 }
 
 async fn catch_up(count: usize) {
@@ -426,15 +435,16 @@ fn main() {
                 Ok(_) => vec![(50, 0.0), (100, 0.0)],
                 Err(_) => vec![(50, 2.0), (100, 2.0), (200, 2.0)],
             };
+            let max_peers = env("METAINF_BENCH_MAX_PEERS", 32) as u32;
             for (n, budget) in sizes {
-                let (bytes, beats) = idle(n, budget, window).await;
+                let (bytes, beats, conns) = idle(n, budget, window, max_peers).await;
                 let mode = if budget > 0.0 {
                     "interval max(5 s, N / 2 per s)"
                 } else {
                     "fixed 5 s interval"
                 };
                 println!(
-                    "idle, {n} nodes, {mode}: {:.0} B/s sent per node, {beats:.2} heartbeats/s received per node",
+                    "idle, {n} nodes, {mode}, max_peers {max_peers}: {:.0} B/s sent per node, {beats:.2} heartbeats/s received per node, {conns:.1} connections per node",
                     bytes
                 );
             }

@@ -1062,3 +1062,78 @@ async fn a_hosts_state_is_asked_for_directly_and_queries_past_the_rate_go_unansw
     router.stop().await;
     host.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_keeps_its_connections_within_max_peers_and_still_reaches_everyone() {
+    let dir = tempfile::tempdir().unwrap();
+    // The hub keeps 3 peers: at most 5 connections (3 inbound), trimmed back to 3.
+    let hub = fresh(
+        dir.path(),
+        "hub",
+        NetworkConfig {
+            max_peers: 3,
+            ..config(vec![], 3600)
+        },
+    )
+    .await;
+    let mut spokes: Vec<TestNode> = Vec::new();
+    let mut most = 0usize;
+    for i in 0..8 {
+        // Each spoke bootstraps from the hub and from the spoke before it.
+        let mut boot = vec![hub.addr.clone()];
+        boot.extend(spokes.last().map(|s: &TestNode| s.addr.clone()));
+        spokes.push(fresh(dir.path(), format!("spoke{i}"), config(boot, 3600)).await);
+        for _ in 0..4 {
+            let peers = hub.client.peers().await.unwrap();
+            most = most.max(peers.iter().filter(|p| p.connected).count());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // Trimmed to 3 once the new connections' grace (two trim periods of 1 s) is over.
+    until_peers(
+        &hub.client,
+        "the hub to trim to 3",
+        Duration::from_secs(20),
+        |peers| peers.iter().filter(|p| p.connected).count() <= 3,
+    )
+    .await;
+    let peers = hub.client.peers().await.unwrap();
+    assert!(
+        most <= 5,
+        "the hub held {most} connections at once (limit 5)"
+    );
+    // Trimmed spokes are still heard through gossip and still reachable.
+    until_peers(
+        &hub.client,
+        "every spoke known and reachable",
+        Duration::from_secs(20),
+        |peers| {
+            spokes.iter().all(|s| {
+                peers
+                    .iter()
+                    .any(|p| p.peer == s.peer_id() && p.alive && p.reachable)
+            })
+        },
+    )
+    .await;
+    let trimmed = spokes
+        .iter()
+        .find(|s| !peers.iter().any(|p| p.peer == s.peer_id() && p.connected))
+        .expect("some spoke was trimmed");
+    // A state query dials a trimmed peer again.
+    let state = hub.client.query_state(trimmed.peer_id()).await;
+    assert!(state.is_ok(), "state of a trimmed spoke: {state:?}");
+    // A record the hub makes reaches every spoke over the capped network.
+    let maker = Keypair::generate_ed25519();
+    let record = fixtures::signed(&maker, 1, 0).verify().unwrap();
+    let origin = record.origin();
+    hub.publish(record).await;
+    wait_until("the record everywhere", Duration::from_secs(20), || {
+        spokes.iter().all(|s| has(&s.store, &origin, 1))
+    })
+    .await;
+    for s in spokes {
+        s.stop().await;
+    }
+    hub.stop().await;
+}

@@ -101,6 +101,9 @@ pub enum Objective {
     Cost,
     /// Predicted energy, where known.
     Energy,
+    /// Predicted time to the first token plus time to the end: for streamed chats, where a
+    /// person watches both (the default of a streamed request that names no objective).
+    Interactive,
 }
 
 /// A job as a client submits it.

@@ -20,6 +20,10 @@ pub struct Choice {
     pub runtime_s: f64,
     /// Predicted wait in the host's queue, seconds.
     pub wait_s: f64,
+    /// Predicted time to the first token from now, seconds: the wait and the prefill of what
+    /// the host's cache does not hold.
+    #[serde(default)]
+    pub ttft_s: f64,
     /// Predicted cost: price × runtime.
     pub cost: f64,
     /// Predicted energy, joules, where the host's power is known.

@@ -304,6 +304,7 @@ pub fn select(model: &dyn RuntimeModel, query: &Query<'_>) -> Result<Decision> {
         method: usize,
         runtime_s: f64,
         wait_s: f64,
+        ttft_s: f64,
         cost: f64,
         energy_j: Option<f64>,
         log_std: f64,
@@ -311,7 +312,23 @@ pub fn select(model: &dyn RuntimeModel, query: &Query<'_>) -> Result<Decision> {
     let mut all = Vec::with_capacity(query.hosts.len() * query.methods.len());
     for (hi, host) in query.hosts.iter().enumerate() {
         let hw = host_hw[hi];
-        let saved = 1.0 - prefill * cache_saving(query.workload, host.cached_tokens);
+        let saving = cache_saving(query.workload, host.cached_tokens);
+        let saved = 1.0 - prefill * saving;
+        // The first token comes once the prompt is prefilled: that share of the time alone
+        // (with the cache's saving, for a method that reads it).
+        let first_share = |cached: bool| {
+            let left = if cached {
+                prefill * (1.0 - saving)
+            } else {
+                prefill
+            };
+            let decode = 1.0 - prefill;
+            if left + decode > 0.0 {
+                left / (left + decode)
+            } else {
+                0.0
+            }
+        };
         let taught = learned.get(&(hw, bucket(host)));
         for (mi, p) in base[hw].iter().enumerate() {
             let alone = match pc_pos[mi] {
@@ -334,6 +351,7 @@ pub fn select(model: &dyn RuntimeModel, query: &Query<'_>) -> Result<Decision> {
                 method: mi,
                 runtime_s,
                 wait_s,
+                ttft_s: wait_s + runtime_s * first_share(pc_pos[mi].is_some()),
                 cost: host.price_per_hour.max(0.0) * runtime_s / 3600.0,
                 energy_j: host.power_w.map(|w| w * runtime_s),
                 log_std: p.log_std,
@@ -346,6 +364,7 @@ pub fn select(model: &dyn RuntimeModel, query: &Query<'_>) -> Result<Decision> {
         method: query.methods[s.method].clone(),
         runtime_s: s.runtime_s,
         wait_s: s.wait_s,
+        ttft_s: s.ttft_s,
         cost: s.cost,
         energy_j: s.energy_j,
         log_std: s.log_std,
@@ -383,6 +402,7 @@ pub fn select(model: &dyn RuntimeModel, query: &Query<'_>) -> Result<Decision> {
             Objective::Cost => (s.cost * o, latency),
             // Unknown energy sorts after every known one.
             Objective::Energy => (s.energy_j.map_or(f64::INFINITY, |e| e * o), latency),
+            Objective::Interactive => ((s.ttft_s + latency) * o, s.cost),
         }
     };
     let feasible_count = feasible.len();
@@ -626,6 +646,80 @@ mod tests {
         let hosts = vec![cold, warm];
         let d = select(&Table, &Query { hosts: &hosts, ..q }).unwrap();
         assert_eq!(d.chosen.host_name, "cold");
+    }
+
+    #[test]
+    fn the_first_token_is_predicted_and_an_interactive_job_weighs_it() {
+        // A second turn of 800 prompt tokens, 64 new: a slow host holding 768 of them, and a
+        // host three times as fast holding none.
+        let mut w = fixtures::workload("chat", 1);
+        w.requests = 1;
+        w.prompt_tokens.mean = 800.0;
+        w.max_new_tokens.mean = 64.0;
+        w.prefix_sharing = 0.0;
+        let m = fixtures::smollm2();
+        let methods: Vec<MethodConfig> = MethodConfig::standard_methods()
+            .into_iter()
+            .filter(|m| m.has("prefix_caching"))
+            .collect();
+        let mut warm = host("warm", 1, 0.0, 0);
+        warm.cached_tokens = 768;
+        let fast = host("fast", 3, 0.0, 0);
+        let hosts = vec![warm, fast];
+        let q = Query {
+            workload: &w,
+            model: &m,
+            hosts: &hosts,
+            methods: &methods,
+            budget: None,
+            objective: Objective::Runtime,
+            explore: 0.0,
+        };
+        let d = select(&Table, &q).unwrap();
+        let of = |d: &Decision, name: &str| {
+            d.ranked
+                .iter()
+                .find(|c| c.host_name == name && c.method == d.chosen.method)
+                .cloned()
+                .unwrap()
+        };
+        // Prefill is 800 / 1312 of the time alone; the warm host computes 32 of its 800
+        // prompt tokens: its first token comes after 32 / (32 + 512) of its runtime, the fast
+        // host's after 800 / 1312 of its own.
+        let (warm_c, fast_c) = (of(&d, "warm"), of(&d, "fast"));
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9 * b.max(1.0);
+        assert!(close(warm_c.ttft_s, warm_c.runtime_s * 32.0 / 544.0));
+        assert!(close(fast_c.ttft_s, fast_c.runtime_s * 800.0 / 1312.0));
+        // To the end the fast host wins (a third of 10 s against 544 / 1312 of it, both halved
+        // by batching alike); to the first token the warm one does by far.
+        assert!(fast_c.latency_s() < warm_c.latency_s());
+        assert!(warm_c.ttft_s < fast_c.ttft_s / 5.0);
+        assert_eq!(d.chosen.host_name, "fast");
+        // An interactive job weighs both: the warm host's first token in a fraction of the
+        // time outweighs its slower end.
+        let i = select(
+            &Table,
+            &Query {
+                objective: Objective::Interactive,
+                ..q.clone()
+            },
+        )
+        .unwrap();
+        assert_eq!(i.chosen.host_name, "warm");
+        // A wait counts into the first token too.
+        let mut hosts = hosts.clone();
+        hosts[0].queue_depth = 3;
+        let i = select(
+            &Table,
+            &Query {
+                objective: Objective::Interactive,
+                hosts: &hosts,
+                ..q
+            },
+        )
+        .unwrap();
+        assert_eq!(i.chosen.host_name, "fast");
+        assert!(of(&i, "warm").ttft_s > of(&i, "warm").wait_s);
     }
 
     #[test]

@@ -226,6 +226,7 @@ fn choice_view(c: &metainf_scheduler::Choice) -> ChoiceView {
         method: c.method.short_name(),
         predicted_runtime_s: c.runtime_s,
         predicted_wait_s: c.wait_s,
+        predicted_ttft_s: c.ttft_s,
         predicted_cost: c.cost,
         cached_tokens: c.cached_tokens,
     }
@@ -258,6 +259,7 @@ fn outcome_view(routed_s: f64, generation: u64, outcome: &Outcome) -> OutcomeVie
         method: outcome.result.method.short_name(),
         predicted_runtime_s: c.runtime_s,
         predicted_wait_s: c.wait_s,
+        predicted_ttft_s: c.ttft_s,
         predicted_cost: c.cost,
         measured_runtime_s: measured,
         cost,

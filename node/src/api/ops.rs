@@ -108,6 +108,7 @@ pub(super) async fn peers(
                 peer: p.peer.to_string(),
                 alive: p.alive,
                 connected: p.connected,
+                reachable: p.reachable,
                 direct: p.direct,
                 last_seen_ms: p.last_seen_ms,
                 score: p.score,

@@ -149,7 +149,12 @@ pub(crate) fn job_request(
         prompts,
         params,
         budget: route.budget,
-        objective: route.objective.unwrap_or_default(),
+        // A streamed request is someone watching: first token and end both count.
+        objective: route.objective.unwrap_or(if stream {
+            Objective::Interactive
+        } else {
+            Objective::Runtime
+        }),
         pin_method,
         pin_host,
         stream,

@@ -32,6 +32,7 @@ fn choice() -> metainf_scheduler::Choice {
         method: MethodConfig::baseline(),
         runtime_s: 2.5,
         wait_s: 0.25,
+        ttft_s: 0.5,
         cost: 0.125,
         energy_j: None,
         log_std: 0.1,
@@ -45,6 +46,7 @@ fn old_choice_json(c: &metainf_scheduler::Choice) -> Value {
         "method": c.method.short_name(),
         "predicted_runtime_s": c.runtime_s,
         "predicted_wait_s": c.wait_s,
+        "predicted_ttft_s": c.ttft_s,
         "predicted_cost": c.cost,
         "cached_tokens": c.cached_tokens,
     })
@@ -172,6 +174,7 @@ fn choices_and_outcomes_keep_their_shape() {
         "method": outcome.result.method.short_name(),
         "predicted_runtime_s": c.runtime_s,
         "predicted_wait_s": c.wait_s,
+        "predicted_ttft_s": c.ttft_s,
         "predicted_cost": c.cost,
         "measured_runtime_s": measured,
         "cost": c.cost * measured / c.runtime_s,
@@ -367,11 +370,11 @@ fn completions_and_chunks_keep_their_shape() {
 #[test]
 fn operator_bodies_read_back_unchanged() {
     let peers = json!({"peers": [
-        {"peer": "p1", "alive": true, "connected": true, "direct": false, "last_seen_ms": 9,
+        {"peer": "p1", "alive": true, "connected": true, "reachable": true, "direct": false, "last_seen_ms": 9,
          "score": null, "distrusted": false, "reputation": null, "models": null,
          "price_per_hour": null, "queue_depth": null,
          "running_jobs": null, "queue_capacity": null, "hardware": null, "records_seq": null},
-        {"peer": "p2", "alive": false, "connected": false, "direct": false, "last_seen_ms": 1,
+        {"peer": "p2", "alive": false, "connected": false, "reachable": false, "direct": false, "last_seen_ms": 1,
          "score": 0.5, "distrusted": true,
          "reputation": {"score": 0.25, "slowdown": 2.0, "attempts": 3, "failed": 1,
                         "excluded_until_ms": null},

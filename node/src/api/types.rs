@@ -57,6 +57,9 @@ pub struct ChoiceView {
     pub predicted_runtime_s: f64,
     /// Predicted queue wait, seconds.
     pub predicted_wait_s: f64,
+    /// Predicted time to the first token, seconds.
+    #[serde(default)]
+    pub predicted_ttft_s: f64,
     /// Predicted cost.
     pub predicted_cost: f64,
     /// Prompt tokens the host's prefix cache was expected to serve.
@@ -96,6 +99,9 @@ pub struct OutcomeView {
     pub predicted_runtime_s: f64,
     /// Predicted queue wait, seconds.
     pub predicted_wait_s: f64,
+    /// Predicted time to the first token, seconds.
+    #[serde(default)]
+    pub predicted_ttft_s: f64,
     /// Predicted cost.
     pub predicted_cost: f64,
     /// Runtime the host measured, seconds.
@@ -278,6 +284,9 @@ pub struct PeerView {
     pub alive: bool,
     /// A connection is open.
     pub connected: bool,
+    /// A job can reach it (connected, or a connection closed to stay within `max_peers`).
+    #[serde(default)]
+    pub reachable: bool,
     /// The open connection is direct (not relayed).
     pub direct: bool,
     /// Last time it was heard from, Unix milliseconds.

@@ -180,7 +180,8 @@ pub(crate) enum Command {
         /// Most the job may cost, in the network's price unit.
         #[arg(long)]
         budget: Option<f64>,
-        /// What to minimise within the budget: runtime, cost or energy.
+        /// What to minimise within the budget: runtime, cost, energy or interactive (first token
+        /// plus end; the default with --stream).
         #[arg(long)]
         objective: Option<String>,
         /// Run with exactly this method (none, cb, pc, cp, cb+pc, ...).

@@ -55,7 +55,7 @@ impl JobService {
                 .await
                 .unwrap_or_default()
                 .into_iter()
-                .filter(|p| p.alive && p.connected && p.peer != self.0.peer_id)
+                .filter(|p| p.alive && p.reachable && p.peer != self.0.peer_id)
                 .collect(),
             None => Vec::new(),
         }

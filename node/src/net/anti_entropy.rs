@@ -65,6 +65,7 @@ impl EventLoop {
             }));
             return;
         }
+        self.used(peer);
         let id = self.swarm.behaviour_mut().sync.send_request(&peer, request);
         self.sync_calls.insert(id, reply);
     }

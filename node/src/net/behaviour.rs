@@ -8,7 +8,9 @@ use libp2p::kad::{self, store::MemoryStore};
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::swarm::behaviour::toggle::Toggle;
-use libp2p::{Swarm, autonat, dcutr, identify, mdns, noise, ping, relay, tcp, yamux};
+use libp2p::{
+    Swarm, autonat, connection_limits, dcutr, identify, mdns, noise, ping, relay, tcp, yamux,
+};
 use metainf_protocol::{ContentId, MAX_EVIDENCE_BYTES};
 
 use super::config::{NetError, NetworkConfig};
@@ -17,6 +19,7 @@ use super::{HEARTBEATS_TOPIC, RECORDS_TOPIC, jobs, state, sync};
 /// Every protocol the node speaks.
 #[derive(NetworkBehaviour)]
 pub(super) struct Behaviour {
+    pub(super) limits: connection_limits::Behaviour,
     pub(super) identify: identify::Behaviour,
     pub(super) ping: ping::Behaviour,
     pub(super) kad: kad::Behaviour<MemoryStore>,
@@ -61,6 +64,7 @@ pub(super) fn build_swarm(
         ..Default::default()
     };
     let mdns_on = config.mdns;
+    let limits = connection_limits(config.max_peers);
     let swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
         .with_tcp(
@@ -94,6 +98,7 @@ pub(super) fn build_swarm(
                 None
             };
             Ok(Behaviour {
+                limits: connection_limits::Behaviour::new(limits),
                 identify: identify::Behaviour::new(identify::Config::new(
                     "/metainf/1.0.0".into(),
                     key.public(),
@@ -137,6 +142,26 @@ pub(super) fn build_swarm(
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
         .build();
     Ok(swarm)
+}
+
+/// The hard limits behind `max_peers` (the event loop trims to `max_peers` itself): one and a
+/// half times as many connections in all, at most `max_peers` of them inbound (others'
+/// connections never crowd out this node's own choices: an eclipse needs more than filling
+/// its inbound slots), two per peer, and a bounded number being set up at once.
+fn connection_limits(max_peers: u32) -> connection_limits::ConnectionLimits {
+    let limits = connection_limits::ConnectionLimits::default()
+        .with_max_established_per_peer(Some(2))
+        .with_max_pending_incoming(Some(32))
+        .with_max_pending_outgoing(Some(32));
+    if max_peers == 0 {
+        return limits;
+    }
+    let total = max_peers
+        .saturating_add(max_peers / 2)
+        .max(max_peers.saturating_add(2));
+    limits
+        .with_max_established(Some(total))
+        .with_max_established_incoming(Some(max_peers))
 }
 
 /// Peer scoring: a rejected record costs its sender heavily; persistent offenders are graylisted.

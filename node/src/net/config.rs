@@ -40,6 +40,12 @@ pub struct NetworkConfig {
     pub page_size: u32,
     /// Price per hour of this node's compute, announced in heartbeats.
     pub price_per_hour: f64,
+    /// Peers to stay connected to (0 = no limit). Past it the connections used least are
+    /// closed (never one with a call in flight, a bootstrap peer or one younger than the grace
+    /// period), and more than one and a half times as many connections are refused outright,
+    /// so a large network costs each node a bounded number of sockets. Peers are still heard
+    /// through gossip and dialled again when a job or state query needs them.
+    pub max_peers: u32,
 }
 
 impl Default for NetworkConfig {
@@ -66,6 +72,7 @@ impl Default for NetworkConfig {
             anti_entropy_interval_s: 30,
             page_size: 1000,
             price_per_hour: 0.0,
+            max_peers: 50,
         }
     }
 }

@@ -180,6 +180,10 @@ pub struct PeerStatus {
     pub connected: bool,
     /// Whether an open connection is direct (not through a relay).
     pub direct: bool,
+    /// Whether a job or query can reach it: connected, or heard from since this node closed
+    /// an idle connection to it or last heard of it (never when the last connection was lost
+    /// or a dial failed, until it is heard from again).
+    pub reachable: bool,
     /// Whether it was heard from within the timeout ([`crate::clock::is_alive`]).
     pub alive: bool,
     /// Last time it was heard from, Unix milliseconds.

@@ -35,6 +35,12 @@ pub(super) type JobAnswer = oneshot::Sender<Result<JobReply, NetError>>;
 /// Most peers the loop remembers at once (connected ones are always kept).
 const MAX_KNOWN_PEERS: usize = 10_000;
 
+/// How often connections are trimmed to `max_peers`; twice this is the grace period of a new
+/// or just used connection.
+fn trim_period(config: &NetworkConfig) -> Duration {
+    Duration::from_secs(config.heartbeat_interval_s.clamp(1, 10))
+}
+
 /// The network's event loop. Run it with [`EventLoop::run`].
 pub struct EventLoop {
     pub(super) swarm: Swarm<Behaviour>,
@@ -96,6 +102,15 @@ pub struct EventLoop {
     pub(super) state_queries: HashMap<PeerId, (Instant, u32)>,
     /// State queries this node answered in the current second, from all peers.
     pub(super) state_answers: (Instant, u32),
+    /// When each connected peer's first open connection was established.
+    pub(super) connected_since: HashMap<PeerId, Instant>,
+    /// When a call (job, delta, state, sync) last went to or came from each connected peer.
+    pub(super) last_used: HashMap<PeerId, Instant>,
+    /// Peers whose connections this node closed to stay within `max_peers`: still reachable.
+    pub(super) trimmed: HashSet<PeerId>,
+    /// When each peer's last connection was lost or a dial to it failed (Unix ms): it is not
+    /// reachable until heard from after that.
+    pub(super) lost_ms: HashMap<PeerId, u64>,
 }
 
 impl EventLoop {
@@ -108,6 +123,8 @@ impl EventLoop {
             self.config.anti_entropy_interval_s.max(1),
         ));
         anti_entropy.tick().await;
+        let mut trim = tokio::time::interval(trim_period(&self.config));
+        trim.tick().await;
         loop {
             tokio::select! {
                 biased;
@@ -121,6 +138,7 @@ impl EventLoop {
                     heartbeat.as_mut().reset(tokio::time::Instant::now() + self.heartbeat_interval());
                 }
                 _ = anti_entropy.tick() => self.start_sync_round(),
+                _ = trim.tick() => self.trim_connections(),
             }
         }
         // Tasks still answering through the loop see it gone at once.
@@ -277,6 +295,7 @@ impl EventLoop {
                 }
             }
             Command::SendDelta { peer, delta, reply } => {
+                self.used(peer);
                 let id = self.swarm.behaviour_mut().deltas.send_request(&peer, delta);
                 self.delta_sends.insert(id, reply);
             }
@@ -309,6 +328,7 @@ impl EventLoop {
             .cloned()
             .map(|mut p| {
                 p.connected = self.swarm.is_connected(&p.peer);
+                p.reachable = self.reachable(&p);
                 p.direct = self
                     .connections
                     .get(&p.peer)
@@ -354,6 +374,11 @@ impl EventLoop {
                     .entry(peer_id)
                     .or_default()
                     .insert(connection_id, relayed);
+                self.connected_since
+                    .entry(peer_id)
+                    .or_insert_with(Instant::now);
+                self.lost_ms.remove(&peer_id);
+                self.trimmed.remove(&peer_id);
                 self.listen_through(peer_id);
                 self.seen(peer_id);
                 if num_established.get() == 1 {
@@ -388,10 +413,29 @@ impl EventLoop {
                 self.pulling.retain(|_, p| *p != peer_id);
                 self.broken_promises.remove(&peer_id);
                 self.state_queries.remove(&peer_id);
+                self.connected_since.remove(&peer_id);
+                self.last_used.remove(&peer_id);
+                if !self.trimmed.contains(&peer_id) {
+                    self.lost_ms.insert(peer_id, now_ms());
+                }
                 let _ = self.emit(NetEvent::PeerDown(peer_id));
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 debug!(peer = ?peer_id, %error, "outgoing connection failed");
+                // The peer's own failure, not a local limit or a dial this node gave up.
+                let theirs = matches!(
+                    error,
+                    libp2p::swarm::DialError::Transport(_)
+                        | libp2p::swarm::DialError::NoAddresses
+                        | libp2p::swarm::DialError::WrongPeerId { .. }
+                );
+                if let Some(peer) = peer_id
+                    && theirs
+                    && !self.swarm.is_connected(&peer)
+                {
+                    self.trimmed.remove(&peer);
+                    self.lost_ms.insert(peer, now_ms());
+                }
             }
             SwarmEvent::IncomingConnectionError {
                 send_back_addr,
@@ -440,6 +484,85 @@ impl EventLoop {
         }
     }
 
+    /// Whether a job or a state query can reach `peer` (see [`PeerStatus::reachable`]).
+    pub(super) fn reachable(&self, peer: &PeerStatus) -> bool {
+        if self.banned.contains(&peer.peer) {
+            return false;
+        }
+        self.swarm.is_connected(&peer.peer)
+            || self
+                .lost_ms
+                .get(&peer.peer)
+                .is_none_or(|lost| peer.last_seen_ms > *lost)
+    }
+
+    /// Notes a call to or from `peer` now: a connection in use is not trimmed.
+    pub(super) fn used(&mut self, peer: PeerId) {
+        if self.swarm.is_connected(&peer) {
+            self.last_used.insert(peer, Instant::now());
+        }
+    }
+
+    /// Notes a request or answer from a peer as a use of its connection.
+    fn used_by<Req, Resp>(&mut self, event: &libp2p::request_response::Event<Req, Resp>) {
+        if let libp2p::request_response::Event::Message { peer, .. } = event {
+            self.used(*peer);
+        }
+    }
+
+    /// Keeps the open connections within `max_peers` (and dials the bootstrap peers again when
+    /// there are none): closes those of the peers used least
+    /// long ago (connections in the gossipsub mesh last), sparing bootstrap peers, peers with a
+    /// call in flight and peers connected or used within the grace period. Trimmed peers stay
+    /// known and reachable: gossip still brings their heartbeats, and a job or state query
+    /// dials them again.
+    pub(super) fn trim_connections(&mut self) {
+        let max = self.config.max_peers as usize;
+        let connected: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        if connected.is_empty() {
+            // Alone (a bootstrap peer was full, restarted or unreachable): try them again.
+            super::dial_bootstrap(&mut self.swarm, &self.config.bootstrap);
+            return;
+        }
+        if max == 0 || connected.len() <= max {
+            return;
+        }
+        let grace = 2 * trim_period(&self.config);
+        let now = Instant::now();
+        let mut busy: HashSet<PeerId> = self.job_calls.values().map(|(_, p, _)| *p).collect();
+        busy.extend(self.delta_sinks.values().map(|(p, _)| *p));
+        busy.extend(self.pulls.values().map(|(p, _, _)| *p));
+        busy.extend(self.pull_queue.iter().map(|(p, _, _)| *p));
+        busy.extend(self.config.bootstrap.iter().filter_map(super::last_peer_id));
+        let mesh: HashSet<PeerId> = self
+            .swarm
+            .behaviour()
+            .gossipsub
+            .all_mesh_peers()
+            .copied()
+            .collect();
+        let mut idle: Vec<(bool, Instant, PeerId)> = connected
+            .iter()
+            .filter(|p| !busy.contains(p))
+            .filter_map(|p| {
+                let since = *self.connected_since.get(p)?;
+                let used = self.last_used.get(p).copied().unwrap_or(since).max(since);
+                (now.duration_since(used) >= grace).then_some((mesh.contains(p), used, *p))
+            })
+            .collect();
+        idle.sort_unstable();
+        let excess = connected.len() - max;
+        for (_, _, peer) in idle.into_iter().take(excess) {
+            debug!(%peer, "closing an idle connection (over max_peers)");
+            self.trimmed.insert(peer);
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+        // Forget trimmed peers that this node no longer knows.
+        let known = &self.peers;
+        self.trimmed.retain(|p| known.contains_key(p));
+        self.lost_ms.retain(|p, _| known.contains_key(p));
+    }
+
     /// Stops dealing with a peer convicted of equivocation: forgets it, closes its
     /// connections, and from now on ignores its heartbeats and refuses its connections.
     fn ban(&mut self, peer: PeerId) {
@@ -449,6 +572,7 @@ impl EventLoop {
         info!(%peer, "banned a peer convicted of equivocation");
         self.peers.remove(&peer);
         self.state_queries.remove(&peer);
+        self.trimmed.remove(&peer);
         self.swarm.behaviour_mut().kad.remove_peer(&peer);
         let _ = self.swarm.disconnect_peer_id(peer);
     }
@@ -462,6 +586,7 @@ impl EventLoop {
             peer,
             connected: true,
             direct: false,
+            reachable: true,
             alive: true,
             last_seen_ms: 0,
             score: None,
@@ -546,10 +671,22 @@ impl EventLoop {
                     let _ = reply.send(found);
                 }
             }
-            BehaviourEvent::Sync(event) => self.on_sync_event(event),
-            BehaviourEvent::State(event) => self.on_state_event(event),
-            BehaviourEvent::Jobs(event) => self.on_job_event(event),
-            BehaviourEvent::Deltas(event) => self.on_delta_event(event),
+            BehaviourEvent::Sync(event) => {
+                self.used_by(&event);
+                self.on_sync_event(event);
+            }
+            BehaviourEvent::State(event) => {
+                self.used_by(&event);
+                self.on_state_event(event);
+            }
+            BehaviourEvent::Jobs(event) => {
+                self.used_by(&event);
+                self.on_job_event(event);
+            }
+            BehaviourEvent::Deltas(event) => {
+                self.used_by(&event);
+                self.on_delta_event(event);
+            }
             _ => {}
         }
     }

@@ -55,10 +55,10 @@ mod sync;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
-use libp2p::PeerId;
 use libp2p::gossipsub::IdentTopic;
 use libp2p::identity::Keypair;
 use libp2p::swarm::dial_opts::DialOpts;
+use libp2p::{Multiaddr, PeerId, Swarm};
 use metainf_protocol::HardwareProfile;
 use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
@@ -89,6 +89,34 @@ pub const EVIDENCE_TOPIC: &str = "metainf/evidence/1";
 pub const MAX_HEARTBEAT_BYTES: usize = 32 * 1024;
 /// Events waiting for the node before the loop sheds them (see [`event`]).
 const EVENT_CAPACITY: usize = 4096;
+
+/// Dials the bootstrap peers (at start, and again whenever the node finds itself alone) and
+/// starts a Kademlia bootstrap through them.
+fn dial_bootstrap(swarm: &mut Swarm<behaviour::Behaviour>, bootstrap: &[Multiaddr]) {
+    for addr in bootstrap {
+        // From a fresh port: two nodes that bootstrap from each other and start together
+        // would otherwise collide in one TCP simultaneous open (see the mDNS dial).
+        let opts = match last_peer_id(addr) {
+            Some(peer) => {
+                swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                DialOpts::peer_id(peer)
+                    .addresses(vec![addr.clone()])
+                    .allocate_new_port()
+                    .build()
+            }
+            None => DialOpts::unknown_peer_id()
+                .address(addr.clone())
+                .allocate_new_port()
+                .build(),
+        };
+        if let Err(e) = swarm.dial(opts) {
+            warn!(%addr, error = %e, "cannot dial bootstrap peer");
+        }
+    }
+    if !bootstrap.is_empty() {
+        let _ = swarm.behaviour_mut().kad.bootstrap();
+    }
+}
 
 /// Starts the swarm: listens, dials the bootstrap peers, subscribes to the topics.
 pub fn start(
@@ -130,29 +158,7 @@ pub fn start(
     for addr in &config.external_addresses {
         swarm.add_external_address(addr.clone());
     }
-    for addr in &config.bootstrap {
-        // From a fresh port: two nodes that bootstrap from each other and start together
-        // would otherwise collide in one TCP simultaneous open (see the mDNS dial).
-        let opts = match last_peer_id(addr) {
-            Some(peer) => {
-                swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
-                DialOpts::peer_id(peer)
-                    .addresses(vec![addr.clone()])
-                    .allocate_new_port()
-                    .build()
-            }
-            None => DialOpts::unknown_peer_id()
-                .address(addr.clone())
-                .allocate_new_port()
-                .build(),
-        };
-        if let Err(e) = swarm.dial(opts) {
-            warn!(%addr, error = %e, "cannot dial bootstrap peer");
-        }
-    }
-    if !config.bootstrap.is_empty() {
-        let _ = swarm.behaviour_mut().kad.bootstrap();
-    }
+    dial_bootstrap(&mut swarm, &config.bootstrap);
     let (tx, rx) = mpsc::channel(256);
     let (events, events_rx) = mpsc::channel(EVENT_CAPACITY);
     let client = Client {
@@ -193,6 +199,10 @@ pub fn start(
         heartbeats_received: 0,
         state_queries: HashMap::new(),
         state_answers: (std::time::Instant::now(), 0),
+        connected_since: HashMap::new(),
+        last_used: HashMap::new(),
+        trimmed: HashSet::new(),
+        lost_ms: HashMap::new(),
     };
     Ok((client, event_loop, events_rx))
 }

@@ -47,14 +47,19 @@ pub(crate) type StateCodec = super::frame::FrameCodec<StateRequest, StateRespons
 pub(super) type StateAnswer = oneshot::Sender<Result<Heartbeat, NetError>>;
 
 impl EventLoop {
+    /// Asks `peer` for its state: over its connection, or dialling it again when it is
+    /// reachable (see [`super::PeerStatus::reachable`]) but not connected.
     pub(super) fn query_state(&mut self, peer: PeerId, reply: StateAnswer) {
-        if !self.swarm.is_connected(&peer) {
+        let reachable = self.swarm.is_connected(&peer)
+            || self.peers.get(&peer).is_some_and(|p| self.reachable(p));
+        if !reachable {
             let _ = reply.send(Err(NetError::Peer {
                 peer,
-                reason: "not connected".into(),
+                reason: "not reachable".into(),
             }));
             return;
         }
+        self.used(peer);
         let id = self
             .swarm
             .behaviour_mut()
