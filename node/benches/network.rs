@@ -22,8 +22,9 @@
 //! Run: `cargo bench --profile dev --workspace --bench network`
 //! (`METAINF_BENCH_NODES`, `METAINF_BENCH_RECORDS`, `METAINF_BENCH_CATCHUP` override the sizes;
 //! `METAINF_BENCH_ONLY=flood` or `=idle` runs only that part; `METAINF_BENCH_IDLE_S` sets the
-//! idle window, default 40 s; `METAINF_BENCH_IDLE_FIXED=1` measures the fixed interval at 50
-//! and 100 nodes instead of the growing one at 50, 100 and 200).
+//! idle window, default 40 s, after `METAINF_BENCH_SETTLE_S` (default 40 s) to settle; `METAINF_BENCH_IDLE_FIXED=1` measures the fixed interval at 50
+//! and 100 nodes instead of the growing one at 50, 100 and 200; `METAINF_BENCH_IDLE_SIZES=100,200`
+//! keeps only those sizes).
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
@@ -261,7 +262,7 @@ async fn idle(n: usize, budget_per_s: f64, window: Duration, max_peers: u32) -> 
         nodes.push(node);
     }
     // Connections, subscriptions, the mesh and every node's interval settle.
-    tokio::time::sleep(Duration::from_secs(40)).await;
+    tokio::time::sleep(Duration::from_secs(env("METAINF_BENCH_SETTLE_S", 40) as u64)).await;
     let heard = |nodes: &[Bench]| {
         let nodes: Vec<Client> = nodes.iter().map(|b| b.client.clone()).collect();
         async move {
@@ -414,6 +415,13 @@ async fn flood(rate: usize, origins: u64, seconds: u64) {
 }
 
 fn main() {
+    // `RUST_LOG=metainf_node=debug` shows what the nodes do (to stderr).
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     // `cargo bench` passes `--bench`; a filter argument is not supported.
     let n = env("METAINF_BENCH_NODES", 50);
     let records = env("METAINF_BENCH_RECORDS", 100);
@@ -431,10 +439,14 @@ fn main() {
         }
         if only.is_empty() || only == "idle" {
             let window = Duration::from_secs(env("METAINF_BENCH_IDLE_S", 40) as u64);
-            let sizes: Vec<(usize, f64)> = match std::env::var("METAINF_BENCH_IDLE_FIXED") {
+            let mut sizes: Vec<(usize, f64)> = match std::env::var("METAINF_BENCH_IDLE_FIXED") {
                 Ok(_) => vec![(50, 0.0), (100, 0.0)],
                 Err(_) => vec![(50, 2.0), (100, 2.0), (200, 2.0)],
             };
+            if let Ok(only) = std::env::var("METAINF_BENCH_IDLE_SIZES") {
+                let keep: Vec<usize> = only.split(',').filter_map(|n| n.trim().parse().ok()).collect();
+                sizes.retain(|(n, _)| keep.contains(n));
+            }
             let max_peers = env("METAINF_BENCH_MAX_PEERS", 32) as u32;
             for (n, budget) in sizes {
                 let (bytes, beats, conns) = idle(n, budget, window, max_peers).await;

@@ -314,21 +314,6 @@ pub fn select(model: &dyn RuntimeModel, query: &Query<'_>) -> Result<Decision> {
         let hw = host_hw[hi];
         let saving = cache_saving(query.workload, host.cached_tokens);
         let saved = 1.0 - prefill * saving;
-        // The first token comes once the prompt is prefilled: that share of the time alone
-        // (with the cache's saving, for a method that reads it).
-        let first_share = |cached: bool| {
-            let left = if cached {
-                prefill * (1.0 - saving)
-            } else {
-                prefill
-            };
-            let decode = 1.0 - prefill;
-            if left + decode > 0.0 {
-                left / (left + decode)
-            } else {
-                0.0
-            }
-        };
         let taught = learned.get(&(hw, bucket(host)));
         for (mi, p) in base[hw].iter().enumerate() {
             let alone = match pc_pos[mi] {
@@ -345,13 +330,21 @@ pub fn select(model: &dyn RuntimeModel, query: &Query<'_>) -> Result<Decision> {
             } else {
                 1.0
             };
+            // The first token comes once the prompt is prefilled: the time alone less its
+            // decode part, which no cache shortens (the learned saving included).
+            let decode = p.runtime_s() * (1.0 - prefill);
+            let first_share = if alone > 0.0 {
+                ((alone - decode) / alone).clamp(0.0, 1.0)
+            } else {
+                0.0
+            };
             let (wait_s, runtime_s) = host.predict(query.workload.requests, alone * slowdown);
             all.push(Scored {
                 host: hi,
                 method: mi,
                 runtime_s,
                 wait_s,
-                ttft_s: wait_s + runtime_s * first_share(pc_pos[mi].is_some()),
+                ttft_s: wait_s + runtime_s * first_share,
                 cost: host.price_per_hour.max(0.0) * runtime_s / 3600.0,
                 energy_j: host.power_w.map(|w| w * runtime_s),
                 log_std: p.log_std,
@@ -402,6 +395,7 @@ pub fn select(model: &dyn RuntimeModel, query: &Query<'_>) -> Result<Decision> {
             Objective::Cost => (s.cost * o, latency),
             // Unknown energy sorts after every known one.
             Objective::Energy => (s.energy_j.map_or(f64::INFINITY, |e| e * o), latency),
+            // The wait counts in both: the person waits for the first token and for the end.
             Objective::Interactive => ((s.ttft_s + latency) * o, s.cost),
         }
     };

@@ -327,6 +327,11 @@ impl JobService {
         });
         let mut forwarded = request.clone();
         forwarded.stream = true;
+        // The host runs the chosen method whatever the objective; a host of an earlier version
+        // knows no `interactive`.
+        if forwarded.objective == metainf_protocol::Objective::Interactive {
+            forwarded.objective = metainf_protocol::Objective::Runtime;
+        }
         let call = JobCall {
             request: forwarded,
             method: choice.method.clone(),

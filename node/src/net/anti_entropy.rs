@@ -65,7 +65,17 @@ impl EventLoop {
             }));
             return;
         }
-        self.used(peer);
+        // Anti-entropy runs over the connections there are; it never dials. A round queued
+        // behind others may find its peer gone (trimmed, or it trimmed this node): dialling
+        // it back would make each trim a new connection, and each new connection a new round.
+        if !self.swarm.is_connected(&peer) {
+            let _ = reply.send(Err(NetError::Peer {
+                peer,
+                reason: "not connected".into(),
+            }));
+            return;
+        }
+        self.sending(peer);
         let id = self.swarm.behaviour_mut().sync.send_request(&peer, request);
         self.sync_calls.insert(id, reply);
     }

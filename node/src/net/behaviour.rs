@@ -86,6 +86,12 @@ pub(super) fn build_swarm(
             // Bootstrap is run by the node when it has peers (at start and on identify),
             // not on a timer that warns while the node is alone.
             kad_config.set_periodic_bootstrap_interval(None);
+            // Peers enter the table only through `EventLoop::add_kad_address`, which never
+            // adds to a full bucket: Kademlia's own insert of a new connection into a full
+            // bucket dials the bucket's oldest disconnected entry to check it is alive, and with
+            // connections trimmed to `max_peers` every such dial is a new connection that makes
+            // the node it reaches dial again (a chain of connections that never settles).
+            kad_config.set_kbucket_inserts(kad::BucketInserts::Manual);
             let mut kad =
                 kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), kad_config);
             kad.set_mode(Some(kad::Mode::Server));
@@ -99,10 +105,13 @@ pub(super) fn build_swarm(
             };
             Ok(Behaviour {
                 limits: connection_limits::Behaviour::new(limits),
-                identify: identify::Behaviour::new(identify::Config::new(
-                    "/metainf/1.0.0".into(),
-                    key.public(),
-                )),
+                // Listen addresses pushed as they change: a node that dialled out before its
+                // listener was up is otherwise known without an address, and cannot be dialled
+                // back once its connection is trimmed.
+                identify: identify::Behaviour::new(
+                    identify::Config::new("/metainf/1.0.0".into(), key.public())
+                        .with_push_listen_addr_updates(true),
+                ),
                 ping: ping::Behaviour::default(),
                 kad,
                 gossipsub,
@@ -144,10 +153,12 @@ pub(super) fn build_swarm(
     Ok(swarm)
 }
 
-/// The hard limits behind `max_peers` (the event loop trims to `max_peers` itself): one and a
-/// half times as many connections in all, at most `max_peers` of them inbound (others'
-/// connections never crowd out this node's own choices: an eclipse needs more than filling
-/// its inbound slots), two per peer, and a bounded number being set up at once.
+/// The hard limits behind `max_peers` (the event loop trims to `max_peers` itself, softly):
+/// twice as many connections in all, at most one and a half times as many inbound (others'
+/// connections never fill the slots of this node's own dials), two per peer, and a bounded
+/// number being set up at once. They are a safety valve, not the working limit: a refused
+/// dial costs Kademlia the address it tried, and a routing table that shrinks below its
+/// bucket size bootstraps again, dialling more.
 fn connection_limits(max_peers: u32) -> connection_limits::ConnectionLimits {
     let limits = connection_limits::ConnectionLimits::default()
         .with_max_established_per_peer(Some(2))
@@ -156,12 +167,13 @@ fn connection_limits(max_peers: u32) -> connection_limits::ConnectionLimits {
     if max_peers == 0 {
         return limits;
     }
-    let total = max_peers
+    let total = max_peers.saturating_mul(2).max(max_peers.saturating_add(2));
+    let inbound = max_peers
         .saturating_add(max_peers / 2)
-        .max(max_peers.saturating_add(2));
+        .max(max_peers.saturating_add(1));
     limits
         .with_max_established(Some(total))
-        .with_max_established_incoming(Some(max_peers))
+        .with_max_established_incoming(Some(inbound))
 }
 
 /// Peer scoring: a rejected record costs its sender heavily; persistent offenders are graylisted.

@@ -42,7 +42,7 @@ pub struct NetworkConfig {
     pub price_per_hour: f64,
     /// Peers to stay connected to (0 = no limit). Past it the connections used least are
     /// closed (never one with a call in flight, a bootstrap peer or one younger than the grace
-    /// period), and more than one and a half times as many connections are refused outright,
+    /// period), and more than twice as many connections (1.5× inbound) are refused outright,
     /// so a large network costs each node a bounded number of sockets. Peers are still heard
     /// through gossip and dialled again when a job or state query needs them.
     pub max_peers: u32,

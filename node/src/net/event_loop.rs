@@ -106,8 +106,17 @@ pub struct EventLoop {
     pub(super) connected_since: HashMap<PeerId, Instant>,
     /// When a call (job, delta, state, sync) last went to or came from each connected peer.
     pub(super) last_used: HashMap<PeerId, Instant>,
-    /// Peers whose connections this node closed to stay within `max_peers`: still reachable.
-    pub(super) trimmed: HashSet<PeerId>,
+    /// Known peers whose last connection closed, with the listen addresses they told: a later
+    /// call dials them there (Kademlia forgets them, see [`EventLoop::trim_connections`]).
+    pub(super) parked: HashMap<PeerId, Vec<Multiaddr>>,
+    /// Peers whose connections this node is closing to stay within `max_peers`: still
+    /// reachable once closed.
+    pub(super) trimming: HashSet<PeerId>,
+    /// Requests in flight per connected peer, both ways, over every request-response protocol:
+    /// a connection with one is not trimmed.
+    pub(super) calls: HashMap<PeerId, u32>,
+    /// When the bootstrap peers were last dialled.
+    pub(super) last_bootstrap: Instant,
     /// When each peer's last connection was lost or a dial to it failed (Unix ms): it is not
     /// reachable until heard from after that.
     pub(super) lost_ms: HashMap<PeerId, u64>,
@@ -295,7 +304,7 @@ impl EventLoop {
                 }
             }
             Command::SendDelta { peer, delta, reply } => {
-                self.used(peer);
+                self.sending(peer);
                 let id = self.swarm.behaviour_mut().deltas.send_request(&peer, delta);
                 self.delta_sends.insert(id, reply);
             }
@@ -369,7 +378,7 @@ impl EventLoop {
                     .get_remote_address()
                     .iter()
                     .any(|p| matches!(p, libp2p::multiaddr::Protocol::P2pCircuit));
-                debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), relayed, "connected");
+                debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), relayed, dialer = endpoint.is_dialer(), "connected");
                 self.connections
                     .entry(peer_id)
                     .or_default()
@@ -378,7 +387,8 @@ impl EventLoop {
                     .entry(peer_id)
                     .or_insert_with(Instant::now);
                 self.lost_ms.remove(&peer_id);
-                self.trimmed.remove(&peer_id);
+                self.parked.remove(&peer_id);
+                self.trimming.remove(&peer_id);
                 self.listen_through(peer_id);
                 self.seen(peer_id);
                 if num_established.get() == 1 {
@@ -406,7 +416,10 @@ impl EventLoop {
                 ..
             } => {
                 self.connections.remove(&peer_id);
-                self.direct_addrs.remove(&peer_id);
+                let addrs = self.direct_addrs.remove(&peer_id).unwrap_or_default();
+                if !self.banned.contains(&peer_id) {
+                    self.parked.insert(peer_id, addrs);
+                }
                 self.direct_attempts.remove(&peer_id);
                 debug!(peer = %peer_id, "disconnected");
                 self.pull_queue.retain(|(p, _, _)| *p != peer_id);
@@ -415,13 +428,14 @@ impl EventLoop {
                 self.state_queries.remove(&peer_id);
                 self.connected_since.remove(&peer_id);
                 self.last_used.remove(&peer_id);
-                if !self.trimmed.contains(&peer_id) {
+                self.calls.remove(&peer_id);
+                if !self.trimming.remove(&peer_id) {
                     self.lost_ms.insert(peer_id, now_ms());
                 }
                 let _ = self.emit(NetEvent::PeerDown(peer_id));
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
-                debug!(peer = ?peer_id, %error, "outgoing connection failed");
+                debug!(peer = ?peer_id, ?error, "outgoing connection failed");
                 // The peer's own failure, not a local limit or a dial this node gave up.
                 let theirs = matches!(
                     error,
@@ -433,7 +447,6 @@ impl EventLoop {
                     && theirs
                     && !self.swarm.is_connected(&peer)
                 {
-                    self.trimmed.remove(&peer);
                     self.lost_ms.insert(peer, now_ms());
                 }
             }
@@ -469,6 +482,11 @@ impl EventLoop {
         });
         self.state_queries
             .retain(|_, (start, _)| start.elapsed() < Duration::from_secs(1));
+        // Trimmed and lost peers only while known.
+        let known = &self.peers;
+        self.parked.retain(|p, _| known.contains_key(p));
+        self.trimming.retain(|p| connected.contains(p));
+        self.lost_ms.retain(|p, _| known.contains_key(p));
         if self.peers.len() > MAX_KNOWN_PEERS {
             let mut silent: Vec<(u64, PeerId)> = self
                 .peers
@@ -484,29 +502,92 @@ impl EventLoop {
         }
     }
 
-    /// Whether a job or a state query can reach `peer` (see [`PeerStatus::reachable`]).
+    /// Whether a job or a state query can reach `peer` (see [`PeerStatus::reachable`]): a
+    /// connection closed by this node's trimming leaves it reachable, one closed otherwise or a
+    /// failed dial not until it is heard from again.
     pub(super) fn reachable(&self, peer: &PeerStatus) -> bool {
         if self.banned.contains(&peer.peer) {
             return false;
         }
+        // Heard from since: by when its latest heartbeat was sent, not when it arrived (a dead
+        // peer's last heartbeat may still be travelling through gossip).
+        let heard_ms = peer.heartbeat.as_ref().map_or(0, |h| h.sent_at_ms);
         self.swarm.is_connected(&peer.peer)
             || self
                 .lost_ms
                 .get(&peer.peer)
-                .is_none_or(|lost| peer.last_seen_ms > *lost)
+                .is_none_or(|lost| heard_ms > *lost)
+    }
+
+    /// Gives Kademlia's routing table an address of `peer`: into its bucket if the peer is
+    /// there already or the bucket has room, never as a pending entry of a full bucket (which
+    /// would dial the bucket's oldest disconnected entry; see `behaviour.rs`).
+    pub(super) fn add_kad_address(&mut self, peer: PeerId, addr: Multiaddr) {
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        let room = kad.kbucket(peer).is_none_or(|bucket| {
+            bucket.num_entries() < kad::K_VALUE.get()
+                || bucket.iter().any(|e| *e.node.key.preimage() == peer)
+        });
+        if room {
+            kad.add_address(&peer, addr);
+        }
     }
 
     /// Notes a call to or from `peer` now: a connection in use is not trimmed.
-    pub(super) fn used(&mut self, peer: PeerId) {
+    fn used(&mut self, peer: PeerId) {
         if self.swarm.is_connected(&peer) {
             self.last_used.insert(peer, Instant::now());
         }
     }
 
-    /// Notes a request or answer from a peer as a use of its connection.
+    /// Notes a request about to be sent to `peer` (a call in flight until its answer or
+    /// failure). A peer not connected whose addresses this node kept (its connection closed)
+    /// is dialled here, from a fresh port: the request-response behaviour's own dial (which
+    /// then waits for this one) would reuse the listen port, and the very connection just
+    /// closed from it may still hold that address pair in TIME_WAIT.
+    pub(super) fn sending(&mut self, peer: PeerId) {
+        self.used(peer);
+        let n = self.calls.entry(peer).or_insert(0);
+        *n = n.saturating_add(1);
+        if !self.swarm.is_connected(&peer)
+            && let Some(addrs) = self.parked.get(&peer).filter(|a| !a.is_empty())
+        {
+            let opts = DialOpts::peer_id(peer)
+                .addresses(addrs.clone())
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .allocate_new_port()
+                .build();
+            if let Err(e) = self.swarm.dial(opts) {
+                debug!(%peer, error = %e, "not dialling a parked peer");
+            }
+        }
+    }
+
+    /// Counts a request-response event into the calls in flight with its peer.
     fn used_by<Req, Resp>(&mut self, event: &libp2p::request_response::Event<Req, Resp>) {
-        if let libp2p::request_response::Event::Message { peer, .. } = event {
-            self.used(*peer);
+        use libp2p::request_response::{Event, Message};
+        let (peer, opened) = match event {
+            Event::Message {
+                peer,
+                message: Message::Request { .. },
+                ..
+            } => (*peer, true),
+            Event::Message { peer, .. }
+            | Event::OutboundFailure { peer, .. }
+            | Event::InboundFailure { peer, .. }
+            | Event::ResponseSent { peer, .. } => (*peer, false),
+        };
+        self.used(peer);
+        if opened {
+            if self.swarm.is_connected(&peer) {
+                let n = self.calls.entry(peer).or_insert(0);
+                *n = n.saturating_add(1);
+            }
+        } else if let Some(n) = self.calls.get_mut(&peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.calls.remove(&peer);
+            }
         }
     }
 
@@ -520,8 +601,12 @@ impl EventLoop {
         let max = self.config.max_peers as usize;
         let connected: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
         if connected.is_empty() {
-            // Alone (a bootstrap peer was full, restarted or unreachable): try them again.
-            super::dial_bootstrap(&mut self.swarm, &self.config.bootstrap);
+            // Alone (a bootstrap peer was full, restarted or unreachable): try them again,
+            // at most every ten seconds.
+            if self.last_bootstrap.elapsed() >= Duration::from_secs(10) {
+                self.last_bootstrap = Instant::now();
+                super::dial_bootstrap(&mut self.swarm, &self.config.bootstrap);
+            }
             return;
         }
         if max == 0 || connected.len() <= max {
@@ -529,7 +614,8 @@ impl EventLoop {
         }
         let grace = 2 * trim_period(&self.config);
         let now = Instant::now();
-        let mut busy: HashSet<PeerId> = self.job_calls.values().map(|(_, p, _)| *p).collect();
+        let mut busy: HashSet<PeerId> = self.calls.keys().copied().collect();
+        busy.extend(self.job_calls.values().map(|(_, p, _)| *p));
         busy.extend(self.delta_sinks.values().map(|(p, _)| *p));
         busy.extend(self.pulls.values().map(|(p, _, _)| *p));
         busy.extend(self.pull_queue.iter().map(|(p, _, _)| *p));
@@ -554,13 +640,9 @@ impl EventLoop {
         let excess = connected.len() - max;
         for (_, _, peer) in idle.into_iter().take(excess) {
             debug!(%peer, "closing an idle connection (over max_peers)");
-            self.trimmed.insert(peer);
+            self.trimming.insert(peer);
             let _ = self.swarm.disconnect_peer_id(peer);
         }
-        // Forget trimmed peers that this node no longer knows.
-        let known = &self.peers;
-        self.trimmed.retain(|p| known.contains_key(p));
-        self.lost_ms.retain(|p, _| known.contains_key(p));
     }
 
     /// Stops dealing with a peer convicted of equivocation: forgets it, closes its
@@ -572,7 +654,7 @@ impl EventLoop {
         info!(%peer, "banned a peer convicted of equivocation");
         self.peers.remove(&peer);
         self.state_queries.remove(&peer);
-        self.trimmed.remove(&peer);
+        self.parked.remove(&peer);
         self.swarm.behaviour_mut().kad.remove_peer(&peer);
         let _ = self.swarm.disconnect_peer_id(peer);
     }
@@ -612,7 +694,7 @@ impl EventLoop {
                     .collect();
                 self.direct_addrs.insert(peer_id, direct);
                 for addr in info.listen_addrs {
-                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                    self.add_kad_address(peer_id, addr);
                 }
             }
             BehaviourEvent::Relay(relay::client::Event::ReservationReqAccepted {
@@ -636,10 +718,7 @@ impl EventLoop {
             },
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
                 for (peer, addr) in found {
-                    self.swarm
-                        .behaviour_mut()
-                        .kad
-                        .add_address(&peer, addr.clone());
+                    self.add_kad_address(peer, addr.clone());
                     // Peers on a LAN discover each other at the same instant. With the listen
                     // port reused for dialling, the two dials become one TCP simultaneous
                     // open in which both ends act as noise initiator and the handshake fails,
@@ -687,6 +766,11 @@ impl EventLoop {
                 self.used_by(&event);
                 self.on_delta_event(event);
             }
+            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                result: kad::QueryResult::Bootstrap(_),
+                step,
+                ..
+            }) if step.last => debug!("kademlia bootstrap done"),
             _ => {}
         }
     }

@@ -25,7 +25,7 @@ impl EventLoop {
         if let Some(sink) = deltas {
             self.delta_sinks.insert(job, (peer, sink));
         }
-        self.used(peer);
+        self.sending(peer);
         let id = self.swarm.behaviour_mut().jobs.send_request(&peer, call);
         self.job_calls.insert(id, (job, peer, reply));
     }

@@ -201,7 +201,10 @@ pub fn start(
         state_answers: (std::time::Instant::now(), 0),
         connected_since: HashMap::new(),
         last_used: HashMap::new(),
-        trimmed: HashSet::new(),
+        parked: HashMap::new(),
+        trimming: HashSet::new(),
+        calls: HashMap::new(),
+        last_bootstrap: std::time::Instant::now(),
         lost_ms: HashMap::new(),
     };
     Ok((client, event_loop, events_rx))

@@ -59,7 +59,7 @@ impl EventLoop {
             }));
             return;
         }
-        self.used(peer);
+        self.sending(peer);
         let id = self
             .swarm
             .behaviour_mut()
