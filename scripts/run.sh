@@ -32,7 +32,8 @@ until "$bin" status --node "http://$api" 2>/dev/null | grep -q "$peer_id"; do
   sleep 0.3
 done
 echo "== a job on the default model, through the API (metainf-node submit --stream)"
-"$bin" submit --node "http://$api" --stream --max-tokens 64 --prompt "What is the capital of France?"
+"$bin" submit --node "http://$api" --stream --max-tokens 64 \
+  --system "You are a helpful assistant." --prompt "What is the capital of France?"
 echo "== serving; try: curl http://$api/v1/chat/completions -H 'content-type: application/json' \\"
 echo "     -d '{\"model\":\"SmolLM2-135M-Instruct\",\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"}]}'"
 echo "   Ctrl-C stops the node."

@@ -7,9 +7,10 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 source scripts/env.sh
 
-echo "== default model"
+echo "== models: the default (SmolLM2-135M) and Gemma 3 270M"
 METAINF_MODEL="$(scripts/fetch-model.sh)"
 export METAINF_MODEL
+scripts/fetch-model.sh gemma3-270m >/dev/null
 echo "== cargo fmt"
 cargo fmt --all -- --check
 echo "== import circles"

@@ -21,6 +21,8 @@ use crate::api::types::{
 pub struct SubmitOptions {
     /// Model name; `None` = the first model the node lists.
     pub model: Option<String>,
+    /// A system message before the user's (a chat prompt's).
+    pub system: Option<String>,
     /// Most tokens per prompt.
     pub max_tokens: u32,
     /// Sampling temperature (0 = greedy).
@@ -156,9 +158,14 @@ impl ApiClient {
         stream: bool,
         out: &mut dyn Write,
     ) -> Result<Option<OutcomeView>> {
+        let mut messages = Vec::new();
+        if let Some(system) = &options.system {
+            messages.push(json!({"role": "system", "content": system}));
+        }
+        messages.push(json!({"role": "user", "content": prompt}));
         let body = json!({
             "model": self.model(options).await?,
-            "messages": [{"role": "user", "content": prompt}],
+            "messages": messages,
             "max_tokens": options.max_tokens,
             "temperature": options.temperature,
             "stream": stream,

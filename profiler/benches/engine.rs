@@ -99,6 +99,7 @@ fn main() {
         if std::env::args().any(|a| a == "--triad") {
             println!("triad threads={threads} gbs={:.1}", triad_gbs(threads));
         }
+        let started = std::time::Instant::now();
         let engine = Engine::load(
             &path,
             EngineOptions {
@@ -106,7 +107,23 @@ fn main() {
             },
         )
         .unwrap();
+        let load_s = started.elapsed().as_secs_f64();
         let model = engine.model();
+        // Resident memory once loaded (the pages the weights and tables occupy), next to
+        // the file's size.
+        let rss_mb = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            })
+            .map_or(f64::NAN, |kb| kb / 1024.0);
+        let file_mb = std::fs::metadata(&path).map_or(f64::NAN, |m| m.len() as f64 / 1048576.0);
+        println!(
+            "load threads={threads} arch={} load_s={load_s:.2} rss_mib={rss_mb:.0} file_mib={file_mb:.0}",
+            model.config.arch.name()
+        );
         let bytes = model.weight_bytes_per_step() as f64;
         let flops = 2.0 * model.matmul_params() as f64;
         let formats: Vec<String> = model

@@ -5,7 +5,6 @@ use metainf_protocol::{Arrival, MethodConfig, Metrics, Percentiles, WorkloadDesc
 
 use crate::engine::{Engine, MethodSettings, Request, RunReport, Sampling};
 use crate::error::{ProfilerError, Result};
-use crate::tokenizer::chat_template;
 use crate::workload::{Preset, Workload, generate};
 
 /// How big a benchmark is.
@@ -139,7 +138,7 @@ pub fn requests_for(engine: &Engine, workload: &Workload) -> Result<Vec<Request>
         .iter()
         .map(|r| {
             Ok(Request {
-                prompt: tok.encode(&chat_template(&r.messages))?,
+                prompt: tok.encode(&tok.chat_prompt(&r.messages)?)?,
                 max_tokens: r.max_new_tokens,
                 stop: tok.stop_ids().to_vec(),
                 sampling: Sampling::default(),

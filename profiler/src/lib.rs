@@ -10,6 +10,7 @@
 pub mod bench;
 pub mod engine;
 pub mod error;
+mod gguf;
 pub mod hardware;
 pub mod model;
 pub mod tokenizer;

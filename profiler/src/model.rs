@@ -1,4 +1,4 @@
-//! Model files: any Llama-architecture GGUF, described as a [`ModelDescriptor`] from its
+//! Model files: a GGUF of an architecture the engine knows ([`crate::engine::Arch`]), described as a [`ModelDescriptor`] from its
 //! metadata and tensors.
 
 use std::collections::HashMap;
@@ -14,17 +14,27 @@ use crate::error::{ProfilerError, Result};
 /// File name of the default model (SmolLM2-135M-Instruct, Q4_1).
 pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
+/// File name of the second shipped model (Gemma 3 270M, Q4_K_M:
+/// `scripts/fetch-model.sh gemma3-270m`).
+pub const GEMMA3_MODEL_FILE: &str = "gemma-3-270m-Q4_K_M.gguf";
+
 /// Where the default model is expected: `$METAINF_MODEL`, else `$METAINF_CACHE/models/…`, else
 /// `~/.cache/metainf/models/…` (where `scripts/fetch-model.sh` puts it). `None` without a home.
 pub fn default_model_path() -> Option<std::path::PathBuf> {
-    use std::path::PathBuf;
     if let Some(p) = std::env::var_os("METAINF_MODEL") {
-        return Some(PathBuf::from(p));
+        return Some(std::path::PathBuf::from(p));
     }
+    cached_model_path(DEFAULT_MODEL_FILE)
+}
+
+/// Where `scripts/fetch-model.sh` caches the model file `file`: `$METAINF_CACHE/models/…`, else
+/// `~/.cache/metainf/models/…`. `None` without a home.
+pub fn cached_model_path(file: &str) -> Option<std::path::PathBuf> {
+    use std::path::PathBuf;
     let cache = std::env::var_os("METAINF_CACHE")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/metainf")))?;
-    Some(cache.join("models").join(DEFAULT_MODEL_FILE))
+    Some(cache.join("models").join(file))
 }
 
 /// The name a model file is served under: its file name without `.gguf` and without a
@@ -63,11 +73,7 @@ pub fn describe(path: &Path) -> Result<ModelDescriptor> {
     };
     let architecture = text("general.architecture")
         .ok_or_else(|| ProfilerError::Model("no general.architecture in the GGUF".into()))?;
-    if architecture != "llama" {
-        return Err(ProfilerError::Model(format!(
-            "architecture {architecture:?} is not supported (Llama-architecture GGUFs only)"
-        )));
-    }
+    crate::engine::Arch::from_name(&architecture)?;
     // Served under its file's name, as inference servers do (clients ask for
     // `SmolLM2-135M-Instruct`, not the GGUF's free-form `general.name`).
     let name = served_name(path)
@@ -75,7 +81,7 @@ pub fn describe(path: &Path) -> Result<ModelDescriptor> {
         .unwrap_or_else(|| "model".into());
     let context_length = content
         .metadata
-        .get("llama.context_length")
+        .get(&format!("{architecture}.context_length"))
         .and_then(|v| v.to_u32().ok())
         .unwrap_or(0);
     // Parameters and bytes per tensor; the quantization is the dtype holding most parameters.

@@ -33,19 +33,27 @@ fn the_default_model_is_described_from_its_gguf() {
 #[test]
 fn the_tokenizer_from_the_gguf_matches_the_reference_ids() {
     use candle_core::quantized::gguf_file;
-    use metainf_profiler::tokenizer::{ModelTokenizer, chat_template};
+    use metainf_profiler::tokenizer::ModelTokenizer;
     let mut file = std::fs::File::open(model_path()).unwrap();
     let content = gguf_file::Content::read(&mut file).unwrap();
     let tok = ModelTokenizer::from_gguf(&content).unwrap();
-    let prompt = chat_template(&[metainf_protocol::ChatMessage {
-        role: "user".into(),
-        content: "What is the capital of France?".into(),
-    }]);
+    // The GGUF's own template (SmolLM2's adds its system prompt when the chat has none).
+    assert_eq!(tok.template_origin(), "gguf");
+    let chat = tok
+        .chat_prompt(&[metainf_protocol::ChatMessage {
+            role: "user".into(),
+            content: "What is the capital of France?".into(),
+        }])
+        .unwrap();
     assert_eq!(
-        prompt,
-        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+        chat,
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging \
+         Face<|im_end|>\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n\
+         <|im_start|>assistant\n"
     );
-    let ids = tok.encode(&prompt).unwrap();
+    let prompt =
+        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n";
+    let ids = tok.encode(prompt).unwrap();
     assert_eq!(
         ids,
         [
@@ -66,7 +74,7 @@ fn the_tokenizer_from_the_gguf_matches_the_reference_ids() {
 #[test]
 fn workload_presets_have_their_shape_in_real_tokens() {
     use candle_core::quantized::gguf_file;
-    use metainf_profiler::tokenizer::{ModelTokenizer, chat_template};
+    use metainf_profiler::tokenizer::ModelTokenizer;
     use metainf_profiler::workload::{Preset, generate};
     use metainf_protocol::{Arrival, WorkloadDescriptor};
     let mut file = std::fs::File::open(model_path()).unwrap();
@@ -76,7 +84,7 @@ fn workload_presets_have_their_shape_in_real_tokens() {
         let prompts: Vec<Vec<u32>> = w
             .requests
             .iter()
-            .map(|r| tok.encode(&chat_template(&r.messages)).unwrap())
+            .map(|r| tok.encode(&tok.chat_prompt(&r.messages).unwrap()).unwrap())
             .collect();
         let max_new: Vec<u32> = w.requests.iter().map(|r| r.max_new_tokens).collect();
         let d = WorkloadDescriptor::from_prompts(

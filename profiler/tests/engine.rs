@@ -69,11 +69,23 @@ fn settings(method: &MethodConfig) -> MethodSettings {
 
 #[test]
 fn greedy_decoding_answers_the_capital_of_france() {
-    let r = request(&user("What is the capital of France?"), 24);
+    // Without a system message SmolLM2's template adds its own, after which the model
+    // answers in French (llama.cpp's server too): a plain one instead. The ids are
+    // llama-server's /tokenize of its /apply-template rendering.
+    let mut chat = user("What is the capital of France?");
+    chat.insert(
+        0,
+        ChatMessage {
+            role: "system".into(),
+            content: "You are a helpful assistant.".into(),
+        },
+    );
+    let r = request(&chat, 24);
     assert_eq!(
         r.prompt,
         [
-            1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198
+            1, 9690, 198, 2683, 359, 253, 5356, 11173, 30, 2, 198, 1, 4093, 198, 1780, 314, 260,
+            3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198
         ]
     );
     let report = engine().run(&[r], &MethodSettings::default()).unwrap();
@@ -142,10 +154,19 @@ fn every_method_gives_exactly_the_baseline_tokens() {
 
 #[test]
 fn prefix_cache_blocks_are_reused_and_evicted_under_the_budget() {
+    // A system message of our own: with the template's default one the shared prefix ends
+    // exactly on a block boundary (352 tokens), and reuse inside a block would not show.
     let few_shot: Vec<Request> = generate(Preset::FewShot, 3, Arrival::AllAtOnce, 9)
         .requests
         .iter()
-        .map(|r| request(&r.messages, 4))
+        .map(|r| {
+            let mut messages = vec![ChatMessage {
+                role: "system".into(),
+                content: "You are a helpful assistant.".into(),
+            }];
+            messages.extend(r.messages.iter().cloned());
+            request(&messages, 4)
+        })
         .collect();
     let reference = engine()
         .run(
@@ -185,7 +206,13 @@ fn prefix_cache_blocks_are_reused_and_evicted_under_the_budget() {
         report.completions[1..]
             .iter()
             .any(|c| c.cached_prompt_tokens % pc.block_size != 0),
-        "some prompt reused rows inside a block"
+        "some prompt reused rows inside a block: cached {:?} of prompts {:?}",
+        report
+            .completions
+            .iter()
+            .map(|c| c.cached_prompt_tokens)
+            .collect::<Vec<_>>(),
+        few_shot.iter().map(|r| r.prompt.len()).collect::<Vec<_>>()
     );
     assert_eq!(report.kv.evictions, 0);
     // A budget of little more than one request: cached blocks must be evicted to make room,

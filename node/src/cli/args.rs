@@ -104,6 +104,9 @@ pub(crate) enum Command {
     Generate {
         /// The user message (the model's chat template is applied).
         prompt: String,
+        /// A system message before it (without one, the template's own default, if any).
+        #[arg(long)]
+        system: Option<String>,
         /// Most tokens to generate.
         #[arg(long, default_value_t = 128)]
         max_tokens: u32,
@@ -165,6 +168,9 @@ pub(crate) enum Command {
         /// A user message.
         #[arg(long, conflicts_with = "file", required_unless_present = "file")]
         prompt: Option<String>,
+        /// A system message before `--prompt`'s (without one, the model template's default).
+        #[arg(long, requires = "prompt")]
+        system: Option<String>,
         /// A JSONL file of prompts, run as one batch job.
         #[arg(long, value_name = "JOBS.jsonl")]
         file: Option<PathBuf>,

@@ -187,6 +187,7 @@ pub(crate) fn bench(
 pub(crate) fn generate(
     config: &Config,
     prompt: &str,
+    system: Option<&str>,
     max_tokens: u32,
     temperature: f32,
     top_p: f32,
@@ -204,10 +205,18 @@ pub(crate) fn generate(
     )?;
     let load_s = started.elapsed().as_secs_f64();
     let tok = engine.model().tokenizer();
-    let text = metainf_profiler::tokenizer::chat_template(&[metainf_protocol::ChatMessage {
+    let mut messages = Vec::new();
+    if let Some(system) = system {
+        messages.push(metainf_protocol::ChatMessage {
+            role: "system".into(),
+            content: system.into(),
+        });
+    }
+    messages.push(metainf_protocol::ChatMessage {
         role: "user".into(),
         content: prompt.into(),
-    }]);
+    });
+    let text = tok.chat_prompt(&messages)?;
     let request = Request {
         prompt: tok.encode(&text)?,
         max_tokens,

@@ -68,6 +68,7 @@ fn dispatch(command: Command, config: &Config) -> Result<ExitCode> {
         Command::Submit {
             node,
             prompt,
+            system,
             file,
             model_name,
             max_tokens,
@@ -84,6 +85,7 @@ fn dispatch(command: Command, config: &Config) -> Result<ExitCode> {
             file,
             options: SubmitOptions {
                 model: model_name,
+                system,
                 max_tokens,
                 temperature,
                 budget,
@@ -103,11 +105,20 @@ fn dispatch(command: Command, config: &Config) -> Result<ExitCode> {
         Command::Profile { json } => bench::profile(config.engine.threads, json),
         Command::Generate {
             prompt,
+            system,
             max_tokens,
             temperature,
             top_p,
             seed,
-        } => bench::generate(config, &prompt, max_tokens, temperature, top_p, seed),
+        } => bench::generate(
+            config,
+            &prompt,
+            system.as_deref(),
+            max_tokens,
+            temperature,
+            top_p,
+            seed,
+        ),
         Command::Bench {
             quick: _,
             full,

@@ -12,7 +12,7 @@ use metainf_profiler::engine::{
     CoLoad, Engine, EngineOptions, FinishReason as EngineFinish, JobPolicy, MethodSettings,
     Request, RunReport, Sampling, SchedConfig,
 };
-use metainf_profiler::tokenizer::{TextStream, chat_template};
+use metainf_profiler::tokenizer::TextStream;
 use metainf_protocol::{
     Arrival, CacheSummary, Completion, FinishReason, HostLoad, JobRequest, MethodConfig,
     ModelDescriptor, Prompt, WorkloadDescriptor,
@@ -73,7 +73,9 @@ impl ServedModel {
             .map(|p| {
                 let text = match p {
                     Prompt::Text(t) => t.clone(),
-                    Prompt::Chat(messages) => chat_template(messages),
+                    Prompt::Chat(messages) => tok.chat_prompt(messages).map_err(|e| {
+                        ExecError::Rejected(format!("cannot apply the chat template: {e}"))
+                    })?,
                 };
                 tok.encode(&text)
                     .map_err(|e| ExecError::Rejected(format!("cannot tokenize a prompt: {e}")))

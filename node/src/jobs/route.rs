@@ -580,7 +580,7 @@ pub(super) fn approximate_workload(request: &JobRequest) -> WorkloadDescriptor {
         .map(|p| {
             let text = match p {
                 metainf_protocol::Prompt::Text(t) => t.clone(),
-                metainf_protocol::Prompt::Chat(m) => metainf_profiler::tokenizer::chat_template(m),
+                metainf_protocol::Prompt::Chat(m) => metainf_profiler::tokenizer::chatml(m),
             };
             text.as_bytes()
                 .chunks(4)

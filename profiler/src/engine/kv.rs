@@ -14,6 +14,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use half::f16;
+use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+
 use crate::error::{ProfilerError, Result};
 
 /// Hash of the tokens `0..(i+1)·block_size` of a sequence: the previous block's hash chained
@@ -46,8 +49,11 @@ pub(crate) struct KvPool {
     kv_heads: usize,
     head_dim: usize,
     blocks: usize,
-    keys: Vec<f32>,
-    values: Vec<f32>,
+    /// f16 keys and values as their bits (as llama.cpp's default KV type: half the memory
+    /// of f32; a token's row is rounded once when written, so every method reads the same
+    /// values). `u16` so that the zeroed allocation is mapped lazily.
+    keys: Vec<u16>,
+    values: Vec<u16>,
     refs: Vec<u32>,
     hash_of: Vec<Option<BlockHash>>,
     /// Whether `hash_of` is a full block's chain hash (not a partial block's key).
@@ -82,7 +88,7 @@ impl KvPool {
             .and_then(|v| v.checked_mul(head_dim))
             .ok_or_else(overflow)?;
         let block_bytes = block_floats
-            .checked_mul(2 * std::mem::size_of::<f32>())
+            .checked_mul(2 * std::mem::size_of::<f16>())
             .ok_or_else(overflow)?;
         let blocks = (budget_bytes / block_bytes.max(1)).min(u32::MAX as usize);
         let floats = blocks.checked_mul(block_floats).ok_or_else(overflow)?;
@@ -93,8 +99,8 @@ impl KvPool {
             head_dim,
             blocks,
             // Zeroed allocations are mapped lazily: untouched blocks cost no memory.
-            keys: vec![0.0; floats],
-            values: vec![0.0; floats],
+            keys: vec![0; floats],
+            values: vec![0; floats],
             refs: vec![0; blocks],
             hash_of: vec![None; blocks],
             full: vec![false; blocks],
@@ -123,7 +129,7 @@ impl KvPool {
             * self.kv_heads
             * self.block_size
             * self.head_dim
-            * std::mem::size_of::<f32>()
+            * std::mem::size_of::<f16>()
     }
 
     /// Blocks that can be handed out now: free ones and evictable cached ones.
@@ -155,27 +161,33 @@ impl KvPool {
         let d = self.head_dim;
         for head in 0..self.kv_heads {
             let o = self.offset(layer, block, head, slot);
-            self.keys[o..o + d].copy_from_slice(&k[head * d..(head + 1) * d]);
-            self.values[o..o + d].copy_from_slice(&v[head * d..(head + 1) * d]);
+            self.keys[o..o + d]
+                .reinterpret_cast_mut::<f16>()
+                .convert_from_f32_slice(&k[head * d..(head + 1) * d]);
+            self.values[o..o + d]
+                .reinterpret_cast_mut::<f16>()
+                .convert_from_f32_slice(&v[head * d..(head + 1) * d]);
         }
     }
 
     /// The keys of every slot of `block` for one KV head, `block_size × head_dim`.
-    pub(crate) fn block_keys(&self, layer: usize, block: u32, head: usize) -> &[f32] {
+    pub(crate) fn block_keys(&self, layer: usize, block: u32, head: usize) -> &[f16] {
         let o = self.offset(layer, block, head, 0);
-        &self.keys[o..o + self.block_size * self.head_dim]
+        self.keys[o..o + self.block_size * self.head_dim].reinterpret_cast()
     }
 
     /// The values of every slot of `block` for one KV head, `block_size × head_dim`.
-    pub(crate) fn block_values(&self, layer: usize, block: u32, head: usize) -> &[f32] {
+    pub(crate) fn block_values(&self, layer: usize, block: u32, head: usize) -> &[f16] {
         let o = self.offset(layer, block, head, 0);
-        &self.values[o..o + self.block_size * self.head_dim]
+        self.values[o..o + self.block_size * self.head_dim].reinterpret_cast()
     }
 
     #[cfg(test)]
-    pub(crate) fn key(&self, layer: usize, block: u32, head: usize, slot: usize) -> &[f32] {
+    pub(crate) fn key(&self, layer: usize, block: u32, head: usize, slot: usize) -> Vec<f32> {
         let o = self.offset(layer, block, head, slot);
-        &self.keys[o..o + self.head_dim]
+        self.keys[o..o + self.head_dim]
+            .reinterpret_cast::<f16>()
+            .to_f32_vec()
     }
 
     /// A block for a sequence: a free one, else the least recently used cached one.
@@ -371,7 +383,7 @@ mod tests {
         assert_eq!(p.evictable_blocks(), 2);
         // A later sequence with the same prefix finds the block and its contents.
         assert_eq!(p.lookup(&h1), Some(a));
-        assert_eq!(p.key(0, a, 0, 0), &[1.0, 2.0]);
+        assert_eq!(p.key(0, a, 0, 0), [1.0, 2.0]);
         assert_eq!(p.stats().hits, 1);
         // Under pressure the least recently used cached block (b) goes first, a is in use.
         let c = p.allocate().unwrap();
@@ -409,7 +421,7 @@ mod tests {
         assert_eq!(p.longest_prefix(Some(&h1), &[1]), None, "another parent");
         let b = p.allocate().unwrap();
         p.copy_rows(a, b, 3);
-        assert_eq!(p.key(0, b, 0, 2), &[2.0, 2.0]);
+        assert_eq!(p.key(0, b, 0, 2), [2.0, 2.0]);
         // The two finds above each held `a`.
         p.release(a);
         p.release(a);

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use metainf_protocol::{MethodConfig, ParamValue, method::flags, method::params};
 
 pub use kv::KvStats;
-pub use model::{LlamaConfig, LlamaModel};
+pub use model::{Arch, Model, ModelConfig};
 pub use sample::{Sampling, argmax};
 
 pub use sched::{CoLoad, JobPolicy, SchedConfig};
@@ -48,7 +48,7 @@ pub struct EngineOptions {
 
 /// A loaded model with its own thread pool.
 pub struct Engine {
-    model: Arc<LlamaModel>,
+    model: Arc<Model>,
     pool: rayon::ThreadPool,
     threads: usize,
 }
@@ -232,7 +232,7 @@ impl Engine {
             .map_err(|e| {
                 ProfilerError::Measure(format!("cannot start the engine's threads: {e}"))
             })?;
-        let model = Arc::new(LlamaModel::load(path)?);
+        let model = Arc::new(Model::load(path)?);
         Ok(Self {
             model,
             pool,
@@ -241,7 +241,7 @@ impl Engine {
     }
 
     /// The model.
-    pub fn model(&self) -> &LlamaModel {
+    pub fn model(&self) -> &Model {
         &self.model
     }
 
@@ -250,7 +250,7 @@ impl Engine {
         self.threads
     }
 
-    /// Embeds each text (see [`LlamaModel::embed_tokens`]); texts longer than
+    /// Embeds each text (see [`Model::embed_tokens`]); texts longer than
     /// `max_tokens` tokens are cut there.
     pub fn embed(&self, texts: &[String], max_tokens: usize) -> Result<Vec<Vec<f32>>> {
         let tok = self.model.tokenizer();
@@ -265,6 +265,11 @@ impl Engine {
                 })
                 .collect()
         })
+    }
+
+    /// The logits of the token after `tokens` (see [`Model::last_logits`]).
+    pub fn logits(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.pool.install(|| self.model.last_logits(tokens))
     }
 
     /// Runs `requests` to completion under `method`, honouring their arrival times.

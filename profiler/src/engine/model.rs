@@ -1,4 +1,4 @@
-//! The Llama forward pass over a packed batch of tokens from many sequences.
+//! The forward pass of Llama-style models (Llama, Qwen 2/3, Gemma 3: [`Arch`]) over a packed batch of tokens from many sequences.
 //!
 //! candle reads the GGUF and dequantizes its tensors; the weights are then held as Q8_0 blocks
 //! and multiplied with the engine's own tiled kernels ([`super::kernels`]), spread over the
@@ -21,11 +21,63 @@ use super::kernels::{self, Isa, Q8Block, QK, Weight, XBlock};
 use super::kv::KvPool;
 use super::quant::{self, Blocks};
 use crate::error::{ProfilerError, Result};
+use crate::gguf::Meta;
 use crate::tokenizer::ModelTokenizer;
 
-/// Shape of a Llama model, read from its GGUF metadata.
+/// The architectures the forward pass knows, each a set of parts on one Llama-style block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    /// Llama 1/2/3, Mistral, SmolLM, TinyLlama (GGUF `llama`): interleaved RoPE, SwiGLU,
+    /// optional Llama 3 frequency factors (`rope_freqs.weight`) and linear RoPE scaling.
+    Llama,
+    /// Qwen 2 / 2.5: biases on Q, K and V, NeoX RoPE.
+    Qwen2,
+    /// Qwen 3: RMS norm on each query and key head, NeoX RoPE.
+    Qwen3,
+    /// Gemma 3: embeddings scaled by √hidden, norms after attention and feed-forward too,
+    /// query/key head norms, GeGLU, sliding-window layers (five of every six) with their own
+    /// RoPE base.
+    Gemma3,
+}
+
+impl Arch {
+    /// The architecture a GGUF names, or a clear error.
+    pub fn from_name(name: &str) -> Result<Self> {
+        Ok(match name {
+            "llama" => Arch::Llama,
+            "qwen2" => Arch::Qwen2,
+            "qwen3" => Arch::Qwen3,
+            "gemma3" => Arch::Gemma3,
+            other => {
+                return Err(ProfilerError::Model(format!(
+                    "architecture {other:?} is not supported (llama, qwen2, qwen3 and gemma3 \
+                     are; Mistral and Llama 3 files are llama)"
+                )));
+            }
+        })
+    }
+
+    /// The GGUF name (the prefix of its metadata keys).
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
+            Arch::Gemma3 => "gemma3",
+        }
+    }
+
+    /// Whether RoPE rotates the two halves of a head (NeoX) rather than neighbouring pairs.
+    fn neox(self) -> bool {
+        !matches!(self, Arch::Llama)
+    }
+}
+
+/// Shape of a model, read from its GGUF metadata.
 #[derive(Clone, Debug, PartialEq)]
-pub struct LlamaConfig {
+pub struct ModelConfig {
+    /// The architecture.
+    pub arch: Arch,
     /// Hidden size.
     pub hidden: usize,
     /// Transformer blocks.
@@ -34,7 +86,7 @@ pub struct LlamaConfig {
     pub heads: usize,
     /// Key/value heads (grouped-query attention when fewer than `heads`).
     pub kv_heads: usize,
-    /// Size of one head.
+    /// Size of one head (`key_length`; hidden / heads where the file does not say).
     pub head_dim: usize,
     /// Feed-forward size.
     pub ffn: usize,
@@ -42,16 +94,24 @@ pub struct LlamaConfig {
     pub vocab: usize,
     /// RMSNorm epsilon.
     pub rms_eps: f32,
-    /// RoPE base frequency.
+    /// RoPE base frequency (of the global layers).
     pub rope_theta: f32,
+    /// RoPE base of the sliding-window layers.
+    pub rope_theta_local: f32,
+    /// Dimensions of a head RoPE rotates.
+    pub rope_dims: usize,
+    /// RoPE frequency scale (1 / the linear scaling factor).
+    pub rope_scale: f32,
+    /// Positions a sliding-window layer attends to (itself included).
+    pub sliding_window: Option<usize>,
     /// Longest context the model was trained for.
     pub context_length: usize,
 }
 
-impl LlamaConfig {
-    /// Bytes of KV cache one token takes (f32 keys and values, every layer).
+impl ModelConfig {
+    /// Bytes of KV cache one token takes (f16 keys and values, every layer).
     pub fn kv_bytes_per_token(&self) -> usize {
-        2 * self.layers * self.kv_heads * self.head_dim * std::mem::size_of::<f32>()
+        2 * self.layers * self.kv_heads * self.head_dim * std::mem::size_of::<half::f16>()
     }
 }
 
@@ -290,31 +350,44 @@ struct Layer {
     attn_norm: Vec<f32>,
     /// Q, K and V stacked: one matmul instead of three.
     wqkv: QMatrix,
+    /// Biases of Q, K and V, stacked (Qwen 2).
+    qkv_bias: Option<Vec<f32>>,
+    /// RMS norm weights of each query and key head (Qwen 3, Gemma 3).
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
     wo: QMatrix,
+    /// Norm of the attention's output before the residual add (Gemma 3).
+    post_attn_norm: Option<Vec<f32>>,
     ffn_norm: Vec<f32>,
     /// Gate and up stacked.
     w_gate_up: QMatrix,
     w_down: QMatrix,
+    /// Norm of the feed-forward's output before the residual add (Gemma 3).
+    post_ffn_norm: Option<Vec<f32>>,
+    /// Attends to the last `sliding_window` positions only, with the local RoPE base.
+    sliding: bool,
 }
 
-/// A loaded Llama model: weights, tokenizer and RoPE tables.
-pub struct LlamaModel {
+/// A loaded model: weights, tokenizer and RoPE parameters.
+pub struct Model {
     /// The model's shape.
-    pub config: LlamaConfig,
+    pub config: ModelConfig,
     tokenizer: ModelTokenizer,
     embed: QMatrix,
+    /// Multiplies every embedding row (√hidden for Gemma, else 1).
+    embed_scale: f32,
     /// `None`: the output head is tied to the embedding.
     output: Option<QMatrix>,
     norm: Vec<f32>,
     layers: Vec<Layer>,
-    cos: Vec<f32>,
-    sin: Vec<f32>,
+    /// Llama 3's RoPE frequency divisors, one per rotated pair.
+    rope_freqs: Option<Vec<f32>>,
     isa: Isa,
 }
 
-impl std::fmt::Debug for LlamaModel {
+impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LlamaModel")
+        f.debug_struct("Model")
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
@@ -330,54 +403,95 @@ pub(crate) struct StepToken {
     pub(crate) logits: bool,
 }
 
-impl LlamaModel {
-    /// Loads a Llama-architecture GGUF. Weights are requantized to Q8_0 on load (see
-    /// BENCHMARKS.md: candle's Q4_1 dot product has no SIMD path, its Q8_0 one has AVX2).
+impl Model {
+    /// Loads a GGUF of a known architecture ([`Arch`]). Weights keep their 4- and 8-bit blocks
+    /// where the kernels read them natively and are requantized to 8 bits otherwise
+    /// ([`super::quant`]).
     pub fn load(path: &Path) -> Result<Self> {
-        let mut file = File::open(path)
-            .map_err(|e| ProfilerError::Model(format!("cannot open {}: {e}", path.display())))?;
-        let content = gguf_file::Content::read(&mut file).map_err(|e| {
-            ProfilerError::Model(format!("{} is not a GGUF model: {e}", path.display()))
-        })?;
-        let md = &content.metadata;
-        let arch = md
-            .get("general.architecture")
-            .and_then(|v| v.to_string().ok().cloned())
-            .unwrap_or_default();
-        if arch != "llama" {
-            return Err(ProfilerError::Model(format!(
-                "architecture {arch:?} is not supported (Llama-architecture GGUFs only)"
-            )));
-        }
-        let int = |key: &str| -> Result<usize> {
-            md.get(key)
-                .and_then(|v| v.to_u32().ok())
-                .map(|v| v as usize)
-                .ok_or_else(|| ProfilerError::Model(format!("GGUF metadata lacks {key}")))
+        let err = |m: String| ProfilerError::Model(m);
+        let mut file =
+            File::open(path).map_err(|e| err(format!("cannot open {}: {e}", path.display())))?;
+        let content = gguf_file::Content::read(&mut file)
+            .map_err(|e| err(format!("{} is not a GGUF model: {e}", path.display())))?;
+        let md = Meta(&content);
+        let arch = Arch::from_name(md.text("general.architecture").unwrap_or_default())?;
+        let key = |k: &str| format!("{}.{k}", arch.name());
+        let int = |k: &str| -> Result<usize> {
+            md.uint(&key(k))
+                .and_then(|v| usize::try_from(v).ok())
+                .ok_or_else(|| err(format!("GGUF metadata lacks {}", key(k))))
         };
-        let float =
-            |key: &str, default: f32| md.get(key).and_then(|v| v.to_f32().ok()).unwrap_or(default);
-        let hidden = int("llama.embedding_length")?;
-        let heads = int("llama.attention.head_count")?;
-        let kv_heads = int("llama.attention.head_count_kv").unwrap_or(heads);
-        if heads == 0
-            || kv_heads == 0
-            || !heads.is_multiple_of(kv_heads)
-            || !hidden.is_multiple_of(heads)
-        {
-            return Err(ProfilerError::Model(format!(
+        let float = |k: &str, default: f32| md.float(&key(k)).unwrap_or(default);
+        let hidden = int("embedding_length")?;
+        let heads = int("attention.head_count")?;
+        let kv_heads = int("attention.head_count_kv").unwrap_or(heads);
+        if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) || hidden == 0 {
+            return Err(err(format!(
                 "unsupported head layout: {heads} heads, {kv_heads} kv heads, hidden {hidden}"
             )));
         }
-        let head_dim = hidden / heads;
-        if !head_dim.is_multiple_of(2) {
-            return Err(ProfilerError::Model(format!("odd head size {head_dim}")));
+        let head_dim = match int("attention.key_length") {
+            Ok(d) => d,
+            Err(_) if hidden.is_multiple_of(heads) => hidden / heads,
+            Err(_) => {
+                return Err(err(format!(
+                    "hidden {hidden} is not a multiple of {heads} heads"
+                )));
+            }
+        };
+        if int("attention.value_length").is_ok_and(|v| v != head_dim) {
+            return Err(err(
+                "key and value heads of different sizes are not supported".into(),
+            ));
         }
+        let rope_dims = int("rope.dimension_count").unwrap_or(head_dim);
+        if head_dim == 0
+            || !head_dim.is_multiple_of(2)
+            || rope_dims > head_dim
+            || !rope_dims.is_multiple_of(2)
+        {
+            return Err(err(format!(
+                "unsupported head size {head_dim} (RoPE over {rope_dims})"
+            )));
+        }
+        // As llama.cpp reads it: linear unless the file says otherwise, the factor under its
+        // current or its old key.
+        let rope_scale = match md.text(&key("rope.scaling.type")) {
+            Some("none") => 1.0,
+            None | Some("linear") => {
+                let factor = md
+                    .float(&key("rope.scaling.factor"))
+                    .or_else(|| md.float(&key("rope.scale_linear")))
+                    .unwrap_or(0.0);
+                if factor > 0.0 && factor.is_finite() {
+                    1.0 / factor
+                } else {
+                    1.0
+                }
+            }
+            Some(other) => {
+                return Err(err(format!(
+                    "RoPE scaling {other:?} is not supported (linear is)"
+                )));
+            }
+        };
+        let layers_n = int("block_count")?;
+        if layers_n == 0 || layers_n > 1024 {
+            return Err(err(format!("{layers_n} blocks")));
+        }
+        let sliding_window = match arch {
+            Arch::Gemma3 => int("attention.sliding_window").ok().filter(|w| *w > 0),
+            _ => None,
+        };
+        // Gemma 3: five sliding-window layers, then a global one (llama.cpp's pattern of 6).
+        let pattern = int("attention.sliding_window_pattern").unwrap_or(6).max(1);
+        let sliding = |i: usize| sliding_window.is_some() && i % pattern < pattern - 1;
         let tokenizer = ModelTokenizer::from_gguf(&content)?;
+        let has = |name: &str| content.tensor_infos.contains_key(name);
         let mut tensor = |name: &str| {
             content
                 .tensor(&mut file, name, &Device::Cpu)
-                .map_err(|e| ProfilerError::Model(format!("tensor {name}: {e}")))
+                .map_err(|e| err(format!("tensor {name}: {e}")))
         };
         let mut matrix = |names: &[&str]| -> Result<QMatrix> {
             let mut parts = Vec::with_capacity(names.len());
@@ -386,7 +500,7 @@ impl LlamaModel {
                 let (r, c) = match q.shape().dims() {
                     [r, c] => (*r, *c),
                     other => {
-                        return Err(ProfilerError::Model(format!(
+                        return Err(err(format!(
                             "tensor {name} has shape {other:?}, expected a matrix"
                         )));
                     }
@@ -397,12 +511,11 @@ impl LlamaModel {
         };
         let embed = matrix(&["token_embd.weight"])?;
         let vocab = embed.rows;
-        let output = if content.tensor_infos.contains_key("output.weight") {
+        let output = if has("output.weight") {
             Some(matrix(&["output.weight"])?)
         } else {
             None
         };
-        let layers_n = int("llama.block_count")?;
         let mut layers = Vec::with_capacity(layers_n);
         for i in 0..layers_n {
             let p = |s: &str| format!("blk.{i}.{s}.weight");
@@ -413,34 +526,66 @@ impl LlamaModel {
             layers.push(Layer {
                 attn_norm: Vec::new(),
                 wqkv,
+                qkv_bias: None,
+                q_norm: None,
+                k_norm: None,
                 wo,
+                post_attn_norm: None,
                 ffn_norm: Vec::new(),
                 w_gate_up,
                 w_down,
+                post_ffn_norm: None,
+                sliding: sliding(i),
             });
         }
-        let mut vector = |name: &str| -> Result<Vec<f32>> {
+        let mut vector = |name: &str, len: usize| -> Result<Vec<f32>> {
             let v = content
                 .tensor(&mut file, name, &Device::Cpu)
                 .and_then(|q| q.dequantize(&Device::Cpu))
                 .and_then(|t| t.flatten_all())
                 .and_then(|t| t.to_vec1::<f32>())
-                .map_err(|e| ProfilerError::Model(format!("tensor {name}: {e}")))?;
-            if v.len() != hidden {
-                return Err(ProfilerError::Model(format!(
-                    "tensor {name} has {} values, expected {hidden}",
+                .map_err(|e| err(format!("tensor {name}: {e}")))?;
+            if v.len() != len {
+                return Err(err(format!(
+                    "tensor {name} has {} values, expected {len}",
                     v.len()
                 )));
             }
             Ok(v)
         };
+        let (q_dim, kv_dim) = (heads * head_dim, kv_heads * head_dim);
         for (i, layer) in layers.iter_mut().enumerate() {
-            layer.attn_norm = vector(&format!("blk.{i}.attn_norm.weight"))?;
-            layer.ffn_norm = vector(&format!("blk.{i}.ffn_norm.weight"))?;
+            let p = |s: &str| format!("blk.{i}.{s}");
+            layer.attn_norm = vector(&p("attn_norm.weight"), hidden)?;
+            layer.ffn_norm = vector(&p("ffn_norm.weight"), hidden)?;
+            match arch {
+                Arch::Llama => {}
+                Arch::Qwen2 => {
+                    let mut bias = vector(&p("attn_q.bias"), q_dim)?;
+                    bias.extend(vector(&p("attn_k.bias"), kv_dim)?);
+                    bias.extend(vector(&p("attn_v.bias"), kv_dim)?);
+                    layer.qkv_bias = Some(bias);
+                }
+                Arch::Qwen3 | Arch::Gemma3 => {
+                    layer.q_norm = Some(vector(&p("attn_q_norm.weight"), head_dim)?);
+                    layer.k_norm = Some(vector(&p("attn_k_norm.weight"), head_dim)?);
+                }
+            }
+            if arch == Arch::Gemma3 {
+                layer.post_attn_norm = Some(vector(&p("post_attention_norm.weight"), hidden)?);
+                layer.post_ffn_norm = Some(vector(&p("post_ffw_norm.weight"), hidden)?);
+            }
         }
-        let norm = vector("output_norm.weight")?;
+        let norm = vector("output_norm.weight", hidden)?;
+        let rope_freqs = if has("rope_freqs.weight") {
+            Some(vector("rope_freqs.weight", rope_dims / 2)?)
+        } else {
+            None
+        };
         let ffn = layers.first().map_or(0, |l| l.w_down.cols);
-        let config = LlamaConfig {
+        let rope_theta = float("rope.freq_base", 10_000.0);
+        let config = ModelConfig {
+            arch,
             hidden,
             layers: layers_n,
             heads,
@@ -448,52 +593,52 @@ impl LlamaModel {
             head_dim,
             ffn,
             vocab,
-            rms_eps: float("llama.attention.layer_norm_rms_epsilon", 1e-5),
-            rope_theta: float("llama.rope.freq_base", 10_000.0),
-            context_length: int("llama.context_length").unwrap_or(4096),
+            rms_eps: float("attention.layer_norm_rms_epsilon", 1e-5),
+            rope_theta,
+            rope_theta_local: match arch {
+                Arch::Gemma3 => float("rope.freq_base_swa", 10_000.0),
+                _ => rope_theta,
+            },
+            rope_dims,
+            rope_scale,
+            sliding_window,
+            context_length: int("context_length").unwrap_or(4096),
         };
         for layer in &layers {
-            let qkv = (heads + 2 * kv_heads) * head_dim;
-            if layer.wqkv.rows != qkv
+            if layer.wqkv.rows != q_dim + 2 * kv_dim
                 || layer.wqkv.cols != hidden
                 || layer.wo.rows != hidden
+                || layer.wo.cols != q_dim
                 || layer.w_gate_up.rows != 2 * ffn
+                || layer.w_gate_up.cols != hidden
                 || layer.w_down.rows != hidden
             {
-                return Err(ProfilerError::Model(
-                    "layer shapes disagree with the metadata".into(),
-                ));
+                return Err(err("layer shapes disagree with the metadata".into()));
             }
         }
-        if let Some(out) = &output
-            && out.cols != hidden
-        {
-            return Err(ProfilerError::Model(
-                "output head shape disagrees with the metadata".into(),
+        if embed.cols != hidden || output.as_ref().is_some_and(|o| o.cols != hidden) {
+            return Err(err(
+                "embedding or output head disagrees with the metadata".into()
             ));
         }
-        // RoPE tables, interleaved pairs (GGUF's Llama layout).
-        let half = head_dim / 2;
-        let positions = config.context_length.max(1);
-        let mut cos = Vec::with_capacity(positions * half);
-        let mut sin = Vec::with_capacity(positions * half);
-        for p in 0..positions {
-            for i in 0..half {
-                let freq = 1.0 / config.rope_theta.powf(2.0 * i as f32 / head_dim as f32);
-                let angle = p as f32 * freq;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
-            }
+        if tokenizer.vocab_size() > vocab {
+            return Err(err(format!(
+                "the tokenizer has {} tokens, the embedding {vocab}",
+                tokenizer.vocab_size()
+            )));
         }
         Ok(Self {
             config,
             tokenizer,
             embed,
+            embed_scale: match arch {
+                Arch::Gemma3 => (hidden as f32).sqrt(),
+                _ => 1.0,
+            },
             output,
             norm,
             layers,
-            cos,
-            sin,
+            rope_freqs,
             isa: Isa::detect(),
         })
     }
@@ -534,17 +679,43 @@ impl LlamaModel {
             .chain(std::iter::once(self.output.as_ref().unwrap_or(&self.embed)))
     }
 
-    fn rope(&self, x: &mut [f32], pos: usize) {
-        let half = self.config.head_dim / 2;
-        let (cos, sin) = (
-            &self.cos[pos * half..(pos + 1) * half],
-            &self.sin[pos * half..(pos + 1) * half],
-        );
+    /// `(cos, sin)` pairs of the rotation at `pos`, one per rotated pair of a head, computed
+    /// as ggml computes them (θ multiplied down pair by pair, Llama 3's divisors, the linear
+    /// scale), into `out` (`rope_dims` values).
+    fn rope_angles(&self, pos: usize, local: bool, out: &mut [f32]) {
+        let c = &self.config;
+        let base = if local {
+            c.rope_theta_local
+        } else {
+            c.rope_theta
+        };
+        let step = base.powf(-2.0 / c.rope_dims as f32);
+        let mut theta = pos as f32;
+        for (i, cs) in out.chunks_exact_mut(2).enumerate() {
+            let ff = self.rope_freqs.as_ref().map_or(1.0, |f| f[i]);
+            let angle = c.rope_scale * (theta / ff);
+            cs[0] = angle.cos();
+            cs[1] = angle.sin();
+            theta *= step;
+        }
+    }
+
+    /// Rotates every head of `x` by the angles `cs` (from [`Self::rope_angles`]): neighbouring
+    /// pairs (GGUF's Llama layout) or the two halves of the rotated part (NeoX).
+    fn rope(&self, x: &mut [f32], cs: &[f32]) {
+        let half = self.config.rope_dims / 2;
+        let neox = self.config.arch.neox();
         for head in x.chunks_mut(self.config.head_dim) {
             for i in 0..half {
-                let (a, b) = (head[2 * i], head[2 * i + 1]);
-                head[2 * i] = a * cos[i] - b * sin[i];
-                head[2 * i + 1] = a * sin[i] + b * cos[i];
+                let (ia, ib) = if neox {
+                    (i, i + half)
+                } else {
+                    (2 * i, 2 * i + 1)
+                };
+                let (a, b) = (head[ia], head[ib]);
+                let (cos, sin) = (cs[2 * i], cs[2 * i + 1]);
+                head[ia] = a * cos - b * sin;
+                head[ib] = a * sin + b * cos;
             }
         }
     }
@@ -587,12 +758,12 @@ impl LlamaModel {
         Ok(logits.chunks(c.vocab).map(<[f32]>::to_vec).collect())
     }
 
-    /// A text embedding: the mean over `tokens` (one sequence, at most the context) of the
-    /// final RMS-normed hidden states, scaled to unit length. Runs in the current rayon pool.
-    pub fn embed_tokens(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+    /// Runs `tokens` as one sequence in a KV pool of its own; the last token's logits when
+    /// `logits`, else the final residual stream (`tokens.len() × hidden`).
+    fn one_sequence(&self, tokens: &[u32], logits: bool) -> Result<Vec<f32>> {
         let c = &self.config;
         if tokens.is_empty() {
-            return Err(ProfilerError::Model("cannot embed an empty text".into()));
+            return Err(ProfilerError::Model("cannot run an empty text".into()));
         }
         let block_size = 16;
         let blocks = tokens.len().div_ceil(block_size);
@@ -607,9 +778,10 @@ impl LlamaModel {
         let table: Vec<u32> = (0..blocks)
             .map(|_| {
                 kv.allocate()
-                    .ok_or_else(|| ProfilerError::Model("embedding KV pool too small".into()))
+                    .ok_or_else(|| ProfilerError::Model("sequence KV pool too small".into()))
             })
             .collect::<Result<_>>()?;
+        let last = tokens.len() - 1;
         let step: Vec<StepToken> = tokens
             .iter()
             .enumerate()
@@ -617,10 +789,32 @@ impl LlamaModel {
                 token,
                 pos,
                 seq: 0,
-                logits: false,
+                logits: logits && pos == last,
             })
             .collect();
-        let x = self.hidden(&step, &[&table], &mut kv)?;
+        if logits {
+            let mut out = self.forward(&step, &[&table], &mut kv)?;
+            return out
+                .pop()
+                .ok_or_else(|| ProfilerError::Model("no logits".into()));
+        }
+        self.hidden(&step, &[&table], &mut kv)
+    }
+
+    /// The logits after `tokens` (one sequence, at most the context): what the next token
+    /// would be scored. Runs in the current rayon pool.
+    pub fn last_logits(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.one_sequence(tokens, true)
+    }
+
+    /// A text embedding: the mean over `tokens` (one sequence, at most the context) of the
+    /// final RMS-normed hidden states, scaled to unit length. Runs in the current rayon pool.
+    pub fn embed_tokens(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let c = &self.config;
+        if tokens.is_empty() {
+            return Err(ProfilerError::Model("cannot embed an empty text".into()));
+        }
+        let x = self.one_sequence(tokens, false)?;
         let mut normed = vec![0f32; x.len()];
         rms_norm(&x, &self.norm, c.rms_eps, &mut normed);
         let mut mean = vec![0f32; c.hidden];
@@ -658,12 +852,33 @@ impl LlamaModel {
         let mut x = vec![0f32; t * h];
         x.par_chunks_mut(h)
             .zip(tokens.par_iter())
-            .for_each(|(row, tok)| self.embed.row_f32(tok.token as usize, row));
+            .for_each(|(row, tok)| {
+                self.embed.row_f32(tok.token as usize, row);
+                if self.embed_scale != 1.0 {
+                    for v in row {
+                        *v *= self.embed_scale;
+                    }
+                }
+            });
+        // RoPE angles of each token: for the global layers, and for the sliding-window ones
+        // where their base differs.
+        let rd = c.rope_dims;
+        let angles = |local: bool| {
+            let mut a = vec![0f32; t * rd];
+            a.par_chunks_mut(rd)
+                .zip(tokens.par_iter())
+                .for_each(|(o, tok)| self.rope_angles(tok.pos, local, o));
+            a
+        };
+        let global = angles(false);
+        let local = (self.layers.iter().any(|l| l.sliding) && c.rope_theta_local != c.rope_theta)
+            .then(|| angles(true));
         let q_dim = c.heads * d;
         let kv_dim = c.kv_heads * d;
         let qkv_dim = q_dim + 2 * kv_dim;
         let group = c.heads / c.kv_heads;
         let scale = 1.0 / (d as f32).sqrt();
+        let eps = c.rms_eps;
         let block_size = kv.block_size();
         let mut normed = vec![0f32; t * h];
         let mut qkv = Vec::new();
@@ -672,14 +887,28 @@ impl LlamaModel {
         let mut gate_up = Vec::new();
         let mut act = vec![0f32; t * c.ffn];
         for (l, layer) in self.layers.iter().enumerate() {
-            rms_norm(&x, &layer.attn_norm, c.rms_eps, &mut normed);
+            rms_norm(&x, &layer.attn_norm, eps, &mut normed);
             layer.wqkv.matmul(self.isa, &normed, t, &mut qkv);
+            let cs = match (&local, layer.sliding) {
+                (Some(local), true) => local,
+                _ => &global,
+            };
             qkv.par_chunks_mut(qkv_dim)
-                .zip(tokens.par_iter())
-                .for_each(|(row, tok)| {
+                .zip(cs.par_chunks(rd))
+                .for_each(|(row, cs)| {
+                    if let Some(b) = &layer.qkv_bias {
+                        add_in_place(row, b);
+                    }
                     let (q, rest) = row.split_at_mut(q_dim);
-                    self.rope(q, tok.pos);
-                    self.rope(&mut rest[..kv_dim], tok.pos);
+                    let k = &mut rest[..kv_dim];
+                    if let Some(w) = &layer.q_norm {
+                        head_norm(q, w, eps);
+                    }
+                    if let Some(w) = &layer.k_norm {
+                        head_norm(k, w, eps);
+                    }
+                    self.rope(q, cs);
+                    self.rope(k, cs);
                 });
             for (row, tok) in qkv.chunks(qkv_dim).zip(tokens) {
                 let block = tables[tok.seq][tok.pos / block_size];
@@ -691,6 +920,7 @@ impl LlamaModel {
                     &row[q_dim + kv_dim..],
                 );
             }
+            let window = c.sliding_window.filter(|_| layer.sliding);
             // One task per (token, KV head) running the heads of its group together, so each
             // key and value row is read once per group; per (token, head) when that leaves
             // too few tasks for the threads (a single sequence's decode). Each head computes
@@ -701,7 +931,7 @@ impl LlamaModel {
             let isa = self.isa;
             attn.par_chunks_mut(task_heads * d)
                 .enumerate()
-                .for_each_init(Vec::new, |scores: &mut Vec<f32>, (task, o)| {
+                .for_each_init(Scratch::default, |scratch, (task, o)| {
                     let tasks_per_token = c.heads / task_heads;
                     let (ti, h0) = (
                         task / tasks_per_token,
@@ -709,34 +939,54 @@ impl LlamaModel {
                     );
                     let tok = &tokens[ti];
                     let q = &qkv[ti * qkv_dim + h0 * d..ti * qkv_dim + (h0 + task_heads) * d];
+                    let first = window.map_or(0, |w| (tok.pos + 1).saturating_sub(w));
                     attend(
                         isa,
                         kv_ref,
                         l,
                         tables[tok.seq],
                         h0 / group,
-                        tok.pos,
+                        first..tok.pos + 1,
                         d,
                         scale,
                         q,
                         o,
-                        scores,
+                        scratch,
                     );
                 });
             layer.wo.matmul(self.isa, &attn, t, &mut proj);
-            add_in_place(&mut x, &proj);
-            rms_norm(&x, &layer.ffn_norm, c.rms_eps, &mut normed);
+            residual_add(
+                &mut x,
+                &proj,
+                layer.post_attn_norm.as_deref(),
+                eps,
+                &mut normed,
+            );
+            rms_norm(&x, &layer.ffn_norm, eps, &mut normed);
             layer.w_gate_up.matmul(self.isa, &normed, t, &mut gate_up);
+            let gelu = c.arch == Arch::Gemma3;
             act.par_chunks_mut(c.ffn)
                 .zip(gate_up.par_chunks(2 * c.ffn))
                 .for_each(|(a, gu)| {
                     let (g, u) = gu.split_at(c.ffn);
-                    for ((a, g), u) in a.iter_mut().zip(g).zip(u) {
-                        *a = g / (1.0 + (-g).exp()) * u;
+                    if gelu {
+                        for ((a, g), u) in a.iter_mut().zip(g).zip(u) {
+                            *a = gelu_f16(*g) * u;
+                        }
+                    } else {
+                        for ((a, g), u) in a.iter_mut().zip(g).zip(u) {
+                            *a = g / (1.0 + (-g).exp()) * u;
+                        }
                     }
                 });
             layer.w_down.matmul(self.isa, &act, t, &mut proj);
-            add_in_place(&mut x, &proj);
+            residual_add(
+                &mut x,
+                &proj,
+                layer.post_ffn_norm.as_deref(),
+                eps,
+                &mut normed,
+            );
         }
         Ok(x)
     }
@@ -772,21 +1022,73 @@ pub(crate) fn matmul_gflops(threads: usize, budget: std::time::Duration) -> Resu
     Ok(2.0 * (M * N * K) as f64 * n as f64 / elapsed / 1e9)
 }
 
+/// `out = x / rms(x) · weight` per row, the sum of squares in f64 as ggml takes it.
 fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let h = weight.len();
     out.par_chunks_mut(h)
         .zip(x.par_chunks(h))
-        .for_each(|(o, row)| {
-            let mean = row.iter().map(|v| v * v).sum::<f32>() / h as f32;
-            let inv = 1.0 / (mean + eps).sqrt();
-            for ((o, v), w) in o.iter_mut().zip(row).zip(weight) {
-                *o = v * inv * w;
-            }
-        });
+        .for_each(|(o, row)| norm_row(row, weight, eps, o));
 }
 
-/// Attention of one token at `pos` for the query heads in `q` (`n × d`, all reading KV head
-/// `g` of `layer`), over positions `0..=pos` in order; writes `o` (`n × d`).
+fn norm_row(row: &[f32], weight: &[f32], eps: f32, o: &mut [f32]) {
+    let sum: f64 = row.iter().map(|v| f64::from(v * v)).sum();
+    let mean = (sum / row.len() as f64) as f32;
+    let inv = 1.0 / (mean + eps).sqrt();
+    for ((o, v), w) in o.iter_mut().zip(row).zip(weight) {
+        *o = v * inv * w;
+    }
+}
+
+/// RMS norm of every head of `x` (heads of `weight.len()` values) in place.
+fn head_norm(x: &mut [f32], weight: &[f32], eps: f32) {
+    let mut tmp = [0f32; 512];
+    for head in x.chunks_mut(weight.len()) {
+        let n = head.len().min(tmp.len());
+        tmp[..n].copy_from_slice(&head[..n]);
+        norm_row(&tmp[..n], weight, eps, &mut head[..n]);
+    }
+}
+
+/// `x += y`, or `x += norm(y)` where the architecture norms a block's output (Gemma 3);
+/// `scratch` holds the normed rows.
+fn residual_add(x: &mut [f32], y: &[f32], norm: Option<&[f32]>, eps: f32, scratch: &mut [f32]) {
+    match norm {
+        Some(w) => {
+            rms_norm(y, w, eps, scratch);
+            add_in_place(x, scratch);
+        }
+        None => add_in_place(x, y),
+    }
+}
+
+/// GELU (tanh form) as ggml's CPU backend computes it: looked up by the input rounded to
+/// f16, the result an f16 (its table), 0 below −10 and the identity above 10.
+fn gelu_f16(x: f32) -> f32 {
+    use half::f16;
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    const COEF_A: f32 = 0.044_715;
+    if x <= -10.0 {
+        return 0.0;
+    }
+    if x >= 10.0 {
+        return x;
+    }
+    let v = f16::from_f32(x).to_f32();
+    let g = 0.5 * v * (1.0 + (SQRT_2_OVER_PI * v * (1.0 + COEF_A * v * v)).tanh());
+    f16::from_f32(g).to_f32()
+}
+
+/// Buffers of one attention task: the scores of its heads over the span, and one block's keys
+/// or values widened to f32.
+#[derive(Default)]
+struct Scratch {
+    scores: Vec<f32>,
+    rows: Vec<f32>,
+}
+
+/// Attention of one token for the query heads in `q` (`n × d`, all reading KV head `g` of
+/// `layer`), over the positions `span` (`0..=pos`, or a sliding window's last positions) in
+/// order; writes `o` (`n × d`).
 #[allow(clippy::too_many_arguments)]
 fn attend(
     isa: Isa,
@@ -794,29 +1096,38 @@ fn attend(
     layer: usize,
     table: &[u32],
     g: usize,
-    pos: usize,
+    span: std::ops::Range<usize>,
     d: usize,
     scale: f32,
     q: &[f32],
     o: &mut [f32],
-    scores: &mut Vec<f32>,
+    scratch: &mut Scratch,
 ) {
+    use half::slice::HalfFloatSliceExt;
+    let Scratch { scores, rows } = scratch;
     let n = q.len() / d;
-    let len = pos + 1;
+    let (first, end) = (span.start, span.end);
+    let len = end - first;
     let bs = kv.block_size();
     scores.clear();
     scores.resize(n * len, 0.0);
-    for (bi, &block) in table.iter().enumerate().take(len.div_ceil(bs)) {
-        let keys = kv.block_keys(layer, block, g);
-        let p0 = bi * bs;
-        let slots = (len - p0).min(bs);
+    // Each block's slots within the span: (block, first slot, slots, offset in the scores).
+    let blocks = (first / bs..end.div_ceil(bs)).filter_map(|bi| {
+        let block = *table.get(bi)?;
+        let lo = (bi * bs).max(first);
+        let hi = ((bi + 1) * bs).min(end);
+        Some((block, lo - bi * bs, hi - lo, lo - first))
+    });
+    for (block, s0, slots, at) in blocks.clone() {
+        rows.resize(slots * d, 0.0);
+        kv.block_keys(layer, block, g)[s0 * d..(s0 + slots) * d].convert_to_f32_slice(rows);
         for h in 0..n {
             kernels::scores(
                 isa,
                 &q[h * d..(h + 1) * d],
-                &keys[..slots * d],
+                rows,
                 scale,
-                &mut scores[h * len + p0..h * len + p0 + slots],
+                &mut scores[h * len + at..h * len + at + slots],
             );
         }
     }
@@ -829,15 +1140,14 @@ fn attend(
         }
     }
     o.fill(0.0);
-    for (bi, &block) in table.iter().enumerate().take(len.div_ceil(bs)) {
-        let values = kv.block_values(layer, block, g);
-        let p0 = bi * bs;
-        let slots = (len - p0).min(bs);
+    for (block, s0, slots, at) in blocks {
+        rows.resize(slots * d, 0.0);
+        kv.block_values(layer, block, g)[s0 * d..(s0 + slots) * d].convert_to_f32_slice(rows);
         for h in 0..n {
             kernels::weighted_sum(
                 isa,
-                &scores[h * len + p0..h * len + p0 + slots],
-                &values[..slots * d],
+                &scores[h * len + at..h * len + at + slots],
+                rows,
                 &mut o[h * d..(h + 1) * d],
             );
         }

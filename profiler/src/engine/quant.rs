@@ -6,8 +6,9 @@
 //! | Q4_0 | [`Q4Block`] with `m = −8·d` | yes (a power-of-two multiple of an f16 is an f16) |
 //! | Q4_K | [`Q4Block`] per 32-value sub-block, `d = d·sc`, `m = −dmin·min` rounded to f16 | to f16 rounding of the two scales (relative 2⁻¹², far below the 4-bit step) |
 //! | Q8_0 | [`Q8Block`], the scale widened to f32 | yes |
+//! | Q5_0 | [`Q8Block`] with `q − 16` (5 bits fit in 8) | yes |
 //! | Q6_K | [`Q6Block`] per 32 values (the super-block's `d`, two sub-block scales) | yes |
-//! | anything else (F32, F16, BF16, Q5_*, Q2_K, Q3_K, …) | [`Q8Block`], requantized | to 8 bits |
+//! | anything else (F32, F16, BF16, Q5_1, Q5_K, Q2_K, Q3_K, …) | [`Q8Block`], requantized | to 8 bits |
 //!
 //! `METAINF_WEIGHTS=q8` holds every tensor as Q8 (the format the engine had before it read
 //! 4-bit blocks natively), for side-by-side measurements.
@@ -90,6 +91,7 @@ pub(crate) fn blocks(name: &str, tensor: &QTensor, rows: usize, cols: usize) -> 
             GgmlDType::Q4_0 => (QK, 18),
             GgmlDType::Q4_1 => (QK, 20),
             GgmlDType::Q8_0 => (QK, 34),
+            GgmlDType::Q5_0 => (QK, 22),
             GgmlDType::Q4K => (256, 144),
             GgmlDType::Q6K => (256, 210),
             _ => (QK, 0),
@@ -113,6 +115,29 @@ pub(crate) fn blocks(name: &str, tensor: &QTensor, rows: usize, cols: usize) -> 
                         let mut qs = [0i8; QK];
                         for (q, v) in qs.iter_mut().zip(&b[2..]) {
                             *q = i8::from_ne_bytes([*v]);
+                        }
+                        Q8Block {
+                            d: h(b, 0).to_f32(),
+                            qs,
+                        }
+                    })
+                    .collect(),
+            ))
+        }
+        GgmlDType::Q5_0 => {
+            // d, 32 high bits, 16 bytes of low nibbles: value (q − 16)·d, q of 5 bits, which
+            // an 8-bit block with the same d holds exactly (ggml's dequantize_row_q5_0).
+            let data = raw()?;
+            Ok(Blocks::Q8(
+                data.chunks_exact(22)
+                    .map(|b| {
+                        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+                        let mut qs = [0i8; QK];
+                        for (j, byte) in b[6..22].iter().enumerate() {
+                            let hi0 = ((qh >> j) << 4) & 0x10;
+                            let hi1 = (qh >> (j + 12)) & 0x10;
+                            qs[j] = ((u32::from(byte & 0x0F) | hi0) as i8) - 16;
+                            qs[j + QK / 2] = ((u32::from(byte >> 4) | hi1) as i8) - 16;
                         }
                         Q8Block {
                             d: h(b, 0).to_f32(),
@@ -246,7 +271,7 @@ mod tests {
     use candle_core::Tensor;
 
     /// Each native conversion holds what candle's own dequantization of the file's blocks
-    /// gives: exactly for Q4_0, Q4_1 and Q8_0, to f16 rounding of the scales for Q4_K.
+    /// gives: exactly for Q4_0, Q4_1, Q5_0 and Q8_0, to f16 rounding of the scales for Q4_K.
     #[test]
     fn native_blocks_hold_the_values_candle_dequantizes() {
         let (rows, cols) = (8, 512);
@@ -258,6 +283,7 @@ mod tests {
             (GgmlDType::Q4_0, 0.0),
             (GgmlDType::Q4_1, 0.0),
             (GgmlDType::Q8_0, 0.0),
+            (GgmlDType::Q5_0, 0.0),
             (GgmlDType::Q4K, 2e-3),
             (GgmlDType::Q6K, 1e-6),
         ] {
@@ -269,7 +295,7 @@ mod tests {
                 .expect("dequantize");
             let b = blocks("t", &q, rows, cols).expect("blocks");
             let format = match dtype {
-                GgmlDType::Q8_0 => "q8",
+                GgmlDType::Q8_0 | GgmlDType::Q5_0 => "q8",
                 GgmlDType::Q6K => "q6",
                 _ => "q4",
             };

@@ -21,7 +21,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 
 use super::kv::{BlockHash, KvPool, KvStats, chain_hash};
-use super::model::{LlamaModel, StepToken};
+use super::model::{Model, StepToken};
 use super::sample::{self, SampleScratch};
 use super::{Completion, FinishReason, MethodSettings, Request};
 use crate::error::{ProfilerError, Result};
@@ -205,7 +205,7 @@ pub(crate) struct Scheduler {
 }
 
 impl Scheduler {
-    pub(crate) fn new(model: &LlamaModel, cfg: SchedConfig) -> Result<Self> {
+    pub(crate) fn new(model: &Model, cfg: SchedConfig) -> Result<Self> {
         cfg.check()?;
         let c = &model.config;
         let pool = KvPool::new(
@@ -277,7 +277,7 @@ impl Scheduler {
 
     /// Refuses what can never run here: an empty prompt, a token outside the vocabulary,
     /// more tokens than the context, or more KV than the whole budget.
-    pub(crate) fn check(&self, model: &LlamaModel, r: &Request) -> Result<()> {
+    pub(crate) fn check(&self, model: &Model, r: &Request) -> Result<()> {
         check_request(
             model,
             r,
@@ -528,7 +528,7 @@ impl Scheduler {
     }
 
     /// One forward step over what the policies schedule. Returns what happened, in order.
-    pub(crate) fn step(&mut self, model: &LlamaModel) -> Result<Vec<SeqEvent>> {
+    pub(crate) fn step(&mut self, model: &Model) -> Result<Vec<SeqEvent>> {
         self.admit();
         if self.running.is_empty() {
             return Ok(Vec::new());
@@ -687,7 +687,7 @@ impl Scheduler {
 
 /// The checks of [`Scheduler::check`], for callers that hold only the engine's shape.
 pub(crate) fn check_request(
-    model: &LlamaModel,
+    model: &Model,
     r: &Request,
     block_size: usize,
     total_blocks: usize,

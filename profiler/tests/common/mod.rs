@@ -13,6 +13,20 @@ pub(crate) fn model_path() -> PathBuf {
     path
 }
 
+/// Gemma 3 270M (`scripts/fetch-model.sh gemma3-270m`, which the test script runs).
+#[allow(dead_code)]
+pub(crate) fn gemma_path() -> PathBuf {
+    let path =
+        metainf_profiler::model::cached_model_path(metainf_profiler::model::GEMMA3_MODEL_FILE)
+            .expect("HOME is set");
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/fetch-model.sh gemma3-270m (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
 /// A greedy request for `messages` through the engine's chat template, its stop tokens the
 /// model's.
 #[allow(dead_code)]
@@ -24,7 +38,7 @@ pub(crate) fn chat_request(
     let tok = engine.model().tokenizer();
     metainf_profiler::engine::Request {
         prompt: tok
-            .encode(&metainf_profiler::tokenizer::chat_template(messages))
+            .encode(&tok.chat_prompt(messages).unwrap())
             .expect("the prompt tokenizes"),
         max_tokens,
         stop: tok.stop_ids().to_vec(),
