@@ -942,3 +942,102 @@ async fn a_restarted_node_finishes_its_pending_batch_job() {
             .contains("running again a job left pending by a restart")
     );
 }
+
+/// A node serving two models (the default SmolLM2 and Gemma 3 270M, another architecture and
+/// tokenizer) advertises both; a peer serving only one routes each request to a host with its
+/// model, and the answer comes from that model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_serves_two_models_and_peers_route_each_to_its_hosts() {
+    init_logs();
+    let root = tempfile::tempdir().unwrap();
+    let smollm = metainf_profiler::model::default_model_path().unwrap();
+    let gemma =
+        metainf_profiler::model::cached_model_path(metainf_profiler::model::GEMMA3_MODEL_FILE)
+            .unwrap();
+    assert!(
+        gemma.exists(),
+        "{} is missing: scripts/fetch-model.sh gemma3-270m (scripts/test.sh runs it)",
+        gemma.display()
+    );
+    let mut a = InProc::start(root.path().join("a"), 1, 1.0, 4, None).await;
+    let both = vec![smollm, gemma];
+    let mut b = InProc::start_with(root.path().join("b"), 1, 1.0, 4, Some(&a.p2p), |c| {
+        c.engine.models = both;
+    })
+    .await;
+    const GEMMA: &str = "gemma-3-270m";
+    // B lists both as its own; A sees SmolLM2 on two hosts and Gemma on one (B).
+    let hosts = |models: &Value, name: &str| {
+        models["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == name)
+            .and_then(|m| m["metainf"]["hosts"].as_u64())
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let models = get(&a, "/v1/models").await;
+        if hosts(&models, MODEL) == Some(2) && hosts(&models, GEMMA) == Some(1) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "A never saw both models: {models}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let listed = get(&b, "/v1/models").await;
+    assert_eq!(hosts(&listed, MODEL), Some(2), "{listed}");
+    assert_eq!(hosts(&listed, GEMMA), Some(1), "{listed}");
+
+    // A Gemma job sent to A runs on B, through Gemma's own chat template and tokenizer.
+    let job = json!({
+        "model": GEMMA,
+        "messages": [{"role": "user", "content": "Complete: one, two, three,"}],
+        "max_tokens": 8,
+        "temperature": 0,
+    });
+    let (status, v) = post(&a, "/v1/chat/completions", &job).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["model"], GEMMA, "{v}");
+    assert_eq!(
+        v["metainf"]["host"],
+        b.peer.as_str(),
+        "only B serves Gemma: {v}"
+    );
+    // `<bos><start_of_turn>user\n…<end_of_turn>\n<start_of_turn>model\n` in Gemma's tokens:
+    // BOS, the turn markers and the text, far fewer ids than bytes.
+    let prompt_tokens = v["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!((10..30).contains(&prompt_tokens), "{v}");
+    let text = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(!text.trim().is_empty(), "{v}");
+    assert!(
+        !text.contains("<end_of_turn>"),
+        "stop tokens are not text: {v}"
+    );
+    // The same job straight to B gives the same greedy answer.
+    let (status, direct) = post(&b, "/v1/chat/completions", &job).await;
+    assert_eq!(status, 200, "{direct}");
+    assert_eq!(direct["choices"][0]["message"]["content"], text, "{direct}");
+    // And SmolLM2 on B still answers as SmolLM2.
+    let mut smol = chat(8, json!({"host": b.peer}));
+    smol["model"] = json!(MODEL);
+    let (status, v) = post(&a, "/v1/chat/completions", &smol).await;
+    assert_eq!(status, 200, "{v}");
+    assert!(
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .starts_with("The capital of France is"),
+        "{v}"
+    );
+    // A model nobody serves is a clear error, not a guess.
+    let mut unknown = job.clone();
+    unknown["model"] = json!("no-such-model");
+    let (status, v) = post(&a, "/v1/chat/completions", &unknown).await;
+    assert_eq!(status, 404, "{v}");
+    assert!(v.to_string().contains("no-such-model"), "{v}");
+    b.stop().await;
+    a.stop().await;
+}
