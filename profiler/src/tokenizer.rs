@@ -63,6 +63,8 @@ pub struct ModelTokenizer {
     vocab: Vocab,
     bos: Option<u32>,
     add_bos: bool,
+    /// EOS after every encoded text (`add_eos_token`, as llama.cpp adds it).
+    eos: Option<u32>,
     stop_ids: Vec<u32>,
     template: ChatTemplate,
 }
@@ -129,10 +131,11 @@ impl ModelTokenizer {
         };
         let bos = id("tokenizer.ggml.bos_token_id");
         let eos = id("tokenizer.ggml.eos_token_id");
-        // llama.cpp's default: SentencePiece vocabularies add BOS unless told not to.
+        // llama.cpp's defaults: SentencePiece and Llama 3's BPE add BOS unless told not to.
+        let pre = meta.text("tokenizer.ggml.pre").unwrap_or("default");
         let add_bos = meta
             .flag("tokenizer.ggml.add_bos_token")
-            .unwrap_or(kind == "llama");
+            .unwrap_or(kind == "llama" || matches!(pre, "llama-bpe" | "llama3"));
         let mut stop_ids = Vec::new();
         let mut stop = |id: u32| {
             if !stop_ids.contains(&id) {
@@ -165,18 +168,22 @@ impl ModelTokenizer {
             text_of(bos).unwrap_or_default(),
             text_of(eos).unwrap_or_default(),
         )?;
+        let add_eos = meta.flag("tokenizer.ggml.add_eos_token").unwrap_or(false);
         Ok(Self {
             vocab,
             bos,
             add_bos,
+            eos: eos.filter(|_| add_eos),
             stop_ids,
             template,
         })
     }
 
     /// Token ids of `text` as llama.cpp tokenizes a prompt: special tokens written in the text
-    /// (`<|im_start|>`, `<start_of_turn>`) are recognised, and BOS comes first when the model
-    /// asks for it (once: a text that already starts with BOS gets no second one).
+    /// (`<|im_start|>`, `<start_of_turn>`) are recognised, BOS comes first when the model
+    /// asks for it (a text that writes BOS itself gets two, as in llama.cpp; the chat
+    /// template's leading BOS is dropped by [`Self::chat_prompt`]), and EOS last when it asks
+    /// for that.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let mut ids = Vec::new();
         let bos = self.bos.filter(|_| self.add_bos);
@@ -191,11 +198,7 @@ impl ModelTokenizer {
             ),
             Vocab::Spm(s) => s.encode(text, &mut ids),
         }
-        if let Some(b) = bos
-            && ids.get(1) == Some(&b)
-        {
-            ids.remove(0);
-        }
+        ids.extend(self.eos);
         Ok(ids)
     }
 
@@ -287,6 +290,8 @@ struct Spm {
     /// Piece text → id (a text held twice maps to the later id, as in llama.cpp).
     index: HashMap<String, u32>,
     bytes: [Option<u32>; 256],
+    /// `<unk>`, for a byte without a byte piece.
+    unknown: Option<u32>,
     add_space_prefix: bool,
     specials: Specials,
 }
@@ -362,6 +367,10 @@ impl Spm {
             types: types.to_vec(),
             index,
             bytes,
+            unknown: meta
+                .uint("tokenizer.ggml.unknown_token_id")
+                .and_then(|v| u32::try_from(v).ok())
+                .filter(|&v| (v as usize) < tokens.len()),
             add_space_prefix: meta.flag("tokenizer.ggml.add_space_prefix").unwrap_or(true),
             specials,
         })
@@ -442,8 +451,13 @@ impl Spm {
             let piece = &text[s.start..s.start + s.len];
             match self.index.get(piece) {
                 Some(id) => out.push(*id),
-                // No piece covers it: its bytes (a piece formed by merging always exists).
-                None => out.extend(piece.bytes().filter_map(|b| self.bytes[b as usize])),
+                // No piece covers it: its bytes (a piece formed by merging always exists), the
+                // unknown token for a byte the vocabulary lacks.
+                None => out.extend(
+                    piece
+                        .bytes()
+                        .filter_map(|b| self.bytes[b as usize].or(self.unknown)),
+                ),
             }
             i = s.next;
         }
@@ -466,9 +480,10 @@ impl Spm {
                         bytes.push(b);
                     }
                 }
-                TYPE_CONTROL | TYPE_UNKNOWN => {}
-                // Normal, and types llama.cpp does not know, as normal text.
-                _ => bytes.extend_from_slice(piece.replace('\u{2581}', " ").as_bytes()),
+                TYPE_NORMAL => bytes.extend_from_slice(piece.replace('\u{2581}', " ").as_bytes()),
+                // Control, unknown, unused and types llama.cpp does not know: nothing, as
+                // llama.cpp suppresses them.
+                _ => {}
             }
         }
         String::from_utf8_lossy(&bytes).into_owned()
@@ -708,6 +723,7 @@ mod tests {
             types: types.clone(),
             index,
             bytes,
+            unknown: Some(0),
             add_space_prefix,
             specials: Specials::new(&tokens, &types).unwrap(),
         }
@@ -832,6 +848,49 @@ mod tests {
                 String::new()
             )
             .is_err()
+        );
+    }
+
+    #[test]
+    fn llama_2_and_mistral_files_without_a_template_get_inst_turns() {
+        let msgs = [
+            ChatMessage {
+                role: "system".into(),
+                content: "Be brief.".into(),
+            },
+            ChatMessage {
+                role: "user".into(),
+                content: "Hi".into(),
+            },
+            ChatMessage {
+                role: "assistant".into(),
+                content: "Hello.".into(),
+            },
+            ChatMessage {
+                role: "user".into(),
+                content: "Bye".into(),
+            },
+        ];
+        let inst =
+            ChatTemplate::new(None, "llama", &["[INST]"], "<s>".into(), "</s>".into()).unwrap();
+        assert_eq!(inst.origin, "inst");
+        assert_eq!(
+            inst.render(&msgs).unwrap(),
+            "<s>[INST] Be brief.\n\nHi [/INST]Hello.</s>[INST] Bye [/INST]"
+        );
+        let llama3 = ChatTemplate::new(
+            None,
+            "llama",
+            &["<|start_header_id|>"],
+            "<|begin_of_text|>".into(),
+            String::new(),
+        )
+        .unwrap();
+        assert!(
+            llama3
+                .render(&msgs[1..2])
+                .unwrap()
+                .ends_with("<|start_header_id|>assistant<|end_header_id|>\n\n")
         );
     }
 

@@ -102,6 +102,10 @@ pub struct ModelConfig {
     pub rope_dims: usize,
     /// RoPE frequency scale (1 / the linear scaling factor).
     pub rope_scale: f32,
+    /// RoPE frequency scale of the sliding-window layers (Gemma 3's are unscaled).
+    pub rope_scale_local: f32,
+    /// Multiplies each query·key product (1/√head size; Gemma 3 27B: 1/√(hidden / heads)).
+    pub attn_scale: f32,
     /// Positions a sliding-window layer attends to (itself included).
     pub sliding_window: Option<usize>,
     /// Longest context the model was trained for.
@@ -445,8 +449,15 @@ impl Model {
             ));
         }
         let rope_dims = int("rope.dimension_count").unwrap_or(head_dim);
+        if heads > 4096 || kv_heads > heads || head_dim > 4096 || hidden > 1 << 20 {
+            return Err(err(format!(
+                "unsupported sizes: {heads} heads, {kv_heads} kv heads of {head_dim}, hidden \
+                 {hidden}"
+            )));
+        }
         if head_dim == 0
             || !head_dim.is_multiple_of(2)
+            || rope_dims == 0
             || rope_dims > head_dim
             || !rope_dims.is_multiple_of(2)
         {
@@ -583,6 +594,11 @@ impl Model {
             None
         };
         let ffn = layers.first().map_or(0, |l| l.w_down.cols);
+        if ffn == 0 || layers.iter().any(|l| l.w_down.cols != ffn) {
+            return Err(err(
+                "feed-forward sizes differ between layers or are 0".into()
+            ));
+        }
         let rope_theta = float("rope.freq_base", 10_000.0);
         let config = ModelConfig {
             arch,
@@ -601,6 +617,17 @@ impl Model {
             },
             rope_dims,
             rope_scale,
+            // llama.cpp: Gemma 3's sliding-window layers are never scaled.
+            rope_scale_local: match arch {
+                Arch::Gemma3 => 1.0,
+                _ => rope_scale,
+            },
+            attn_scale: match arch {
+                // llama.cpp (after gemma_pytorch): the 27B model (62 blocks) scales by the
+                // hidden size per head, the others by the head size.
+                Arch::Gemma3 if layers_n == 62 => 1.0 / ((hidden / heads) as f32).sqrt(),
+                _ => 1.0 / (head_dim as f32).sqrt(),
+            },
             sliding_window,
             context_length: int("context_length").unwrap_or(4096),
         };
@@ -616,7 +643,11 @@ impl Model {
                 return Err(err("layer shapes disagree with the metadata".into()));
             }
         }
-        if embed.cols != hidden || output.as_ref().is_some_and(|o| o.cols != hidden) {
+        if embed.cols != hidden
+            || output
+                .as_ref()
+                .is_some_and(|o| o.cols != hidden || o.rows != vocab)
+        {
             return Err(err(
                 "embedding or output head disagrees with the metadata".into()
             ));
@@ -684,16 +715,16 @@ impl Model {
     /// scale), into `out` (`rope_dims` values).
     fn rope_angles(&self, pos: usize, local: bool, out: &mut [f32]) {
         let c = &self.config;
-        let base = if local {
-            c.rope_theta_local
+        let (base, scale) = if local {
+            (c.rope_theta_local, c.rope_scale_local)
         } else {
-            c.rope_theta
+            (c.rope_theta, c.rope_scale)
         };
         let step = base.powf(-2.0 / c.rope_dims as f32);
         let mut theta = pos as f32;
         for (i, cs) in out.chunks_exact_mut(2).enumerate() {
             let ff = self.rope_freqs.as_ref().map_or(1.0, |f| f[i]);
-            let angle = c.rope_scale * (theta / ff);
+            let angle = scale * (theta / ff);
             cs[0] = angle.cos();
             cs[1] = angle.sin();
             theta *= step;
@@ -871,13 +902,14 @@ impl Model {
             a
         };
         let global = angles(false);
-        let local = (self.layers.iter().any(|l| l.sliding) && c.rope_theta_local != c.rope_theta)
+        let local = (self.layers.iter().any(|l| l.sliding)
+            && (c.rope_theta_local != c.rope_theta || c.rope_scale_local != c.rope_scale))
             .then(|| angles(true));
         let q_dim = c.heads * d;
         let kv_dim = c.kv_heads * d;
         let qkv_dim = q_dim + 2 * kv_dim;
         let group = c.heads / c.kv_heads;
-        let scale = 1.0 / (d as f32).sqrt();
+        let scale = c.attn_scale;
         let eps = c.rms_eps;
         let block_size = kv.block_size();
         let mut normed = vec![0f32; t * h];
@@ -1041,11 +1073,10 @@ fn norm_row(row: &[f32], weight: &[f32], eps: f32, o: &mut [f32]) {
 
 /// RMS norm of every head of `x` (heads of `weight.len()` values) in place.
 fn head_norm(x: &mut [f32], weight: &[f32], eps: f32) {
-    let mut tmp = [0f32; 512];
+    let mut tmp = vec![0f32; weight.len()];
     for head in x.chunks_mut(weight.len()) {
-        let n = head.len().min(tmp.len());
-        tmp[..n].copy_from_slice(&head[..n]);
-        norm_row(&tmp[..n], weight, eps, &mut head[..n]);
+        tmp.copy_from_slice(head);
+        norm_row(&tmp, weight, eps, head);
     }
 }
 
@@ -1157,5 +1188,28 @@ fn attend(
 fn add_in_place(x: &mut [f32], y: &[f32]) {
     for (a, b) in x.iter_mut().zip(y) {
         *a += b;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_architectures_are_refused_by_name() {
+        for arch in ["llama", "qwen2", "qwen3", "gemma3"] {
+            assert_eq!(Arch::from_name(arch).unwrap().name(), arch);
+        }
+        let err = Arch::from_name("phi3").unwrap_err().to_string();
+        assert!(err.contains("\"phi3\" is not supported"), "{err}");
+    }
+
+    #[test]
+    fn gelu_rounds_as_ggml_and_saturates() {
+        assert_eq!(gelu_f16(-12.0), 0.0);
+        assert_eq!(gelu_f16(11.0), 11.0);
+        // 0.5·x·(1 + tanh(√(2/π)·x·(1 + 0.044715·x²))) at 1.0 is 0.841192; its f16 is 0.8413.
+        assert_eq!(gelu_f16(1.0), half::f16::from_f32(0.841_192).to_f32());
+        assert_eq!(gelu_f16(0.0), 0.0);
     }
 }
