@@ -795,16 +795,7 @@ mod tests {
 
     #[test]
     fn known_templates_render_turns() {
-        let msgs = [
-            ChatMessage {
-                role: "system".into(),
-                content: "Be brief.".into(),
-            },
-            ChatMessage {
-                role: "user".into(),
-                content: "Hi".into(),
-            },
-        ];
+        let msgs = chat(&[("system", "Be brief."), ("user", "Hi")]);
         let gemma = ChatTemplate::new(None, "gemma3", &[], "<bos>".into(), "<eos>".into()).unwrap();
         assert_eq!(
             gemma.render(&msgs).unwrap(),
@@ -853,24 +844,12 @@ mod tests {
 
     #[test]
     fn llama_2_and_mistral_files_without_a_template_get_inst_turns() {
-        let msgs = [
-            ChatMessage {
-                role: "system".into(),
-                content: "Be brief.".into(),
-            },
-            ChatMessage {
-                role: "user".into(),
-                content: "Hi".into(),
-            },
-            ChatMessage {
-                role: "assistant".into(),
-                content: "Hello.".into(),
-            },
-            ChatMessage {
-                role: "user".into(),
-                content: "Bye".into(),
-            },
-        ];
+        let msgs = chat(&[
+            ("system", "Be brief."),
+            ("user", "Hi"),
+            ("assistant", "Hello."),
+            ("user", "Bye"),
+        ]);
         let inst =
             ChatTemplate::new(None, "llama", &["[INST]"], "<s>".into(), "</s>".into()).unwrap();
         assert_eq!(inst.origin, "inst");
@@ -892,6 +871,17 @@ mod tests {
                 .unwrap()
                 .ends_with("<|start_header_id|>assistant<|end_header_id|>\n\n")
         );
+    }
+
+    /// Messages from `(role, content)` pairs.
+    fn chat(turns: &[(&str, &str)]) -> Vec<ChatMessage> {
+        turns
+            .iter()
+            .map(|(role, content)| ChatMessage {
+                role: (*role).into(),
+                content: (*content).into(),
+            })
+            .collect()
     }
 
     fn chatml_of(msgs: &[ChatMessage]) -> String {
