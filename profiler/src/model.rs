@@ -6,7 +6,6 @@ use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::Path;
 
-use candle_core::quantized::gguf_file;
 use metainf_protocol::{ContentId, ModelDescriptor};
 
 use crate::error::{ProfilerError, Result};
@@ -61,10 +60,7 @@ pub fn describe(path: &Path) -> Result<ModelDescriptor> {
     let open = |p: &Path| {
         File::open(p).map_err(|e| ProfilerError::Model(format!("cannot open {}: {e}", p.display())))
     };
-    let mut file = open(path)?;
-    let content = gguf_file::Content::read(&mut file).map_err(|e| {
-        ProfilerError::Model(format!("{} is not a GGUF model: {e}", path.display()))
-    })?;
+    let (_, content) = crate::gguf::open(path)?;
     let text = |key: &str| {
         content
             .metadata

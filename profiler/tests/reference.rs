@@ -177,8 +177,26 @@ mod tiny {
         QTensor::quantize(&t, dtype).unwrap()
     }
 
+    pub(super) type Meta = Vec<(String, Value)>;
+    pub(super) type Tensors = Vec<(String, QTensor)>;
+
     /// Writes the `variant` model to `path`.
     pub(super) fn write(variant: &str, vocab_of: &std::path::Path, path: &std::path::Path) {
+        write_edited(variant, vocab_of, path, |_, _| {});
+    }
+
+    /// A 2-D F32 tensor of `rows × cols` from the fixed generator.
+    pub(super) fn matrix(rows: usize, cols: usize) -> QTensor {
+        tensor(&mut Rng(7), &[rows, cols], GgmlDType::F32, 0.3, 0.0)
+    }
+
+    /// Writes the `variant` model to `path` after `edit` has changed its metadata or tensors.
+    pub(super) fn write_edited(
+        variant: &str,
+        vocab_of: &std::path::Path,
+        path: &std::path::Path,
+        edit: impl FnOnce(&mut Meta, &mut Tensors),
+    ) {
         let (hidden, heads, kv_heads, ffn, layers) = (64usize, 4usize, 2usize, 256usize, 2usize);
         let (arch, pre, head_dim) = match variant {
             "qwen2" => ("qwen2", "qwen2", 16),
@@ -323,6 +341,7 @@ mod tiny {
                 _ => {}
             }
         }
+        edit(&mut meta, &mut tensors);
         let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
         let tensor_refs: Vec<(&str, &QTensor)> =
             tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
@@ -345,5 +364,133 @@ fn tiny_qwen2_qwen3_and_llama3_models_equal_llama_cpp() {
             continue; // writing them for scripts/llama-reference.sh
         }
         check(&format!("tiny-{variant}"), &path);
+    }
+}
+
+/// A model file is input too: sizes a hostile or broken GGUF declares are refused with an
+/// error naming them, never a panic or an allocation the file cannot back.
+#[test]
+fn hostile_sizes_in_a_gguf_are_refused_with_clear_errors() {
+    use candle_core::quantized::gguf_file::Value;
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("hostile-gguf");
+    std::fs::create_dir_all(&dir).unwrap();
+    fn set(key: &'static str, value: Value) -> impl FnOnce(&mut tiny::Meta, &mut tiny::Tensors) {
+        move |meta, _| {
+            meta.retain(|(k, _)| k != key);
+            meta.push((key.to_owned(), value));
+        }
+    }
+    let vocab = {
+        let mut file = std::fs::File::open(common::model_path()).unwrap();
+        let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+        match &content.metadata["tokenizer.ggml.tokens"] {
+            Value::Array(a) => a.len(),
+            _ => panic!("no vocabulary"),
+        }
+    };
+    type Edit = Box<dyn FnOnce(&mut tiny::Meta, &mut tiny::Tensors)>;
+    let cases: Vec<(&str, Edit, &str)> = vec![
+        (
+            "heads",
+            Box::new(set("llama.attention.head_count", Value::U32(8192))),
+            "unsupported sizes: 8192 heads",
+        ),
+        (
+            "kv-heads",
+            Box::new(set("llama.attention.head_count_kv", Value::U32(3))),
+            "unsupported head layout: 4 heads, 3 kv heads",
+        ),
+        (
+            "key-length",
+            Box::new(|m: &mut tiny::Meta, t: &mut tiny::Tensors| {
+                for key in ["llama.attention.key_length", "llama.attention.value_length"] {
+                    set(key, Value::U32(u32::MAX))(m, t);
+                }
+            }),
+            "unsupported sizes: 4 heads, 2 kv heads of 4294967295",
+        ),
+        (
+            "rope-dims",
+            Box::new(set("llama.rope.dimension_count", Value::U32(0))),
+            "RoPE over 0",
+        ),
+        (
+            "blocks",
+            Box::new(set("llama.block_count", Value::U64(1 << 40))),
+            "1099511627776 blocks",
+        ),
+        (
+            "missing-block",
+            Box::new(set("llama.block_count", Value::U32(3))),
+            "tensor blk.2.attn_q.weight",
+        ),
+        (
+            "hidden",
+            Box::new(set("llama.embedding_length", Value::U32(128))),
+            "has 64 values, expected 128",
+        ),
+        (
+            "rope-scaling",
+            Box::new(set("llama.rope.scaling.type", Value::String("yarn".into()))),
+            "RoPE scaling \"yarn\" is not supported",
+        ),
+        (
+            "architecture",
+            Box::new(set("general.architecture", Value::String("mamba".into()))),
+            "architecture \"mamba\" is not supported",
+        ),
+        (
+            "alignment",
+            Box::new(set("general.alignment", Value::U32(0))),
+            "malformed header",
+        ),
+        (
+            "ffn-0",
+            Box::new(|_: &mut tiny::Meta, t: &mut tiny::Tensors| {
+                for (name, q) in t.iter_mut() {
+                    if name.ends_with("ffn_down.weight") {
+                        *q = tiny::matrix(64, 0);
+                    }
+                }
+            }),
+            "does not fit",
+        ),
+        (
+            "output-rows",
+            Box::new(move |_: &mut tiny::Meta, t: &mut tiny::Tensors| {
+                t.push(("output.weight".into(), tiny::matrix(vocab - 1, 64)));
+            }),
+            "output head disagrees",
+        ),
+    ];
+    for (name, edit, expected) in cases {
+        let path = dir.join(format!("{name}.gguf"));
+        tiny::write_edited("llama3", &common::model_path(), &path, edit);
+        let err = match Engine::load(&path, EngineOptions { threads: Some(1) }) {
+            Ok(_) => panic!("{name}: a hostile file loaded"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains(expected), "{name}: {err:?} lacks {expected:?}");
+        // The node describes a file before it loads it: that read must refuse or succeed, not
+        // panic.
+        let _ = metainf_profiler::model::describe(&path);
+    }
+    // A file cut short: every tensor is checked against the file's length before its bytes
+    // are read or allocated.
+    let path = dir.join("truncated.gguf");
+    tiny::write("llama3", &common::model_path(), &path);
+    let len = std::fs::metadata(&path).unwrap().len();
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    file.set_len(len - 1000).unwrap();
+    for err in [
+        Engine::load(&path, EngineOptions { threads: Some(1) })
+            .err()
+            .map(|e| e.to_string()),
+        metainf_profiler::model::describe(&path)
+            .err()
+            .map(|e| e.to_string()),
+    ] {
+        let err = err.expect("a truncated file was accepted");
+        assert!(err.contains("does not fit in the file"), "{err}");
     }
 }

@@ -10,11 +10,9 @@
 //! token's result does not depend on which other tokens share its batch, how its prompt was
 //! chunked, or whether its prefix came from the cache: methods change speed, never results.
 
-use std::fs::File;
 use std::path::Path;
 
 use candle_core::Device;
-use candle_core::quantized::gguf_file;
 use rayon::prelude::*;
 
 use super::kernels::{self, Isa, Q8Block, QK, Weight, XBlock};
@@ -413,10 +411,7 @@ impl Model {
     /// ([`super::quant`]).
     pub fn load(path: &Path) -> Result<Self> {
         let err = |m: String| ProfilerError::Model(m);
-        let mut file =
-            File::open(path).map_err(|e| err(format!("cannot open {}: {e}", path.display())))?;
-        let content = gguf_file::Content::read(&mut file)
-            .map_err(|e| err(format!("{} is not a GGUF model: {e}", path.display())))?;
+        let (mut file, content) = crate::gguf::open(path)?;
         let md = Meta(&content);
         let arch = Arch::from_name(md.text("general.architecture").unwrap_or_default())?;
         let key = |k: &str| format!("{}.{k}", arch.name());
