@@ -97,9 +97,9 @@ pub(super) async fn peers(
         .iter()
         .map(|p| {
             let hb = p.heartbeat.as_ref();
-            let reputation = reputations.get(&p.peer).map(|r| ReputationView {
+            let reputation = reputations.get(&p.peer).map(|(r, factor)| ReputationView {
                 score: r.score(),
-                slowdown: r.slowdown(),
+                slowdown: *factor,
                 attempts: r.attempts,
                 failed: r.failed,
                 excluded_until_ms: r.excluded(now).then_some(r.excluded_until_ms),

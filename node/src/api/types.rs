@@ -265,7 +265,8 @@ pub struct PeersResponse {
 pub struct ReputationView {
     /// Share of attempts that went well (with a prior of one each way), over the slowdown.
     pub score: f64,
-    /// How much slower than predicted it ran (≥ 1); its predictions are scaled by it.
+    /// The factor routing scales its predictions by: how much slower (> 1) or faster (< 1)
+    /// than predicted it ran, against the typical host this node sent jobs to.
     pub slowdown: f64,
     /// Attempts that ended.
     pub attempts: u64,

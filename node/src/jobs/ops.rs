@@ -71,10 +71,11 @@ impl JobService {
     }
 
     /// Every peer this node has heard from (none without a network).
-    /// What this node saw of the hosts it sent jobs to (see [`super::reputation`]).
+    /// What this node saw of the hosts it sent jobs to (see [`super::reputation`]), each with
+    /// the factor routing scales its predictions by.
     pub fn reputations(
         &self,
-    ) -> std::collections::HashMap<libp2p::PeerId, super::reputation::HostRecord> {
+    ) -> std::collections::HashMap<libp2p::PeerId, (super::reputation::HostRecord, f64)> {
         self.0.reputation.all()
     }
 

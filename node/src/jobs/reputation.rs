@@ -7,6 +7,14 @@
 //!   ln(observed / predicted); within 4× is the predictor's own error, which honest hosts show
 //!   too while it is young, and the learner corrects from their records): a host that copied the
 //!   fastest profile or announces an empty queue it does not have is routed as what it delivers.
+//! - **Speed relative to the others:** routing also scales each host's predictions by how its
+//!   observed/predicted ratio compares with the typical host's (the median over every host with
+//!   three successes, this node's own engine included: its local jobs are measured the same
+//!   way), between 4× faster and [`MAX_SLOWDOWN`] slower. A predictor's common error cancels
+//!   out, while hosts whose profiles look alike but are not (a CPU quota, a busy neighbour,
+//!   thermal limits) are told apart by what they deliver. It is only a ratio of this node's own
+//!   measurements, so a host cannot fake it; the typical ratio counts as at most the tolerated
+//!   4×, so a liar alone (or among liars) is still corrected as above.
 //! - **Exclusion:** three failures in a row (errors, timeouts, results that do not match the
 //!   job) exclude a host for a minute, doubling with each further one up to an hour.
 //! - Kept in the store (`meta`), so a restart does not forgive; local opinion only: it is not
@@ -37,6 +45,8 @@ const BASE_EXCLUSION_MS: u64 = 60_000;
 const MAX_EXCLUSION_MS: u64 = 3_600_000;
 /// Hosts remembered (the least recently used are forgotten beyond this).
 const MAX_HOSTS: usize = 4096;
+/// Largest speed-up relative to the typical host that routing credits (ln 4).
+const MAX_SPEEDUP_LOG: f64 = 2.0 * std::f64::consts::LN_2;
 
 /// How an attempt on a host went wrong.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,6 +87,20 @@ impl HostRecord {
             .min(MAX_SLOWDOWN)
     }
 
+    /// The factor routing multiplies its predictions by: its ratio of observed to predicted
+    /// time against the typical host's (`reference_log`, the median of the ln ratios, taken as
+    /// at most the tolerated error so that a host alone, or a network of liars, is still judged
+    /// absolutely), between 4× faster and [`MAX_SLOWDOWN`] slower; 1 before three successes.
+    pub fn routing_factor(&self, reference_log: Option<f64>) -> f64 {
+        if self.succeeded < OBSERVATIONS {
+            return 1.0;
+        }
+        let reference = reference_log.unwrap_or(0.0).min(TOLERATED);
+        (self.slowdown_log - reference)
+            .clamp(-MAX_SPEEDUP_LOG, MAX_SLOWDOWN.ln())
+            .exp()
+    }
+
     /// A score in (0, 1]: the share of attempts that went well (with a prior of one of each),
     /// divided by the slowdown.
     pub fn score(&self) -> f64 {
@@ -92,7 +116,40 @@ impl HostRecord {
 
 /// Every host's record, kept in memory and in the store.
 pub(crate) struct Reputation {
-    hosts: Mutex<HashMap<PeerId, HostRecord>>,
+    hosts: Mutex<Hosts>,
+}
+
+#[derive(Default)]
+struct Hosts {
+    records: HashMap<PeerId, HostRecord>,
+    /// The median ln(observed / predicted) over the hosts with enough successes.
+    reference_log: Option<f64>,
+}
+
+impl Hosts {
+    fn new(records: HashMap<PeerId, HostRecord>) -> Self {
+        let mut hosts = Self {
+            records,
+            reference_log: None,
+        };
+        hosts.reference_log = hosts.median_log();
+        hosts
+    }
+
+    fn median_log(&self) -> Option<f64> {
+        let mut logs: Vec<f64> = self
+            .records
+            .values()
+            .filter(|r| r.succeeded >= OBSERVATIONS && r.slowdown_log.is_finite())
+            .map(|r| r.slowdown_log)
+            .collect();
+        if logs.is_empty() {
+            return None;
+        }
+        let mid = logs.len() / 2;
+        let (_, m, _) = logs.select_nth_unstable_by(mid, f64::total_cmp);
+        Some(*m)
+    }
 }
 
 impl Reputation {
@@ -116,18 +173,35 @@ impl Reputation {
             }
         };
         Self {
-            hosts: Mutex::new(hosts),
+            hosts: Mutex::new(Hosts::new(hosts)),
         }
     }
 
     /// The record of `peer`, if this node sent it anything.
     pub(crate) fn get(&self, peer: &PeerId) -> Option<HostRecord> {
-        self.hosts.lock().ok()?.get(peer).cloned()
+        self.hosts.lock().ok()?.records.get(peer).cloned()
     }
 
-    /// Every host's record.
-    pub(crate) fn all(&self) -> HashMap<PeerId, HostRecord> {
-        self.hosts.lock().map(|h| h.clone()).unwrap_or_default()
+    /// Every host's record, with the factor routing applies to it.
+    pub(crate) fn all(&self) -> HashMap<PeerId, (HostRecord, f64)> {
+        self.hosts
+            .lock()
+            .map(|h| {
+                h.records
+                    .iter()
+                    .map(|(p, r)| (*p, (r.clone(), r.routing_factor(h.reference_log))))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The factor routing multiplies `peer`'s predictions by (1 for a host not seen yet).
+    pub(crate) fn routing_factor(&self, peer: &PeerId) -> f64 {
+        self.hosts.lock().ok().map_or(1.0, |h| {
+            h.records
+                .get(peer)
+                .map_or(1.0, |r| r.routing_factor(h.reference_log))
+        })
     }
 
     /// An attempt on `peer` gave a result after `observed_s` (this node's clock) where
@@ -171,18 +245,26 @@ impl Reputation {
         let Ok(mut hosts) = self.hosts.lock() else {
             return Vec::new();
         };
-        let r = hosts.entry(peer).or_default();
+        let r = hosts.records.entry(peer).or_default();
         r.attempts += 1;
         r.last_ms = now_ms();
         change(r);
-        if hosts.len() > MAX_HOSTS {
-            let oldest = hosts.iter().min_by_key(|(_, r)| r.last_ms).map(|(p, _)| *p);
+        if hosts.records.len() > MAX_HOSTS {
+            let oldest = hosts
+                .records
+                .iter()
+                .min_by_key(|(_, r)| r.last_ms)
+                .map(|(p, _)| *p);
             if let Some(p) = oldest {
-                hosts.remove(&p);
+                hosts.records.remove(&p);
             }
         }
-        let list: Vec<(String, &HostRecord)> =
-            hosts.iter().map(|(p, r)| (p.to_string(), r)).collect();
+        hosts.reference_log = hosts.median_log();
+        let list: Vec<(String, &HostRecord)> = hosts
+            .records
+            .iter()
+            .map(|(p, r)| (p.to_string(), r))
+            .collect();
         serde_json::to_vec(&list).unwrap_or_default()
     }
 
@@ -244,10 +326,44 @@ mod tests {
         let again = Reputation::load(&store);
         assert_eq!(again.get(&dead), Some(d));
         assert_eq!(again.get(&liar), Some(l));
+        // Relative speed: two hosts with the same predictions, one running twice as long.
+        // Neither is beyond the tolerated absolute error, but routing tells them apart; and a
+        // predictor that is 2× off for every host changes nothing.
+        let fresh = Reputation::load(&Store::open(dir.path().join("other")).unwrap());
+        let (quick, slow, mid) = (PeerId::random(), PeerId::random(), PeerId::random());
+        for _ in 0..3 {
+            fresh.succeeded(quick, 1.5, 1.0);
+            fresh.succeeded(mid, 2.0, 1.0);
+            fresh.succeeded(slow, 3.0, 1.0);
+        }
+        let (q, m, s) = (
+            fresh.routing_factor(&quick),
+            fresh.routing_factor(&mid),
+            fresh.routing_factor(&slow),
+        );
+        assert!(
+            (m - 1.0).abs() < 1e-9,
+            "the median host is the reference: {m}"
+        );
+        assert!((q - 0.75).abs() < 1e-9 && (s - 1.5).abs() < 1e-9, "{q} {s}");
+        assert_eq!(fresh.get(&slow).unwrap().slowdown(), 1.0);
+        assert_eq!(fresh.routing_factor(&PeerId::random()), 1.0);
+        // Alone, a host is judged absolutely: the liar above is still corrected.
+        let alone = Reputation::load(&Store::open(dir.path().join("alone")).unwrap());
+        for _ in 0..3 {
+            alone.succeeded(liar, 8.0, 1.0);
+        }
+        assert!((alone.routing_factor(&liar) - 2.0).abs() < 1e-9);
+        // A host far faster than the others is credited at most 4×.
+        for _ in 0..3 {
+            fresh.succeeded(fast, 0.001, 1.0);
+        }
+        assert!((fresh.routing_factor(&fast) - 0.25).abs() < 1e-9);
         // Untrusted numbers neither overflow nor poison the mean.
         let odd = PeerId::random();
         rep.succeeded(odd, f64::NAN, 1.0);
         rep.succeeded(odd, 1e300, 1e-300);
         assert!(rep.get(&odd).unwrap().slowdown() <= MAX_SLOWDOWN);
+        assert!(rep.routing_factor(&odd) <= MAX_SLOWDOWN);
     }
 }

@@ -93,7 +93,8 @@ impl JobService {
                         .executor
                         .host_load()
                         .map(|l| self.with_pending(l, &self.0.peer_id)),
-                    slowdown: 1.0,
+                    // Its own jobs are measured as every host's are.
+                    slowdown: self.0.reputation.routing_factor(&self.0.peer_id),
                     cached_tokens,
                 },
                 state_at_ms: None,
@@ -129,7 +130,6 @@ impl JobService {
         let m = h.models.iter().find(|m| m.name == model)?;
         let profile = h.profile.clone()?;
         let peer = h.peer;
-        let seen = self.0.reputation.get(&peer);
         let host = Host {
             name: peer.to_string(),
             hardware: profile,
@@ -141,7 +141,7 @@ impl JobService {
             power_w: None,
             load: h.load.map(|l| self.with_pending(l, &peer)),
             // What it claims, corrected by what this node saw it deliver.
-            slowdown: seen.map_or(1.0, |r| r.slowdown()),
+            slowdown: self.0.reputation.routing_factor(&peer),
             cached_tokens: h
                 .cache
                 .as_ref()

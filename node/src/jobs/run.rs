@@ -103,37 +103,36 @@ impl JobService {
                 .as_ref()
                 .map(|d| dedup_deltas(d.clone(), Arc::clone(&sent)));
             let attempt_started = Instant::now();
-            let mut observed = None;
-            let outcome = if peer == self.0.peer_id {
+            // The prediction routing used was already scaled by the host's factor: judged
+            // against the unscaled one, or the correction would chase its own tail.
+            let applied = self.0.reputation.routing_factor(&peer);
+            let local = peer == self.0.peer_id;
+            let outcome = if local {
                 self.run_local(request.clone(), choice.method.clone(), attempt_deltas, None)
                     .await
             } else {
-                // The prediction routing used was already scaled by the host's slowdown: judged
-                // against the unscaled one, or the correction would chase its own tail.
-                let applied = self.0.reputation.get(&peer).map_or(1.0, |r| r.slowdown());
-                let outcome = self
-                    .run_remote(peer, &request, &choice, attempt_deltas)
-                    .await;
-                // Peers are judged by what this node saw, on its own clock.
-                let observed_s = attempt_started.elapsed().as_secs_f64();
-                let saved = match &outcome {
-                    Ok(_) => Some(self.0.reputation.succeeded(
-                        peer,
-                        observed_s,
-                        (choice.wait_s + choice.runtime_s) / applied,
-                    )),
-                    Err(ExecError::Failed(_)) => {
-                        Some(self.0.reputation.failed(peer, Failure::Error))
-                    }
-                    Err(_) => None,
-                };
-                if let Some(bytes) = saved {
-                    let store = self.0.store.clone();
-                    tokio::spawn(async move { Reputation::save(&store, bytes).await });
-                }
-                observed = Some(observed_s);
-                outcome
+                self.run_remote(peer, &request, &choice, attempt_deltas)
+                    .await
             };
+            // Every host is judged by what this node saw, on its own clock, this node's own
+            // engine too (so that routing compares like with like); only peers can fail.
+            let observed_s = attempt_started.elapsed().as_secs_f64();
+            let saved = match &outcome {
+                Ok(_) => Some(self.0.reputation.succeeded(
+                    peer,
+                    observed_s,
+                    (choice.wait_s + choice.runtime_s) / applied,
+                )),
+                Err(ExecError::Failed(_)) if !local => {
+                    Some(self.0.reputation.failed(peer, Failure::Error))
+                }
+                Err(_) => None,
+            };
+            if let Some(bytes) = saved {
+                let store = self.0.store.clone();
+                tokio::spawn(async move { Reputation::save(&store, bytes).await });
+            }
+            let observed = (!local).then_some(observed_s);
             match outcome {
                 Ok(result) => {
                     break Ok(Outcome {
