@@ -924,12 +924,14 @@ async fn a_restarted_node_finishes_its_pending_batch_job() {
     let (status, v) = post(
         &a,
         "/v1/jobs",
-        &json!({"model": MODEL, "prompts": prompts, "max_tokens": 128, "temperature": 0}),
+        &json!({"model": MODEL, "prompts": prompts, "max_tokens": 128, "temperature": 0,
+                "policy": "least-loaded"}),
     )
     .await;
     assert_eq!(status, 202, "{v}");
     let id = v["id"].as_str().unwrap().to_owned();
-    wait_job(&a, &id, |j| j["status"] == "running").await;
+    let running = wait_job(&a, &id, |j| j["status"] == "running").await;
+    assert_eq!(running["policy"], "least-loaded", "{running}");
     a.restart().await;
     let job = wait_job(&a, &id, |j| {
         j["status"] == "done" || j["status"] == "failed"
@@ -937,6 +939,8 @@ async fn a_restarted_node_finishes_its_pending_batch_job() {
     .await;
     assert_eq!(job["status"], "done", "{job}\n{}", a.log());
     assert_eq!(job["results"].as_array().unwrap().len(), 3);
+    // Run again by the policy the client asked for, not the node's default.
+    assert_eq!(job["policy"], "least-loaded", "{job}");
     assert!(
         a.log()
             .contains("running again a job left pending by a restart")

@@ -132,6 +132,7 @@ pub(super) fn job_view(entry: &JobEntry) -> JobView {
         host,
         error,
         metainf: entry.route.as_ref().map(choice_view),
+        policy: entry.policy.map(|p| p.to_string()),
         result,
     }
 }

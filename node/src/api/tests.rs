@@ -88,6 +88,7 @@ fn entry(state: JobState, route: bool) -> JobEntry {
         updated_at_ms: 2_000,
         route: route.then(choice),
         attempts: 1,
+        policy: None,
     }
 }
 
@@ -111,6 +112,7 @@ fn old_job_json(entry: &JobEntry) -> Value {
         "host": host,
         "error": error,
         "metainf": entry.route.as_ref().map(old_choice_json),
+        "policy": entry.policy.map(|p| p.to_string()),
     });
     if let (JobState::Done(r), Some(o)) = (&entry.state, v.as_object_mut()) {
         o.insert("method".into(), json!(r.method.short_name()));

@@ -182,6 +182,9 @@ pub struct JobView {
     pub error: Option<String>,
     /// The router's choice for the current attempt (`null` before routing).
     pub metainf: Option<ChoiceView>,
+    /// The routing policy it is routed by, kept across a restart (`null` for jobs accepted
+    /// before jobs kept it).
+    pub policy: Option<String>,
     /// The results, present only once done (the fields sit beside the others).
     #[serde(flatten)]
     pub result: Option<JobResultView>,

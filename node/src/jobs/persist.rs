@@ -88,7 +88,9 @@ impl JobService {
             self.spawn(async move {
                 // Peers announce themselves within a heartbeat or two.
                 tokio::time::sleep(Duration::from_secs(2)).await;
-                match service.route(entry.request.clone(), None).await {
+                // By the policy it was routed by before (the node's default for entries
+                // written before jobs kept theirs).
+                match service.route(entry.request.clone(), entry.policy).await {
                     Ok(routed) => match service.accept(&routed).await {
                         Ok(()) => {
                             let _ = service.execute(routed, None).await;

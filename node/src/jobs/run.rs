@@ -48,6 +48,7 @@ impl JobService {
             updated_at_ms: now_ms(),
             route: Some(routed.decision.chosen.clone()),
             attempts: 0,
+            policy: Some(routed.policy),
         })
         .await
         .map_err(JobError::Unpersisted)?;
@@ -97,6 +98,7 @@ impl JobService {
                 updated_at_ms: now_ms(),
                 route: Some(choice.clone()),
                 attempts,
+                policy: Some(routed.policy),
             })
             .await;
             let attempt_deltas = deltas
@@ -228,6 +230,7 @@ impl JobService {
             updated_at_ms: now_ms(),
             route: Some(choice),
             attempts,
+            policy: Some(routed.policy),
         })
         .await;
         result.map(|o| Outcome { latency_s, ..o })

@@ -10,6 +10,7 @@ use metainf_protocol::{JobId, JobRequest, JobResult, PeerId, ProtocolError, code
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
+use super::policy::RoutingPolicy;
 use crate::store::{Store, StoreError};
 
 /// Where a job stands.
@@ -45,6 +46,20 @@ pub struct JobEntry {
     pub route: Option<metainf_scheduler::Choice>,
     /// Hosts tried so far.
     pub attempts: u32,
+    /// The policy it is routed by (the request's, or the node's default when it named none):
+    /// a job run again after a restart keeps it. `None` in entries written before it was kept.
+    pub policy: Option<RoutingPolicy>,
+}
+
+/// [`JobEntry`] as written before it kept its policy (the same fields, in the same order, less
+/// the last), still read.
+#[derive(Deserialize)]
+struct JobEntryV1 {
+    request: JobRequest,
+    state: JobState,
+    updated_at_ms: u64,
+    route: Option<metainf_scheduler::Choice>,
+    attempts: u32,
 }
 
 impl JobEntry {
@@ -53,9 +68,20 @@ impl JobEntry {
         codec::encode(self)
     }
 
-    /// Reads a value of the `jobs` table.
+    /// Reads a value of the `jobs` table, of this layout or the one before it (whose bytes end
+    /// where this one's policy begins, so they never decode as this one).
     pub fn decode(bytes: &[u8]) -> Result<Self, ProtocolError> {
-        codec::decode(bytes)
+        codec::decode(bytes).or_else(|e| match codec::decode::<JobEntryV1>(bytes) {
+            Ok(v1) => Ok(Self {
+                request: v1.request,
+                state: v1.state,
+                updated_at_ms: v1.updated_at_ms,
+                route: v1.route,
+                attempts: v1.attempts,
+                policy: None,
+            }),
+            Err(_) => Err(e),
+        })
     }
 }
 
@@ -156,7 +182,43 @@ mod tests {
             updated_at_ms: u64::from(n),
             route: None,
             attempts: 1,
+            policy: Some(RoutingPolicy::RoundRobin),
         }
+    }
+
+    #[test]
+    fn entries_written_before_jobs_kept_their_policy_still_read() {
+        #[derive(Serialize)]
+        struct Before {
+            request: JobRequest,
+            state: JobState,
+            updated_at_ms: u64,
+            route: Option<metainf_scheduler::Choice>,
+            attempts: u32,
+        }
+        let now = job(8, JobState::Queued);
+        let before = codec::encode(&Before {
+            request: now.request.clone(),
+            state: now.state.clone(),
+            updated_at_ms: now.updated_at_ms,
+            route: None,
+            attempts: now.attempts,
+        })
+        .unwrap();
+        let read = JobEntry::decode(&before).unwrap();
+        assert_eq!(read.policy, None);
+        assert_eq!(
+            JobEntry {
+                policy: None,
+                ..now.clone()
+            },
+            read
+        );
+        // Today's layout keeps the policy; a value of neither layout is still refused.
+        assert_eq!(JobEntry::decode(&now.encode().unwrap()).unwrap(), now);
+        let mut longer = now.encode().unwrap();
+        longer.push(0);
+        assert!(JobEntry::decode(&longer).is_err());
     }
 
     #[test]
