@@ -22,7 +22,9 @@
 //! Run: `cargo bench --profile dev --workspace --bench network`
 //! (`METAINF_BENCH_NODES`, `METAINF_BENCH_RECORDS`, `METAINF_BENCH_CATCHUP` override the sizes;
 //! `METAINF_BENCH_ONLY=flood` or `=idle` runs only that part; `METAINF_BENCH_IDLE_S` sets the
-//! idle window, default 40 s, after `METAINF_BENCH_SETTLE_S` (default 40 s) to settle; `METAINF_BENCH_IDLE_FIXED=1` measures the fixed interval at 50
+//! idle window (default 40 s, at least two heartbeat intervals), after at least
+//! `METAINF_BENCH_SETTLE_S` (default 40 s) to settle and then until two windows of an interval
+//! agree within 15 % (at most `METAINF_BENCH_SETTLE_MAX_S`, 900 s); `METAINF_BENCH_IDLE_FIXED=1` measures the fixed interval at 50
 //! and 100 nodes instead of the growing one at 50, 100 and 200; `METAINF_BENCH_IDLE_SIZES=100,200`
 //! keeps only those sizes).
 
@@ -261,8 +263,39 @@ async fn idle(n: usize, budget_per_s: f64, window: Duration, max_peers: u32) -> 
         offers.push(tx);
         nodes.push(node);
     }
-    // Connections, subscriptions, the mesh and every node's interval settle.
+    // Connections, subscriptions, the mesh and every node's interval settle: at least
+    // `METAINF_BENCH_SETTLE_S`, then until two windows of one heartbeat interval (at least
+    // 20 s) in a row send within 15 % of each other (Kademlia's start-up walks at 200 nodes
+    // take minutes on 2 cores), at most `METAINF_BENCH_SETTLE_MAX_S`.
+    let settle_started = Instant::now();
     tokio::time::sleep(Duration::from_secs(env("METAINF_BENCH_SETTLE_S", 40) as u64)).await;
+    let settle_max = Duration::from_secs(env("METAINF_BENCH_SETTLE_MAX_S", 900) as u64);
+    // Nodes started together announce in phase: a window shorter than the interval sees a
+    // burst or a gap. Windows span whole intervals.
+    let interval_s = if budget_per_s > 0.0 {
+        (n as f64 / budget_per_s).max(5.0)
+    } else {
+        5.0
+    };
+    let probe = Duration::from_secs_f64(interval_s.max(20.0));
+    let window = window.max(Duration::from_secs_f64(2.0 * interval_s));
+    let mut last = f64::NAN;
+    loop {
+        let before = loopback_tx_bytes();
+        tokio::time::sleep(probe).await;
+        let rate = (loopback_tx_bytes() - before) as f64 / probe.as_secs_f64();
+        let settled = (rate - last).abs() <= 0.15 * last;
+        eprintln!(
+            "idle {n}: {:.0} s in, {:.0} B/s per node{}",
+            settle_started.elapsed().as_secs_f64(),
+            rate / n as f64,
+            if settled { " (settled)" } else { "" }
+        );
+        if settled || settle_started.elapsed() >= settle_max {
+            break;
+        }
+        last = rate;
+    }
     let heard = |nodes: &[Bench]| {
         let nodes: Vec<Client> = nodes.iter().map(|b| b.client.clone()).collect();
         async move {
