@@ -23,8 +23,11 @@
 //! (`METAINF_BENCH_NODES`, `METAINF_BENCH_RECORDS`, `METAINF_BENCH_CATCHUP` override the sizes;
 //! `METAINF_BENCH_ONLY=flood` or `=idle` runs only that part; `METAINF_BENCH_IDLE_S` sets the
 //! idle window (default 40 s, at least two heartbeat intervals), after at least
-//! `METAINF_BENCH_SETTLE_S` (default 40 s) to settle and then until two windows of an interval
-//! agree within 15 % (at most `METAINF_BENCH_SETTLE_MAX_S`, 900 s); `METAINF_BENCH_IDLE_FIXED=1` measures the fixed interval at 50
+//! `METAINF_BENCH_SETTLE_S` (default 40 s) to settle and then until no connection is opened
+//! (fewer than 0.5 per node per minute) and two windows of an interval agree within 15 % (at
+//! most `METAINF_BENCH_SETTLE_MAX_S`, 900 s); the window's connection churn and what drives it
+//! (trims, state queries, sync requests, Kademlia bootstraps) are printed from the transport's
+//! counters; `METAINF_BENCH_IDLE_FIXED=1` measures the fixed interval at 50
 //! and 100 nodes instead of the growing one at 50, 100 and 200; `METAINF_BENCH_IDLE_SIZES=100,200`
 //! keeps only those sizes).
 
@@ -282,11 +285,20 @@ async fn idle(n: usize, budget_per_s: f64, window: Duration, max_peers: u32) -> 
     let mut last = f64::NAN;
     loop {
         let before = loopback_tx_bytes();
+        let opened = counted(&nodes).await.connections_opened;
         tokio::time::sleep(probe).await;
         let rate = (loopback_tx_bytes() - before) as f64 / probe.as_secs_f64();
-        let settled = (rate - last).abs() <= 0.15 * last;
+        let opened = counted(&nodes)
+            .await
+            .connections_opened
+            .saturating_sub(opened);
+        let opened_per_min = opened as f64 * 60.0 / probe.as_secs_f64() / n as f64;
+        // Settled: no connection churn left (the start-up's Kademlia walks and the trims
+        // they cause die out over minutes at 200 nodes, and two windows of a decaying tail
+        // can agree within 15 %), and two windows that agree.
+        let settled = opened_per_min < 0.5 && (rate - last).abs() <= 0.15 * last;
         eprintln!(
-            "idle {n}: {:.0} s in, {:.0} B/s per node{}",
+            "idle {n}: {:.0} s in, {:.0} B/s per node, {opened_per_min:.2} connections opened per node per minute{}",
             settle_started.elapsed().as_secs_f64(),
             rate / n as f64,
             if settled { " (settled)" } else { "" }
@@ -296,23 +308,31 @@ async fn idle(n: usize, budget_per_s: f64, window: Duration, max_peers: u32) -> 
         }
         last = rate;
     }
-    let heard = |nodes: &[Bench]| {
-        let nodes: Vec<Client> = nodes.iter().map(|b| b.client.clone()).collect();
-        async move {
-            let mut total = 0usize;
-            for c in &nodes {
-                total += c.heartbeats_received().await.unwrap_or(0);
-            }
-            total
-        }
-    };
     let before = loopback_tx_bytes();
-    let beats_before = heard(&nodes).await;
+    let counted_before = counted(&nodes).await;
     let t0 = Instant::now();
     tokio::time::sleep(window).await;
     let secs = t0.elapsed().as_secs_f64();
     let per_node = (loopback_tx_bytes() - before) as f64 / secs / n as f64;
-    let beats = (heard(&nodes).await - beats_before) as f64 / secs / n as f64;
+    let counted_after = counted(&nodes).await;
+    let per_min = |f: fn(&net::NetCounters) -> u64| {
+        f(&counted_after).saturating_sub(f(&counted_before)) as f64 * 60.0 / secs / n as f64
+    };
+    let beats = per_min(|c| c.heartbeats_received) / 60.0;
+    // What the window's traffic was besides heartbeats: connection churn (each new connection
+    // costs a handshake, identify, a sync summary and a state answer) and what drives it.
+    eprintln!(
+        "idle {n}: per node per minute: {:.2} connections opened ({:.2} dialled), {:.2} peers trimmed, \
+         {:.2} closed, {:.2} state queries sent, {:.2} answered, {:.2} sync requests, {:.3} kademlia bootstraps",
+        per_min(|c| c.connections_opened),
+        per_min(|c| c.connections_dialled),
+        per_min(|c| c.connections_trimmed),
+        per_min(|c| c.connections_closed),
+        per_min(|c| c.state_queries_sent),
+        per_min(|c| c.state_queries_answered),
+        per_min(|c| c.sync_requests_sent),
+        per_min(|c| c.kad_bootstraps),
+    );
     let mut connections = 0usize;
     for b in &nodes {
         let peers = b.client.peers().await.unwrap_or_default();
@@ -322,6 +342,24 @@ async fn idle(n: usize, budget_per_s: f64, window: Duration, max_peers: u32) -> 
     drop(offers);
     tokio::time::sleep(Duration::from_millis(500)).await;
     (per_node, beats, connections as f64 / n as f64)
+}
+
+/// The transport counters of every node, summed.
+async fn counted(nodes: &[Bench]) -> net::NetCounters {
+    let mut total = net::NetCounters::default();
+    for b in nodes {
+        let c = b.client.counters().await.unwrap_or_default();
+        total.heartbeats_received += c.heartbeats_received;
+        total.connections_opened += c.connections_opened;
+        total.connections_dialled += c.connections_dialled;
+        total.connections_closed += c.connections_closed;
+        total.connections_trimmed += c.connections_trimmed;
+        total.state_queries_sent += c.state_queries_sent;
+        total.state_queries_answered += c.state_queries_answered;
+        total.sync_requests_sent += c.sync_requests_sent;
+        total.kad_bootstraps += c.kad_bootstraps;
+    }
+    total
 }
 
 async fn catch_up(count: usize) {

@@ -1058,6 +1058,21 @@ async fn a_hosts_state_is_asked_for_directly_and_queries_past_the_rate_go_unansw
         "{answered} of {} answered",
         burst.len()
     );
+    // The transport's counters (`/metrics`) tell what happened: the router dialled and asked
+    // on connecting, once more, then the burst; the host dialled no one and answered all but
+    // the dropped ones; the router took in at least the first two answers (the burst's may
+    // be no newer than what it holds).
+    let (r, h) = (
+        router.client.counters().await.unwrap(),
+        host.client.counters().await.unwrap(),
+    );
+    assert!(r.connections_opened >= 1, "{r:?}");
+    assert_eq!(r.connections_dialled, r.connections_opened, "{r:?}");
+    assert_eq!(h.connections_opened, r.connections_opened, "{h:?}");
+    assert_eq!(h.connections_dialled, 0, "{h:?}");
+    assert_eq!(r.state_queries_sent, 2 + burst.len() as u64, "{r:?}");
+    assert_eq!(h.state_queries_answered, 2 + answered as u64, "{h:?}");
+    assert!(r.heartbeats_received >= 2, "{r:?}");
     drop(tx);
     router.stop().await;
     host.stop().await;
@@ -1124,6 +1139,12 @@ async fn a_node_keeps_its_connections_within_max_peers_and_still_reaches_everyon
                 && !peers.iter().any(|p| p.peer == s.peer_id() && p.connected)
         })
         .expect("the hub trimmed a connection");
+    let counted = hub.client.counters().await.unwrap();
+    assert!(counted.connections_trimmed >= 1, "{counted:?}");
+    assert!(
+        counted.connections_closed >= counted.connections_trimmed,
+        "{counted:?}"
+    );
     // Trimmed spokes are still heard through gossip and still reachable.
     until_peers(
         &hub.client,

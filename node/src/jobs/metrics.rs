@@ -23,6 +23,13 @@ pub struct HttpLabel {
     pub status: u16,
 }
 
+/// Event label of the transport's counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NetLabel {
+    /// What happened (`connections_opened`, `state_queries_answered`, …).
+    pub event: &'static str,
+}
+
 /// Every metric the node exports.
 pub struct Metrics {
     registry: Registry,
@@ -64,6 +71,8 @@ pub struct Metrics {
     pub kv_blocks_total: Gauge,
     /// Live peers.
     pub peers_alive: Gauge,
+    /// The transport's counters (connections, heartbeats, queries), by event.
+    pub net: Family<NetLabel, Counter>,
     /// HTTP requests, by route and status.
     pub http_requests: Family<HttpLabel, Counter>,
 }
@@ -97,6 +106,7 @@ impl Metrics {
             kv_blocks_cached: Gauge::default(),
             kv_blocks_total: Gauge::default(),
             peers_alive: Gauge::default(),
+            net: Family::default(),
             http_requests: Family::default(),
             registry: Registry::with_prefix("metainf"),
         };
@@ -185,6 +195,13 @@ impl Metrics {
         );
         registry.register("peers_alive", "Live peers", m.peers_alive.clone());
         registry.register(
+            "net_events",
+            "What the transport did since the start: heartbeats received, connections opened \
+             (dialled), closed and trimmed, state queries sent and answered, sync requests sent, \
+             Kademlia bootstraps",
+            m.net.clone(),
+        );
+        registry.register(
             "http_requests",
             "HTTP requests, by route and status",
             m.http_requests.clone(),
@@ -198,6 +215,27 @@ impl Metrics {
         self.jobs.get_or_create(&OutcomeLabel { outcome }).inc();
         if ok {
             self.job_seconds.observe(seconds);
+        }
+    }
+
+    /// Brings the transport's counters up to `c` (the transport keeps the totals; a counter
+    /// only ever moves forward, so two scrapes at once cannot count anything twice).
+    pub fn net_counters(&self, c: &crate::net::NetCounters) {
+        for (event, value) in [
+            ("heartbeats_received", c.heartbeats_received),
+            ("connections_opened", c.connections_opened),
+            ("connections_dialled", c.connections_dialled),
+            ("connections_closed", c.connections_closed),
+            ("connections_trimmed", c.connections_trimmed),
+            ("state_queries_sent", c.state_queries_sent),
+            ("state_queries_answered", c.state_queries_answered),
+            ("sync_requests_sent", c.sync_requests_sent),
+            ("kad_bootstraps", c.kad_bootstraps),
+        ] {
+            self.net
+                .get_or_create(&NetLabel { event })
+                .inner()
+                .fetch_max(value, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
@@ -221,7 +259,18 @@ mod tests {
         m.job_finished(true, 1.5);
         m.job_finished(false, 0.0);
         m.queue_depth.set(3);
+        let counters = crate::net::NetCounters {
+            connections_opened: 7,
+            ..Default::default()
+        };
+        m.net_counters(&counters);
+        // A scrape that read older totals does not move a counter back.
+        m.net_counters(&crate::net::NetCounters::default());
         let text = m.encode();
+        assert!(
+            text.contains("metainf_net_events_total{event=\"connections_opened\"} 7"),
+            "{text}"
+        );
         assert!(
             text.contains("metainf_jobs_total{outcome=\"ok\"} 1"),
             "{text}"

@@ -136,6 +136,11 @@ impl JobService {
                 .unwrap_or(0);
             m.peers_alive.set(i64::try_from(alive).unwrap_or(i64::MAX));
         }
+        if let Some(net) = &self.0.net
+            && let Ok(c) = net.counters().await
+        {
+            m.net_counters(&c);
+        }
         m.encode()
     }
 }

@@ -76,6 +76,7 @@ impl EventLoop {
             return;
         }
         self.sending(peer);
+        self.counters.sync_requests_sent = self.counters.sync_requests_sent.saturating_add(1);
         let id = self.swarm.behaviour_mut().sync.send_request(&peer, request);
         self.sync_calls.insert(id, reply);
     }
@@ -233,6 +234,7 @@ impl EventLoop {
             let Some((peer, origin, after)) = self.pull_queue.pop_front() else {
                 break;
             };
+            self.counters.sync_requests_sent = self.counters.sync_requests_sent.saturating_add(1);
             let id = self.swarm.behaviour_mut().sync.send_request(
                 &peer,
                 SyncRequest::Pull {

@@ -56,8 +56,8 @@ pub(crate) enum Command {
         reply: oneshot::Sender<HashSet<PeerId>>,
     },
     SyncNow,
-    HeartbeatsReceived {
-        reply: oneshot::Sender<usize>,
+    Counters {
+        reply: oneshot::Sender<super::NetCounters>,
     },
     QueryState {
         peer: PeerId,
@@ -226,10 +226,15 @@ impl Client {
         self.send(Command::SyncNow).await
     }
 
+    /// What the transport has done since it started (heartbeats taken in, connections
+    /// opened and closed, queries sent and answered).
+    pub async fn counters(&self) -> Result<super::NetCounters, NetError> {
+        self.ask(|reply| Command::Counters { reply }).await
+    }
+
     /// Heartbeats this node took in (from gossip and state answers) since it started.
-    pub async fn heartbeats_received(&self) -> Result<usize, NetError> {
-        self.ask(|reply| Command::HeartbeatsReceived { reply })
-            .await
+    pub async fn heartbeats_received(&self) -> Result<u64, NetError> {
+        Ok(self.counters().await?.heartbeats_received)
     }
 
     /// Asks `peer` for its state now (`/metainf/state/1`): its heartbeat as of the answer,

@@ -171,6 +171,30 @@ pub enum NatStatus {
     Disabled,
 }
 
+/// What the transport has done since it started: for operators (`/metrics`) and for the
+/// network bench, which tells steady traffic from connection churn by them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct NetCounters {
+    /// Heartbeats taken in (from gossip and state answers).
+    pub heartbeats_received: u64,
+    /// Connections established (every one, dialled or accepted).
+    pub connections_opened: u64,
+    /// Of those, the ones this node dialled.
+    pub connections_dialled: u64,
+    /// Connections closed.
+    pub connections_closed: u64,
+    /// Peers this node disconnected to keep within `max_peers`.
+    pub connections_trimmed: u64,
+    /// State queries sent (`/metainf/state/1`).
+    pub state_queries_sent: u64,
+    /// State queries answered.
+    pub state_queries_answered: u64,
+    /// Sync requests sent (`/metainf/sync/2`: summaries, pages, pulls).
+    pub sync_requests_sent: u64,
+    /// Kademlia bootstraps finished (the node's own and Kademlia's automatic ones).
+    pub kad_bootstraps: u64,
+}
+
 /// What the node knows of a peer right now.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct PeerStatus {

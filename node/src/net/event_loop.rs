@@ -93,8 +93,8 @@ pub struct EventLoop {
     pub(super) direct_attempts: HashMap<PeerId, Instant>,
     /// Tasks the loop started (deltas waiting for a slow client), awaited when it stops.
     pub(super) tasks: TaskTracker,
-    /// Heartbeats taken in since the start.
-    pub(super) heartbeats_received: usize,
+    /// What the transport has done since the start.
+    pub(super) counters: super::NetCounters,
     /// State queries waiting for their answer.
     pub(super) state_calls: HashMap<OutboundRequestId, super::state::StateAnswer>,
     /// State queries each connected peer sent this node in the current second: (window start,
@@ -251,8 +251,8 @@ impl EventLoop {
             }
             Command::SyncNow => self.start_sync_round(),
             Command::QueryState { peer, reply } => self.query_state(peer, reply),
-            Command::HeartbeatsReceived { reply } => {
-                let _ = reply.send(self.heartbeats_received);
+            Command::Counters { reply } => {
+                let _ = reply.send(self.counters);
             }
             Command::SyncCall {
                 peer,
@@ -379,6 +379,11 @@ impl EventLoop {
                     .iter()
                     .any(|p| matches!(p, libp2p::multiaddr::Protocol::P2pCircuit));
                 debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), relayed, dialer = endpoint.is_dialer(), "connected");
+                let c = &mut self.counters;
+                c.connections_opened = c.connections_opened.saturating_add(1);
+                if endpoint.is_dialer() {
+                    c.connections_dialled = c.connections_dialled.saturating_add(1);
+                }
                 self.connections
                     .entry(peer_id)
                     .or_default()
@@ -406,6 +411,8 @@ impl EventLoop {
                 num_established,
                 ..
             } if num_established > 0 => {
+                self.counters.connections_closed =
+                    self.counters.connections_closed.saturating_add(1);
                 if let Some(c) = self.connections.get_mut(&peer_id) {
                     c.remove(&connection_id);
                 }
@@ -415,6 +422,8 @@ impl EventLoop {
                 num_established: 0,
                 ..
             } => {
+                self.counters.connections_closed =
+                    self.counters.connections_closed.saturating_add(1);
                 self.connections.remove(&peer_id);
                 let addrs = self.direct_addrs.remove(&peer_id).unwrap_or_default();
                 if !self.banned.contains(&peer_id) {
@@ -641,6 +650,7 @@ impl EventLoop {
         for (_, _, peer) in idle.into_iter().take(excess) {
             debug!(%peer, "closing an idle connection (over max_peers)");
             self.trimming.insert(peer);
+            self.counters.connections_trimmed = self.counters.connections_trimmed.saturating_add(1);
             let _ = self.swarm.disconnect_peer_id(peer);
         }
     }
@@ -770,7 +780,10 @@ impl EventLoop {
                 result: kad::QueryResult::Bootstrap(_),
                 step,
                 ..
-            }) if step.last => debug!("kademlia bootstrap done"),
+            }) if step.last => {
+                self.counters.kad_bootstraps = self.counters.kad_bootstraps.saturating_add(1);
+                debug!("kademlia bootstrap done");
+            }
             _ => {}
         }
     }

@@ -121,7 +121,7 @@ impl EventLoop {
             return false;
         }
         self.seen(peer);
-        self.heartbeats_received = self.heartbeats_received.saturating_add(1);
+        self.counters.heartbeats_received = self.counters.heartbeats_received.saturating_add(1);
         if let Some(status) = self.peers.get_mut(&peer) {
             status.heartbeat = Some(heartbeat.clone());
         }

@@ -67,8 +67,8 @@ use tracing::warn;
 pub use client::Client;
 pub use config::{NetError, NetworkConfig};
 pub use event::{
-    GossipRecord, GossipTicket, GossipVerdict, InboundJob, InboundSync, NatStatus, NetEvent, Offer,
-    PeerStatus, Topic,
+    GossipRecord, GossipTicket, GossipVerdict, InboundJob, InboundSync, NatStatus, NetCounters,
+    NetEvent, Offer, PeerStatus, Topic,
 };
 pub use event_loop::EventLoop;
 pub use jobs::{DeltaAck, JobCall, JobDelta, JobReply};
@@ -196,7 +196,7 @@ pub fn start(
         direct_attempts: HashMap::new(),
         tasks: TaskTracker::new(),
         state_calls: HashMap::new(),
-        heartbeats_received: 0,
+        counters: NetCounters::default(),
         state_queries: HashMap::new(),
         state_answers: (std::time::Instant::now(), 0),
         connected_since: HashMap::new(),

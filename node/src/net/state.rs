@@ -60,6 +60,7 @@ impl EventLoop {
             return;
         }
         self.sending(peer);
+        self.counters.state_queries_sent = self.counters.state_queries_sent.saturating_add(1);
         let id = self
             .swarm
             .behaviour_mut()
@@ -102,6 +103,8 @@ impl EventLoop {
                         return;
                     }
                     let answer = codec::encode(&self.own_heartbeat()).unwrap_or_default();
+                    let c = &mut self.counters;
+                    c.state_queries_answered = c.state_queries_answered.saturating_add(1);
                     let _ = self
                         .swarm
                         .behaviour_mut()
