@@ -285,20 +285,16 @@ async fn idle(n: usize, budget_per_s: f64, window: Duration, max_peers: u32) -> 
     let mut last = f64::NAN;
     loop {
         let before = loopback_tx_bytes();
-        let opened = counted(&nodes).await.connections_opened;
+        let counted_before = counted(&nodes).await;
         tokio::time::sleep(probe).await;
         let rate = (loopback_tx_bytes() - before) as f64 / probe.as_secs_f64();
-        let opened = counted(&nodes)
-            .await
-            .connections_opened
-            .saturating_sub(opened);
-        let opened_per_min = opened as f64 * 60.0 / probe.as_secs_f64() / n as f64;
+        let churn = Churn::between(&counted_before, &counted(&nodes).await, probe, n);
         // Settled: no connection churn left (the start-up's Kademlia walks and the trims
         // they cause die out over minutes at 200 nodes, and two windows of a decaying tail
         // can agree within 15 %), and two windows that agree.
-        let settled = opened_per_min < 0.5 && (rate - last).abs() <= 0.15 * last;
+        let settled = churn.opened < 0.5 && (rate - last).abs() <= 0.15 * last;
         eprintln!(
-            "idle {n}: {:.0} s in, {:.0} B/s per node, {opened_per_min:.2} connections opened per node per minute{}",
+            "idle {n}: {:.0} s in, {:.0} B/s per node, {churn}{}",
             settle_started.elapsed().as_secs_f64(),
             rate / n as f64,
             if settled { " (settled)" } else { "" }
@@ -312,27 +308,13 @@ async fn idle(n: usize, budget_per_s: f64, window: Duration, max_peers: u32) -> 
     let counted_before = counted(&nodes).await;
     let t0 = Instant::now();
     tokio::time::sleep(window).await;
-    let secs = t0.elapsed().as_secs_f64();
-    let per_node = (loopback_tx_bytes() - before) as f64 / secs / n as f64;
-    let counted_after = counted(&nodes).await;
-    let per_min = |f: fn(&net::NetCounters) -> u64| {
-        f(&counted_after).saturating_sub(f(&counted_before)) as f64 * 60.0 / secs / n as f64
-    };
-    let beats = per_min(|c| c.heartbeats_received) / 60.0;
+    let elapsed = t0.elapsed();
+    let per_node = (loopback_tx_bytes() - before) as f64 / elapsed.as_secs_f64() / n as f64;
+    let churn = Churn::between(&counted_before, &counted(&nodes).await, elapsed, n);
+    let beats = churn.heartbeats / 60.0;
     // What the window's traffic was besides heartbeats: connection churn (each new connection
     // costs a handshake, identify, a sync summary and a state answer) and what drives it.
-    eprintln!(
-        "idle {n}: per node per minute: {:.2} connections opened ({:.2} dialled), {:.2} peers trimmed, \
-         {:.2} closed, {:.2} state queries sent, {:.2} answered, {:.2} sync requests, {:.3} kademlia bootstraps",
-        per_min(|c| c.connections_opened),
-        per_min(|c| c.connections_dialled),
-        per_min(|c| c.connections_trimmed),
-        per_min(|c| c.connections_closed),
-        per_min(|c| c.state_queries_sent),
-        per_min(|c| c.state_queries_answered),
-        per_min(|c| c.sync_requests_sent),
-        per_min(|c| c.kad_bootstraps),
-    );
+    eprintln!("idle {n}: the window: {churn}");
     let mut connections = 0usize;
     for b in &nodes {
         let peers = b.client.peers().await.unwrap_or_default();
@@ -342,6 +324,62 @@ async fn idle(n: usize, budget_per_s: f64, window: Duration, max_peers: u32) -> 
     drop(offers);
     tokio::time::sleep(Duration::from_millis(500)).await;
     (per_node, beats, connections as f64 / n as f64)
+}
+
+/// What the nodes' transports did over a window, per node per minute.
+struct Churn {
+    heartbeats: f64,
+    opened: f64,
+    dialled: f64,
+    trimmed: f64,
+    closed: f64,
+    state_sent: f64,
+    state_answered: f64,
+    sync: f64,
+    bootstraps: f64,
+}
+
+impl Churn {
+    fn between(
+        before: &net::NetCounters,
+        after: &net::NetCounters,
+        window: Duration,
+        n: usize,
+    ) -> Self {
+        let per_min = |f: fn(&net::NetCounters) -> u64| {
+            f(after).saturating_sub(f(before)) as f64 * 60.0 / window.as_secs_f64() / n as f64
+        };
+        Self {
+            heartbeats: per_min(|c| c.heartbeats_received),
+            opened: per_min(|c| c.connections_opened),
+            dialled: per_min(|c| c.connections_dialled),
+            trimmed: per_min(|c| c.connections_trimmed),
+            closed: per_min(|c| c.connections_closed),
+            state_sent: per_min(|c| c.state_queries_sent),
+            state_answered: per_min(|c| c.state_queries_answered),
+            sync: per_min(|c| c.sync_requests_sent),
+            bootstraps: per_min(|c| c.kad_bootstraps),
+        }
+    }
+}
+
+impl std::fmt::Display for Churn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "per node per minute: {:.2} connections opened ({:.2} dialled), {:.2} peers trimmed, \
+             {:.2} closed, {:.2} state queries sent, {:.2} answered, {:.2} sync requests, \
+             {:.3} kademlia bootstraps",
+            self.opened,
+            self.dialled,
+            self.trimmed,
+            self.closed,
+            self.state_sent,
+            self.state_answered,
+            self.sync,
+            self.bootstraps
+        )
+    }
 }
 
 /// The transport counters of every node, summed.
