@@ -292,7 +292,7 @@ async fn idle(n: usize, budget_per_s: f64, window: Duration, max_peers: u32) -> 
         // Settled: no connection churn left (the start-up's Kademlia walks and the trims
         // they cause die out over minutes at 200 nodes, and two windows of a decaying tail
         // can agree within 15 %), and two windows that agree.
-        let settled = churn.opened < 0.5 && (rate - last).abs() <= 0.15 * last;
+        let settled = churn.get("connections_opened") < 0.5 && (rate - last).abs() <= 0.15 * last;
         eprintln!(
             "idle {n}: {:.0} s in, {:.0} B/s per node, {churn}{}",
             settle_started.elapsed().as_secs_f64(),
@@ -311,7 +311,7 @@ async fn idle(n: usize, budget_per_s: f64, window: Duration, max_peers: u32) -> 
     let elapsed = t0.elapsed();
     let per_node = (loopback_tx_bytes() - before) as f64 / elapsed.as_secs_f64() / n as f64;
     let churn = Churn::between(&counted_before, &counted(&nodes).await, elapsed, n);
-    let beats = churn.heartbeats / 60.0;
+    let beats = churn.get("heartbeats_received") / 60.0;
     // What the window's traffic was besides heartbeats: connection churn (each new connection
     // costs a handshake, identify, a sync summary and a state answer) and what drives it.
     eprintln!("idle {n}: the window: {churn}");
@@ -326,76 +326,47 @@ async fn idle(n: usize, budget_per_s: f64, window: Duration, max_peers: u32) -> 
     (per_node, beats, connections as f64 / n as f64)
 }
 
-/// What the nodes' transports did over a window, per node per minute.
-struct Churn {
-    heartbeats: f64,
-    opened: f64,
-    dialled: f64,
-    trimmed: f64,
-    closed: f64,
-    state_sent: f64,
-    state_answered: f64,
-    sync: f64,
-    bootstraps: f64,
-}
+/// What the nodes' transports did over a window, per node per minute, by counter.
+struct Churn([(&'static str, f64); 9]);
 
 impl Churn {
-    fn between(
-        before: &net::NetCounters,
-        after: &net::NetCounters,
-        window: Duration,
-        n: usize,
-    ) -> Self {
-        let per_min = |f: fn(&net::NetCounters) -> u64| {
-            f(after).saturating_sub(f(before)) as f64 * 60.0 / window.as_secs_f64() / n as f64
-        };
-        Self {
-            heartbeats: per_min(|c| c.heartbeats_received),
-            opened: per_min(|c| c.connections_opened),
-            dialled: per_min(|c| c.connections_dialled),
-            trimmed: per_min(|c| c.connections_trimmed),
-            closed: per_min(|c| c.connections_closed),
-            state_sent: per_min(|c| c.state_queries_sent),
-            state_answered: per_min(|c| c.state_queries_answered),
-            sync: per_min(|c| c.sync_requests_sent),
-            bootstraps: per_min(|c| c.kad_bootstraps),
-        }
+    fn between(before: &[u64; 9], after: &[u64; 9], window: Duration, n: usize) -> Self {
+        let names = net::NetCounters::default().named();
+        Self(std::array::from_fn(|i| {
+            let d = after[i].saturating_sub(before[i]);
+            (
+                names[i].0,
+                d as f64 * 60.0 / window.as_secs_f64() / n as f64,
+            )
+        }))
+    }
+
+    fn get(&self, name: &str) -> f64 {
+        self.0
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(0.0, |(_, v)| *v)
     }
 }
 
 impl std::fmt::Display for Churn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "per node per minute: {:.2} connections opened ({:.2} dialled), {:.2} peers trimmed, \
-             {:.2} closed, {:.2} state queries sent, {:.2} answered, {:.2} sync requests, \
-             {:.3} kademlia bootstraps",
-            self.opened,
-            self.dialled,
-            self.trimmed,
-            self.closed,
-            self.state_sent,
-            self.state_answered,
-            self.sync,
-            self.bootstraps
-        )
+        write!(f, "per node per minute:")?;
+        for (name, v) in &self.0 {
+            write!(f, " {name} {v:.2}")?;
+        }
+        Ok(())
     }
 }
 
-/// The transport counters of every node, summed.
-async fn counted(nodes: &[Bench]) -> net::NetCounters {
-    let mut total = net::NetCounters::default();
+/// The transport counters of every node, summed (in the order of `NetCounters::named`).
+async fn counted(nodes: &[Bench]) -> [u64; 9] {
+    let mut total = [0u64; 9];
     for b in nodes {
         let c = b.client.counters().await.unwrap_or_default();
-        total.heartbeats_received += c.heartbeats_received;
-        total.connections_opened += c.connections_opened;
-        total.connections_dialled += c.connections_dialled;
-        total.connections_closed += c.connections_closed;
-        total.connections_trimmed += c.connections_trimmed;
-        total.state_queries_sent += c.state_queries_sent;
-        total.state_queries_answered += c.state_queries_answered;
-        total.sync_requests_sent += c.sync_requests_sent;
-        total.kad_bootstraps += c.kad_bootstraps;
+        for (t, (_, v)) in total.iter_mut().zip(c.named()) {
+            *t += v;
+        }
     }
     total
 }

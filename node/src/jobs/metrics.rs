@@ -221,17 +221,7 @@ impl Metrics {
     /// Brings the transport's counters up to `c` (the transport keeps the totals; a counter
     /// only ever moves forward, so two scrapes at once cannot count anything twice).
     pub fn net_counters(&self, c: &crate::net::NetCounters) {
-        for (event, value) in [
-            ("heartbeats_received", c.heartbeats_received),
-            ("connections_opened", c.connections_opened),
-            ("connections_dialled", c.connections_dialled),
-            ("connections_closed", c.connections_closed),
-            ("connections_trimmed", c.connections_trimmed),
-            ("state_queries_sent", c.state_queries_sent),
-            ("state_queries_answered", c.state_queries_answered),
-            ("sync_requests_sent", c.sync_requests_sent),
-            ("kad_bootstraps", c.kad_bootstraps),
-        ] {
+        for (event, value) in c.named() {
             self.net
                 .get_or_create(&NetLabel { event })
                 .inner()

@@ -195,6 +195,23 @@ pub struct NetCounters {
     pub kad_bootstraps: u64,
 }
 
+impl NetCounters {
+    /// Every counter with its name (as `/metrics` labels it), one list for all who read them.
+    pub fn named(&self) -> [(&'static str, u64); 9] {
+        [
+            ("heartbeats_received", self.heartbeats_received),
+            ("connections_opened", self.connections_opened),
+            ("connections_dialled", self.connections_dialled),
+            ("connections_closed", self.connections_closed),
+            ("connections_trimmed", self.connections_trimmed),
+            ("state_queries_sent", self.state_queries_sent),
+            ("state_queries_answered", self.state_queries_answered),
+            ("sync_requests_sent", self.sync_requests_sent),
+            ("kad_bootstraps", self.kad_bootstraps),
+        ]
+    }
+}
+
 /// What the node knows of a peer right now.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct PeerStatus {
